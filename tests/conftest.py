@@ -1,0 +1,64 @@
+"""Shared fixtures: a real BPE tokenizer, a tiny random Llama on disk, the shared Alpaca data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Folder with the real Alpaca-format data sets (../shared/data beside the checkout)."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"{SHARED_DATA} is missing: the tests read real data from ../shared/data")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def real_records(shared_data: Path) -> list[dict]:
+    """1,000 real records: a deterministic mix of GSM8K, GPTeacher roleplay and toolformer."""
+    out: list[dict] = []
+    for name, n in (("gsm8k_train_alpaca.json", 400), ("gpteacher_roleplay_alpaca.json", 300),
+                    ("gpteacher_toolformer_alpaca.json", 300)):
+        data = json.loads((shared_data / name).read_text(encoding="utf-8"))
+        out.extend(data[:: max(1, len(data) // n)][:n])
+    return out
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> Path:
+    """The embedded default base (SmolLM2-135M-Instruct) as a local folder."""
+    from alpaca_lora.embedded import default_base_model
+
+    return default_base_model()
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_dir: Path):
+    """SmolLM2's real BPE tokenizer (pad id == EOS id == 2)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smol_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer) -> Path:
+    """A tiny random LlamaForCausalLM (2 layers, hidden 64) saved with SmolLM2's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(
+        vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=True, bos_token_id=smol_tokenizer.bos_token_id,
+        eos_token_id=smol_tokenizer.eos_token_id, pad_token_id=smol_tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder
