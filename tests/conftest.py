@@ -55,7 +55,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer) -> 
     config = LlamaConfig(
         vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        tie_word_embeddings=True, bos_token_id=smol_tokenizer.bos_token_id,
+        tie_word_embeddings=True, initializer_range=0.3, bos_token_id=smol_tokenizer.bos_token_id,
         eos_token_id=smol_tokenizer.eos_token_id, pad_token_id=smol_tokenizer.pad_token_id,
     )
     torch.manual_seed(0)

@@ -1,0 +1,96 @@
+"""Training metrics: metrics.jsonl always, TensorBoard or Weights & Biases when asked, a loss plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from alpaca_lora.errors import ConfigError
+
+
+class MetricsLogger:
+    """Append metrics to ``metrics.jsonl`` and forward them to the reporters in ``report_to``.
+
+    Args:
+        path: The JSONL file (one object per logged step).
+        report_to: "none", "tensorboard", "wandb" or a list of those.
+        run_dir: Folder for TensorBoard event files (``run_dir/runs``).
+        config: Run configuration passed to wandb.
+        keep_until_step: On resume, drop records after this step so the curve is not duplicated.
+
+    """
+
+    def __init__(
+        self, path: Path, report_to: str | list[str], run_dir: Path, config: dict[str, Any],
+        keep_until_step: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.records: list[dict[str, Any]] = []
+        if keep_until_step is not None and self.path.is_file():
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            self.records = [r for r in map(json.loads, filter(None, lines)) if r.get("step", 0) <= keep_until_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
+        names = [report_to] if isinstance(report_to, str) else list(report_to)
+        self._tb = self._wandb = None
+        if "tensorboard" in names:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError(
+                    "report_to='tensorboard' needs the tensorboard package: pip install tensorboard"
+                ) from None
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "runs"))
+        if "wandb" in names:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("report_to='wandb' needs the wandb package: pip install wandb") from None
+            self._wandb = wandb.init(config=config, dir=str(run_dir))
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Write one record (it must hold ``step``); NaN and inf are written as strings, never hidden."""
+        clean = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.records.append(clean)
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(clean) + "\n")
+        numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._tb is not None:
+            for key, value in numeric.items():
+                self._tb.add_scalar(key, value, record["step"])
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=record["step"])
+
+    def close(self) -> None:
+        """Flush and close the reporters."""
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def plot_losses(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Plot train and eval loss by step to a PNG; return its path (None when nothing was logged)."""
+    train = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))]
+    evals = [(r["step"], r["eval_loss"]) for r in records if isinstance(r.get("eval_loss"), (int, float))]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean token cross-entropy)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

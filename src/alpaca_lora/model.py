@@ -1,0 +1,244 @@
+"""Load a base model (4-bit NF4 by default) with its tokenizer, and attach LoRA adapters."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alpaca_lora.errors import ConfigError, ModelError
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_PROJECTIONS = {
+    # Llama, Mistral, Qwen, Gemma and most Llama-family models
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---- device and dtype ------------------------------------------------------------------------
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """Return the training device: CUDA (the local rank's GPU) when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but no CUDA GPU is visible; use device='cpu' or 'auto'")
+    return torch.device(device)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX); otherwise bf16 is emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_compute_dtype(compute_dtype: str, device: torch.device) -> torch.dtype:
+    """Resolve "auto" to a concrete compute dtype for ``device``.
+
+    "auto" is bf16 on a CUDA GPU that supports it, fp16 on an older GPU, and fp32 on a CPU
+    without native bf16, where bf16 runs 30-40x slower than fp32 (DESIGN mistake 9).
+    """
+    if compute_dtype != "auto":
+        if compute_dtype not in _DTYPES:
+            raise ConfigError(f"compute_dtype={compute_dtype!r}: must be 'auto' or one of {list(_DTYPES)}")
+        return _DTYPES[compute_dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+# ---- tokenizer -------------------------------------------------------------------------------
+
+
+def load_tokenizer(base_model: str | Path) -> Any:
+    """Load the tokenizer of ``base_model`` and make sure it can pad without breaking EOS learning.
+
+    A missing pad token is set to the unknown token when there is one distinct from EOS, else to
+    EOS. Pad == EOS is safe here because the collator masks padding by position, never by id.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(base_model))
+    except Exception as exc:
+        raise ModelError(
+            f"cannot load a tokenizer from {base_model!s} ({type(exc).__name__}: {exc}); "
+            "pass a local model folder with tokenizer files or a Hub id in the local cache"
+        ) from None
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"the tokenizer of {base_model!s} has no EOS token; a model trained on it could never stop")
+    if tokenizer.pad_token_id is None:
+        use_unk = tokenizer.unk_token_id is not None and tokenizer.unk_token_id != tokenizer.eos_token_id
+        tokenizer.pad_token = tokenizer.unk_token if use_unk else tokenizer.eos_token
+    tokenizer.padding_side = "right"  # training pads right; generate() switches to left (mistake 5)
+    return tokenizer
+
+
+# ---- model -----------------------------------------------------------------------------------
+
+
+def quantization_config(quantization: str | None, compute_dtype: torch.dtype) -> Any:
+    """Return the bitsandbytes config for "nf4", "fp4", "int8", or None for full precision."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization is None:
+        return None
+    if quantization in ("nf4", "fp4"):
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization,
+            bnb_4bit_use_double_quant=True,  # QLoRA's double quantization: ~0.4 bit/param saved
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ConfigError(f"quantization={quantization!r}: must be 'nf4', 'fp4', 'int8' or None")
+
+
+def load_model(
+    base_model: str | Path,
+    quantization: str | None = "nf4",
+    compute_dtype: str = "auto",
+    *,
+    device: str = "auto",
+) -> tuple[Any, Any]:
+    """Load a causal LM (4-bit NF4 with double quantization by default) and its tokenizer.
+
+    Only safetensors weights are loaded, and never with ``trust_remote_code``.
+
+    Args:
+        base_model: A local model folder or a Hub id already in the local cache.
+        quantization: "nf4" (default), "fp4", "int8", or None for full precision.
+        compute_dtype: "auto", "float32", "bfloat16" or "float16" (see :func:`resolve_compute_dtype`).
+        device: "auto", "cpu", "cuda" or "cuda:N".
+
+    Returns:
+        ``(model, tokenizer)``: the model in eval mode on ``device``, ready for :func:`attach_lora`.
+
+    Raises:
+        ModelError: The folder is missing, holds no safetensors weights, or fails to load.
+
+    """
+    from transformers import AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    dtype = resolve_compute_dtype(compute_dtype, dev)
+    tokenizer = load_tokenizer(base_model)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(base_model),
+            quantization_config=quantization_config(quantization, dtype),
+            dtype=dtype,
+            device_map={"": dev},
+            use_safetensors=True,
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(
+            f"cannot load the base model {base_model!s} ({type(exc).__name__}: {exc}). It must be a local "
+            "folder (or cached Hub id) with config.json and *.safetensors weights; convert .bin weights first"
+        ) from None
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Return the distinct leaf names of the linear layers in ``model`` (4-bit and 8-bit included)."""
+    names = set()
+    for full_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.add(full_name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def resolve_target_modules(model: torch.nn.Module, targets: str | list[str]) -> str | list[str]:
+    """Turn ``lora_target_modules`` into what peft expects, checking that every name matches.
+
+    Args:
+        model: The base model.
+        targets: "attention" (the q/k/v/o projections), "all-linear", or a list of module names.
+
+    Raises:
+        ModelError: A name matches no module; the message lists the linear modules that exist.
+
+    """
+    available = linear_module_names(model)
+    if targets == "all-linear":
+        return "all-linear"
+    if targets == "attention":
+        wanted = ATTENTION_PROJECTIONS["llama"]
+        found = [n for n in wanted if n in available]
+        if not found:
+            raise ModelError(
+                f"lora_target_modules='attention' found none of {wanted} in this model; "
+                f"pass a list chosen from its linear modules: {available}"
+            )
+        return found
+    names = [targets] if isinstance(targets, str) else list(targets)
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise ModelError(
+            f"lora_target_modules {missing} match no module in this model; its linear modules are {available}"
+        )
+    return names
+
+
+def attach_lora(model: Any, config: Any) -> Any:
+    """Freeze the base, enable gradient checkpointing if asked, and wrap it with LoRA adapters.
+
+    Args:
+        model: A model from :func:`load_model`.
+        config: A :class:`~alpaca_lora.config.FinetuneConfig` (lora_* fields, gradient_checkpointing).
+
+    Returns:
+        A ``peft.PeftModel`` whose only trainable parameters are the LoRA weights (kept in fp32).
+
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    targets = resolve_target_modules(model, config.lora_target_modules)
+    gc_kwargs = {"use_reentrant": False}
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
+        )
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+            model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(config.seed)  # LoRA A is random: make it reproducible
+    peft_model = get_peft_model(model, lora)
+    n_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    if n_trainable == 0:
+        raise ModelError("LoRA attached no trainable parameters; check lora_target_modules")
+    return peft_model
+
+
+def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """Return ``(trainable, total)`` parameter counts (4-bit weights counted as stored elements x 2)."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # two 4-bit values per stored byte
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,384 @@
+"""finetune(): one call from a model and a data set to a self-describing adapter folder.
+
+The recipe is three named steps: :func:`setup` (config, data, model, optimizer),
+:func:`fit` (the training loop) and :func:`save` (the output folder). Data is validated and
+tokenized before the model loads, so bad data fails in seconds, not after a model download.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from alpaca_lora import artifacts as art
+from alpaca_lora.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alpaca_lora.collator import InstructionCollator
+from alpaca_lora.config import FinetuneConfig, check_field_names
+from alpaca_lora.data import data_fingerprint, load_instructions, prepare_dataset, split_dataset
+from alpaca_lora.errors import CheckpointError, ConfigError, ModelError
+from alpaca_lora.loss import token_losses_sum
+from alpaca_lora.metrics import MetricsLogger, plot_losses
+from alpaca_lora.model import (
+    attach_lora,
+    load_model,
+    load_tokenizer,
+    resolve_compute_dtype,
+    resolve_device,
+    trainable_parameters,
+)
+from alpaca_lora.prompts import get_template
+from alpaca_lora.sampler import epoch_batches, steps_per_epoch
+
+logger = logging.getLogger(__name__)
+
+# Fields that may change between a checkpoint and its resume without changing what was trained.
+_RESUMABLE_CHANGES = {"num_epochs", "max_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
+                      "resume_from_checkpoint", "report_to", "device"}
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` returns.
+
+    Attributes:
+        adapter_dir: The output folder (adapter, template, config, fingerprints, tokenizer, metrics).
+        train_loss: Mean training loss over the last logged window of steps.
+        eval_loss: Loss on the validation split at the end, or None without one.
+        steps: Optimizer steps completed in total (including steps before a resume).
+        tokens_seen: Non-padding tokens trained on in this call.
+        runtime_s: Wall time of the training loop alone, in seconds.
+        records_kept: Training records after dropping those with no trainable label.
+        records_dropped: Records dropped, by reason.
+
+    """
+
+    adapter_dir: Path
+    train_loss: float
+    eval_loss: float | None
+    steps: int
+    tokens_seen: int
+    runtime_s: float
+    records_kept: int = 0
+    records_dropped: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Run:
+    """Everything the steps share. Built by setup(), advanced by fit(), written by save()."""
+
+    cfg: FinetuneConfig
+    output_dir: Path
+    base_model: str
+    tokenizer: Any
+    model: Any
+    train_set: Any
+    val_set: Any
+    collator: InstructionCollator
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    device: torch.device
+    dtype: torch.dtype
+    total_steps: int
+    fingerprint: dict[str, Any]
+    metrics: MetricsLogger
+    report: Any
+    step: int = 0
+    tokens_seen: int = 0
+    runtime_s: float = 0.0
+    last_eval_loss: float | None = None
+    recent_losses: list[float] = field(default_factory=list)
+
+
+def finetune(
+    base_model: str | Path,
+    data: Any,
+    output_dir: str | Path = "lora-alpaca",
+    *,
+    config: FinetuneConfig | None = None,
+    **overrides: Any,
+) -> FinetuneResult:
+    """Fine-tune LoRA adapters on a (4-bit) base model and write a self-describing output folder.
+
+    Args:
+        base_model: A local model folder or a cached Hub id; ``default_base_model()`` for the
+            embedded SmolLM2-135M.
+        data: A .json/.jsonl/.csv/.parquet path, a ``datasets.Dataset``/``DatasetDict`` or a list of
+            dicts with instruction/input/output (other common column names are mapped).
+        output_dir: Where the adapter, its config, template, fingerprints and checkpoints go.
+        config: A :class:`FinetuneConfig`; ``overrides`` are applied on top of it.
+        **overrides: Any ``FinetuneConfig`` field, e.g. ``num_epochs=1, lora_r=8``.
+
+    Returns:
+        A :class:`FinetuneResult`.
+
+    Raises:
+        ConfigError: An unknown override (with close matches) or an invalid value.
+        DataError: Bad data, named by file and record, or no trainable record left.
+        ModelError: The base cannot be loaded or a LoRA target matches nothing.
+        CheckpointError: Resuming from a checkpoint of a different run.
+
+    Example:
+        >>> from alpaca_lora import finetune, default_base_model
+        >>> result = finetune(default_base_model(), "data.json", "out", num_epochs=1)  # doctest: +SKIP
+
+    """
+    cfg = resolve_config(config, overrides)
+    run = setup(base_model, data, Path(output_dir), cfg)
+    try:
+        fit(run)
+        return save(run)
+    finally:
+        run.metrics.close()
+
+
+def resolve_config(config: FinetuneConfig | None, overrides: dict[str, Any]) -> FinetuneConfig:
+    """Apply ``overrides`` to ``config`` (or the defaults), rejecting unknown names."""
+    if config is not None and not isinstance(config, FinetuneConfig):
+        raise ConfigError(f"config must be a FinetuneConfig, got {type(config).__name__}")
+    check_field_names(overrides, "finetune() keyword arguments")
+    return (config or FinetuneConfig()).replace(**overrides) if overrides else (config or FinetuneConfig())
+
+
+# ---- setup ---------------------------------------------------------------------------------------
+
+
+def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConfig) -> _Run:
+    """Validate and tokenize the data, then load the model, attach LoRA and build the optimizer."""
+    _seed_everything(cfg.seed)
+    template = get_template(cfg.template)
+    device = resolve_device(cfg.device)
+    dtype = resolve_compute_dtype(cfg.compute_dtype, device)
+    # Data first: bad data fails before any model is loaded (DESIGN mistake 4).
+    records = load_instructions(data, column_map=cfg.column_map, skip_bad_records=cfg.skip_bad_records)
+    train_raw, val_raw = split_dataset(records, cfg.val_set_size, cfg.seed)
+    tokenizer = load_tokenizer(base_model)
+    kwargs = dict(template=template, cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs,
+                  add_eos_token=cfg.add_eos_token)
+    train_set, report = prepare_dataset(train_raw, tokenizer, **kwargs)
+    val_set = prepare_dataset(val_raw, tokenizer, desc="tokenize eval", **kwargs)[0] if val_raw else None
+    logger.info("data: %s", report.summary())
+
+    model, _ = load_model(base_model, cfg.quantization, cfg.compute_dtype, device=cfg.device)
+    model = attach_lora(model, cfg)
+    trainable, total = trainable_parameters(model)
+    logger.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+
+    per_epoch = steps_per_epoch(len(train_set), cfg.micro_batch_size, cfg.gradient_accumulation_steps)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * per_epoch))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _LrSchedule(cfg.lr_scheduler, warmup, total_steps))
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = {"base_model": art.base_fingerprint(base_model),
+                   "data": data_fingerprint(records, source=data if isinstance(data, (str, Path)) else None)}
+    run = _Run(cfg=cfg, output_dir=output_dir, base_model=str(base_model), tokenizer=tokenizer, model=model,
+               train_set=train_set, val_set=val_set, collator=InstructionCollator(tokenizer), optimizer=optimizer,
+               scheduler=scheduler, device=device, dtype=dtype, total_steps=total_steps, fingerprint=fingerprint,
+               metrics=None, report=report)  # type: ignore[arg-type]
+    resumed_at = _maybe_resume(run)
+    run.metrics = MetricsLogger(output_dir / art.METRICS_FILE, cfg.report_to, output_dir, cfg.to_dict(),
+                                keep_until_step=resumed_at)
+    return run
+
+
+class _LrSchedule:
+    """Linear warm-up, then linear decay, cosine decay or constant (a multiplier of the peak lr)."""
+
+    def __init__(self, kind: str, warmup: int, total: int) -> None:
+        self.kind, self.warmup, self.total = kind, warmup, total
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        if self.kind == "constant":
+            return 1.0
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        if self.kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
+
+
+def _maybe_resume(run: _Run) -> int | None:
+    target = run.cfg.resume_from_checkpoint
+    if not target:
+        return None
+    folder = latest_checkpoint(run.output_dir) if target is True else Path(target)
+    if folder is None:
+        raise CheckpointError(
+            f"resume_from_checkpoint=True but {run.output_dir} holds no complete checkpoint; "
+            "start without resume_from_checkpoint or pass the path of a checkpoint folder"
+        )
+    state = art.read_json(Path(folder) / "trainer_state.json") if Path(folder).is_dir() else None
+    if state is None:
+        raise CheckpointError(f"checkpoint {folder} does not exist; pass a checkpoint-N folder of this run")
+    _check_compatible(state, run, Path(folder))
+    state = load_checkpoint(Path(folder), run.model, run.optimizer, run.scheduler)
+    run.step = state["step"]
+    logger.info("resumed from %s at step %d", folder, run.step)
+    return run.step
+
+
+def _check_compatible(state: dict[str, Any], run: _Run, folder: Path) -> None:
+    saved, now = state.get("config", {}), run.cfg.to_dict()
+    changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now
+               if k not in _RESUMABLE_CHANGES and k in saved and saved[k] != now[k]]
+    if changed:
+        raise CheckpointError(f"checkpoint {folder} was written with a different config ({'; '.join(changed)}); "
+                              "resume with the same settings or start a new output_dir")
+    diffs = art.fingerprints_match(state.get("fingerprint", {}).get("base_model", {}),
+                                   run.fingerprint["base_model"])
+    if state.get("fingerprint", {}).get("data", {}).get("sha256") != run.fingerprint["data"]["sha256"]:
+        diffs.append("the training data differs from the data the checkpoint was trained on")
+    if diffs:
+        raise CheckpointError(f"checkpoint {folder} belongs to another run: {'; '.join(diffs)}")
+
+
+# ---- fit -------------------------------------------------------------------------------------------
+
+
+def fit(run: _Run) -> None:
+    """Run the training loop from ``run.step`` to ``run.total_steps``, evaluating and checkpointing."""
+    cfg = run.cfg
+    lengths = list(run.train_set["length"])
+    per_epoch = steps_per_epoch(len(lengths), cfg.micro_batch_size, cfg.gradient_accumulation_steps)
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="finetune", unit="step", dynamic_ncols=True)
+    epoch_cache: dict[int, list[list[int]]] = {}
+    start = time.perf_counter()
+    while run.step < run.total_steps:
+        epoch, k = divmod(run.step, per_epoch)
+        if epoch not in epoch_cache:
+            epoch_cache = {epoch: epoch_batches(lengths, cfg.micro_batch_size, cfg.seed, epoch, cfg.group_by_length)}
+        accum = cfg.gradient_accumulation_steps
+        loss, grad_norm = train_step(run, epoch_cache[epoch][k * accum : (k + 1) * accum])
+        run.step += 1
+        run.recent_losses = (run.recent_losses + [loss])[-max(1, cfg.logging_steps):]
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if not math.isfinite(loss):
+            _save_checkpoint(run)
+            raise ModelError(f"the training loss became {loss} at step {run.step}; lower learning_rate, "
+                             "set max_grad_norm, or use compute_dtype='bfloat16' instead of float16")
+        epoch_end = run.step % per_epoch == 0 or run.step == run.total_steps
+        if run.step % cfg.logging_steps == 0 or run.step == run.total_steps:
+            run.metrics.log({"step": run.step, "epoch": round(run.step / per_epoch, 4), "loss": loss,
+                             "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                             "tokens_seen": run.tokens_seen, "elapsed_s": round(time.perf_counter() - start, 3)})
+        if run.val_set is not None and (run.step % cfg.eval_steps == 0 if cfg.eval_steps else epoch_end):
+            run.last_eval_loss = evaluate(run)
+            run.metrics.log({"step": run.step, "eval_loss": run.last_eval_loss})
+        if (run.step % cfg.save_steps == 0 if cfg.save_steps else epoch_end) and run.step < run.total_steps:
+            _save_checkpoint(run)
+    bar.close()
+    run.runtime_s = time.perf_counter() - start
+
+
+def train_step(run: _Run, micro_batches: list[list[int]]) -> tuple[float, float]:
+    """One optimizer step over ``micro_batches``; returns (mean token loss, gradient norm)."""
+    model, cfg = run.model, run.cfg
+    model.train()
+    batches = [run.collator([run.train_set[i] for i in idx]) for idx in micro_batches]
+    # Normalise by the label tokens of the whole step, so every token weighs the same however the
+    # step is cut into micro-batches (a mean of per-micro-batch means would not).
+    n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    total = 0.0
+    for batch in batches:
+        batch = {k: v.to(run.device) for k, v in batch.items()}
+        with _autocast(run):
+            loss_sum, _ = token_losses_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                           chunk_size=cfg.loss_chunk_size)
+        (loss_sum / n_tokens).backward()
+        total += float(loss_sum.detach())
+        run.tokens_seen += int(batch["attention_mask"].sum())
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return total / n_tokens, float(norm)
+
+
+@torch.no_grad()
+def evaluate(run: _Run) -> float:
+    """Mean token loss over the validation split (batches sorted by length, no dropout)."""
+    run.model.eval()
+    lengths = list(run.val_set["length"])
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    total, n = 0.0, 0
+    for start in range(0, len(order), run.cfg.micro_batch_size):
+        batch = run.collator([run.val_set[i] for i in order[start : start + run.cfg.micro_batch_size]])
+        batch = {k: v.to(run.device) for k, v in batch.items()}
+        with _autocast(run):
+            s, k = token_losses_sum(run.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                    chunk_size=run.cfg.loss_chunk_size)
+        total, n = total + float(s), n + k
+    run.model.train()
+    return total / max(1, n)
+
+
+def _autocast(run: _Run) -> Any:
+    if run.dtype == torch.float32:
+        return torch.autocast(run.device.type, enabled=False)
+    return torch.autocast(run.device.type, dtype=run.dtype)
+
+
+def _save_checkpoint(run: _Run) -> Path:
+    state = {"step": run.step, "tokens_seen": run.tokens_seen, "total_steps": run.total_steps,
+             "config": run.cfg.to_dict(), "fingerprint": run.fingerprint}
+    return save_checkpoint(run.output_dir, run.step, run.model, run.optimizer, run.scheduler, state,
+                           keep=run.cfg.save_total_limit)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---- save ------------------------------------------------------------------------------------------
+
+
+def save(run: _Run) -> FinetuneResult:
+    """Write the adapter and everything needed to merge, generate or resume, and return the result."""
+    out = run.output_dir
+    run.model.save_pretrained(out, safe_serialization=True)
+    _check_adapter(out, run.model)
+    run.tokenizer.save_pretrained(out)
+    get_template(run.cfg.template).save(out / art.TEMPLATE_FILE)
+    run.cfg.save(out / art.CONFIG_FILE)
+    art.write_json(out / art.FINGERPRINT_FILE, run.fingerprint)
+    eval_loss = run.last_eval_loss
+    if run.val_set is not None and not any("eval_loss" in r and r["step"] == run.step for r in run.metrics.records):
+        eval_loss = evaluate(run)
+        run.metrics.log({"step": run.step, "eval_loss": eval_loss})
+    train_loss = float(np.mean(run.recent_losses)) if run.recent_losses else float("nan")
+    result = FinetuneResult(adapter_dir=out, train_loss=train_loss, eval_loss=eval_loss, steps=run.step,
+                            tokens_seen=run.tokens_seen, runtime_s=run.runtime_s, records_kept=run.report.kept,
+                            records_dropped=dict(run.report.drop_reasons))
+    art.write_json(out / art.RESULTS_FILE, {k: (str(v) if isinstance(v, Path) else v)
+                                            for k, v in result.__dict__.items()})
+    plot_losses(run.metrics.records, out / art.PLOT_FILE)
+    return result
+
+
+def _check_adapter(folder: Path, model: Any) -> None:
+    """Refuse to finish with an empty adapter file (the failure of tloen/alpaca-lora#293)."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folder / art.ADAPTER_WEIGHTS))
+    expected = sum(1 for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
+    if not saved or len(saved) != expected:
+        raise ModelError(f"{folder / art.ADAPTER_WEIGHTS} holds {len(saved)} tensors, expected {expected}; "
+                         "the adapter was not saved correctly, please report this with your peft version")
+
+
