@@ -9,9 +9,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from alpaca_lora.errors import ConfigError
 
@@ -120,9 +123,10 @@ class FinetuneConfig:
             if getattr(self, name) is not None:
                 positive(name)
         if not p and self.batch_size % self.micro_batch_size:
+            fixed = self.batch_size // self.micro_batch_size * self.micro_batch_size or self.micro_batch_size
             p.append(
                 f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}; "
-                f"use batch_size={self.batch_size // self.micro_batch_size * self.micro_batch_size or self.micro_batch_size}"
+                f"use batch_size={fixed}"
             )
         if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
             p.append(f"lora_alpha={self.lora_alpha!r}: must be a positive number (commonly 2 * lora_r)")
@@ -145,9 +149,17 @@ class FinetuneConfig:
             p.append(_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES))
         if self.lr_scheduler not in SCHEDULERS:
             p.append(_choice("lr_scheduler", self.lr_scheduler, SCHEDULERS))
-        for r in [self.report_to] if isinstance(self.report_to, str) else list(self.report_to):
+        if self.report_to is None:
+            self.report_to = "none"  # transformers users pass None for "no reporter"
+        reporters = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        if not isinstance(reporters, (list, tuple)):
+            p.append(f"report_to={self.report_to!r}: must be a name or a list of names from {list(REPORTERS)}")
+            reporters = []
+        for r in reporters:
             if r not in REPORTERS:
                 p.append(_choice("report_to", r, REPORTERS))
+        if isinstance(self.lora_target_modules, tuple):
+            self.lora_target_modules = list(self.lora_target_modules)
         t = self.lora_target_modules
         if isinstance(t, str):
             if not t:
@@ -177,8 +189,6 @@ class FinetuneConfig:
         """Write the config as JSON (``.json``) or YAML (``.yaml``/``.yml``) and return the path."""
         path = Path(path)
         if path.suffix in (".yaml", ".yml"):
-            import yaml
-
             path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
         else:
             path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
@@ -200,9 +210,7 @@ class FinetuneConfig:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
         try:
             if path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text)
+                data = _yaml_load(text)
             else:
                 data = json.loads(text)
         except Exception as exc:  # yaml and json raise different types
@@ -215,6 +223,21 @@ class FinetuneConfig:
         """Return a copy with ``overrides`` applied (validated, unknown names rejected)."""
         check_field_names(overrides, "overrides")
         return dataclasses.replace(self, **overrides)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-4`` as a float (YAML 1.1 reads an exponent without a dot as text)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def field_names() -> list[str]:

@@ -1,0 +1,334 @@
+"""Instruction data: read and validate records, split them, tokenize them with loss masks.
+
+1. :func:`read_records` / :func:`load_instructions` read JSON, JSONL, CSV, Parquet, a ``Dataset`` /
+   ``DatasetDict`` or a list of dicts into ``{"instruction", "input", "output"}`` records. A bad record
+   is an error naming the file, the line (or record index) and the fix, or a reported skip.
+2. :func:`split_dataset` holds out a validation set, clamped to the data (alpaca-lora#470).
+3. :func:`tokenize_instruction` is the only place labels are masked; :func:`prepare_dataset` runs it
+   over a dataset and drops, and counts, records left without a trainable label.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+
+from alpaca_lora.errors import ConfigError, DataError
+from alpaca_lora.prompts import PromptTemplate, get_template
+from alpaca_lora.records import FIELDS, load_instructions, read_records
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+DROP_PROMPT_FULL = "prompt fills cutoff_len"
+DROP_EMPTY_RESPONSE = "empty response"
+_PROGRESS_MIN = 2000  # records from which prepare_dataset shows a progress bar
+
+__all__ = [
+    "PrepareReport",
+    "data_fingerprint",
+    "load_instructions",
+    "prepare_dataset",
+    "read_records",
+    "split_dataset",
+    "tokenize_instruction",
+]
+
+
+# ---- validation split ------------------------------------------------------------------------
+
+
+def split_dataset(
+    ds: datasets.Dataset, val_set_size: float | int, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Hold out a validation set after a deterministic shuffle.
+
+    Args:
+        ds: The records.
+        val_set_size: 0 for none; a fraction in (0, 1) of the records (rounded, at least one); or a
+            count >= 1. A size that would leave no training record is clamped to ``len(ds) - 1`` (to
+            none below two records), with a warning (alpaca-lora#470).
+        seed: Seed of the shuffle.
+
+    Returns:
+        ``(train, val)``, both shuffled; ``val`` is None when nothing is held out.
+
+    Raises:
+        ConfigError: ``val_set_size`` is negative, not a number, or a count that is not whole.
+
+    """
+    v = val_set_size
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (v >= 1 and v != int(v)):
+        raise ConfigError(f"val_set_size={v!r}: must be 0 (no validation), a fraction in (0, 1) or a count")
+    if v == 0:
+        return ds, None
+    n = len(ds)
+    n_val = max(1, round(v * n)) if v < 1 else int(v)
+    if n_val > n - 1:
+        clamped = max(n - 1, 0)
+        warnings.warn(
+            f"val_set_size={v!r} asks for {n_val} validation record(s) but the data has {n}; clamped to "
+            f"{clamped} to leave at least one record for training"
+            + ("" if clamped else " (no validation set)"),
+            stacklevel=2,
+        )
+        if clamped == 0:
+            return ds, None
+        n_val = clamped
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    return ds.select(order[n_val:]), ds.select(order[:n_val])
+
+
+# ---- tokenization and loss masks -------------------------------------------------------------
+
+
+def tokenize_instruction(
+    record: dict[str, Any],
+    tokenizer: Any,
+    template: str | Path | dict[str, Any] | PromptTemplate = "alpaca",
+    cutoff_len: int = 512,
+    train_on_inputs: bool = False,
+    add_eos_token: bool = True,
+) -> dict[str, list[int]]:
+    """Tokenize one record into ``input_ids``, ``attention_mask`` and ``labels``; the only masking.
+
+    The prompt (with the tokenizer's special tokens, e.g. BOS) and the response (without) are
+    tokenized apart and concatenated, so the mask boundary is exact even where a BPE merge would
+    cross it in the joined text. Labels are -100 on the prompt (unless ``train_on_inputs``) and equal
+    the ids on the response and EOS. Past ``cutoff_len`` the response is cut and EOS still comes last.
+    A prompt that alone leaves no room for one response token is cut to ``cutoff_len`` with no
+    response and no EOS: it has no trainable label, and :func:`prepare_dataset` drops it.
+
+    Args:
+        record: A dict with string ``instruction`` and ``output`` and an optional ``input``.
+        tokenizer: A Hugging Face tokenizer.
+        template: Template name, JSON path, dict or :class:`PromptTemplate`.
+        cutoff_len: Longest result, in tokens.
+        train_on_inputs: Also put loss on the prompt tokens.
+        add_eos_token: Append the tokenizer's EOS after the response.
+
+    Returns:
+        Equal-length lists of ints: ``input_ids``, ``attention_mask`` (all 1) and ``labels``.
+
+    Raises:
+        DataError: The record lacks a string instruction or output.
+        ConfigError: Bad ``cutoff_len`` or template, or ``add_eos_token`` with a tokenizer without EOS.
+
+    """
+    tmpl = _template(template)
+    return _encode(record, tokenizer, tmpl, cutoff_len, train_on_inputs, add_eos_token)[0]
+
+
+def _encode(
+    record: dict[str, Any], tokenizer: Any, template: PromptTemplate, cutoff_len: int,
+    train_on_inputs: bool, add_eos_token: bool,
+) -> tuple[dict[str, list[int]], str, int]:
+    """Tokenize and mask one record; return ``(features, status, prompt tokens)``.
+
+    ``status`` is "ok", "truncated" (the response was cut) or :data:`DROP_PROMPT_FULL`.
+    """
+    if isinstance(cutoff_len, bool) or not isinstance(cutoff_len, int) or cutoff_len < 1:
+        raise ConfigError(f"cutoff_len={cutoff_len!r}: must be a positive int (tokens per example)")
+    instruction, inp, output = (record.get(f) for f in FIELDS)
+    if not (isinstance(instruction, str) and isinstance(output, str) and isinstance(inp, (str, type(None)))):
+        found = ", ".join(f"{f}: {type(record.get(f)).__name__}" for f in FIELDS)
+        raise DataError(
+            f"a record needs string 'instruction' and 'output' and an optional string 'input' ({found}); "
+            "load data with load_instructions(), which validates it"
+        )
+    eos_id = getattr(tokenizer, "eos_token_id", None)
+    if add_eos_token and eos_id is None:
+        raise ConfigError(
+            "add_eos_token=True but the tokenizer has no EOS token; set tokenizer.eos_token "
+            "(e.g. tokenizer.eos_token = '</s>') or pass add_eos_token=False"
+        )
+    prompt = template.render(instruction, inp or None)
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    if eos_id is not None and prompt_ids and prompt_ids[-1] == eos_id:
+        prompt_ids.pop()  # a tokenizer that appends EOS to every text; the prompt must not end there
+    response_ids = list(tokenizer(output, add_special_tokens=False)["input_ids"])
+    n_eos = 1 if add_eos_token else 0
+
+    if len(prompt_ids) >= cutoff_len - n_eos:  # no room for one response token: prompt only, no EOS
+        input_ids = prompt_ids[:cutoff_len]
+        labels = list(input_ids) if train_on_inputs else [IGNORE_INDEX] * len(input_ids)
+        status = DROP_PROMPT_FULL
+    else:
+        room = cutoff_len - n_eos - len(prompt_ids)
+        status = "truncated" if len(response_ids) > room else "ok"
+        response = response_ids[:room] + ([eos_id] if add_eos_token else [])  # EOS last, even when cut
+        input_ids = prompt_ids + response
+        labels = (list(prompt_ids) if train_on_inputs else [IGNORE_INDEX] * len(prompt_ids)) + response
+    assert len(input_ids) == len(labels) <= cutoff_len
+    features = {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+    return features, status, len(prompt_ids)
+
+
+@lru_cache(maxsize=32)
+def _cached_template(key: str, mtime: float | None) -> PromptTemplate:
+    return get_template(key)
+
+
+def _template(template: str | Path | dict[str, Any] | PromptTemplate) -> PromptTemplate:
+    """Resolve ``template`` once per name (and per file version), so per-record calls are cheap."""
+    if isinstance(template, (PromptTemplate, dict)):
+        return get_template(template)
+    try:
+        mtime = Path(template).stat().st_mtime
+    except (OSError, ValueError):
+        mtime = None
+    return _cached_template(str(template), mtime)
+
+
+@dataclass
+class PrepareReport:
+    """What :func:`prepare_dataset` did.
+
+    Attributes:
+        kept: Records kept.
+        dropped: Records dropped because no token carries a label.
+        drop_reasons: Dropped records by reason (``"prompt fills cutoff_len"``, ``"empty response"``).
+        truncated: Kept records cut at ``cutoff_len``.
+        label_tokens: Tokens that carry loss, over the kept records.
+        total_tokens: All tokens of the kept records.
+
+    """
+
+    kept: int
+    dropped: int
+    drop_reasons: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+    label_tokens: int = 0
+    total_tokens: int = 0
+
+    def summary(self) -> str:
+        """Return one human-readable line."""
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(self.drop_reasons.items()))
+        share = 100.0 * self.label_tokens / self.total_tokens if self.total_tokens else 0.0
+        return (
+            f"kept {self.kept} of {self.kept + self.dropped} records, dropped {self.dropped}"
+            + (f" ({reasons})" if reasons else "")
+            + f", truncated {self.truncated}; {self.total_tokens} tokens, {self.label_tokens} with loss "
+            f"({share:.1f}%)"
+        )
+
+
+def prepare_dataset(
+    ds: datasets.Dataset,
+    tokenizer: Any,
+    *,
+    template: str | Path | dict[str, Any] | PromptTemplate = "alpaca",
+    cutoff_len: int = 512,
+    train_on_inputs: bool = False,
+    add_eos_token: bool = True,
+    desc: str = "tokenize",
+) -> tuple[datasets.Dataset, PrepareReport]:
+    """Tokenize every record with :func:`tokenize_instruction` and drop those without a trainable label.
+
+    Args:
+        ds: Records with string columns instruction, output and (optional) input.
+        tokenizer: A Hugging Face tokenizer.
+        template: Template name, JSON path, dict or :class:`PromptTemplate`.
+        cutoff_len: Longest example, in tokens.
+        train_on_inputs: Also put loss on the prompt tokens.
+        add_eos_token: Append EOS after every response.
+        desc: Label of the progress bar (shown from a few thousand records on).
+
+    Returns:
+        ``(tokenized, report)``: columns input_ids, attention_mask, labels and length (tokens per
+        example) in the order of ``ds``, and what was kept, dropped and truncated.
+
+    Raises:
+        DataError: ``ds`` lacks instruction/output columns, a record is malformed, or every record was
+            dropped (so training fails before any model is loaded).
+
+    """
+    from tqdm.auto import tqdm
+
+    missing = [c for c in ("instruction", "output") if c not in ds.column_names]
+    if missing:
+        raise DataError(
+            f"the dataset lacks column(s) {missing} (it has {ds.column_names}); load it with "
+            "load_instructions(), which maps common layouts to instruction/input/output"
+        )
+    if len(ds) == 0:
+        raise DataError("the dataset has no records to tokenize; load some with load_instructions()")
+    tmpl = _template(template)
+    out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "length": []}
+    drops: Counter[str] = Counter()
+    truncated = label_tokens = longest_prompt = index = 0
+    with tqdm(total=len(ds), desc=desc, unit="rec", disable=len(ds) < _PROGRESS_MIN) as bar:
+        for batch in ds.iter(batch_size=1000):
+            inputs = batch.get("input") or [None] * len(batch["instruction"])
+            for values in zip(batch["instruction"], inputs, batch["output"], strict=True):
+                record = dict(zip(FIELDS, values, strict=True))
+                try:
+                    features, status, n_prompt = _encode(
+                        record, tokenizer, tmpl, cutoff_len, train_on_inputs, add_eos_token
+                    )
+                except DataError as exc:
+                    raise DataError(f"dataset record index {index}: {exc}") from None
+                index += 1
+                longest_prompt = max(longest_prompt, n_prompt)
+                n_label = sum(1 for x in features["labels"] if x != IGNORE_INDEX)
+                if n_label == 0:  # loss 0/NaN if trained on (DESIGN mistake 4)
+                    drops[DROP_PROMPT_FULL if status == DROP_PROMPT_FULL else DROP_EMPTY_RESPONSE] += 1
+                    continue
+                truncated += status != "ok"
+                label_tokens += n_label
+                for key, value in features.items():
+                    out[key].append(value)
+                out["length"].append(len(features["input_ids"]))
+            bar.update(len(batch["instruction"]))
+
+    report = PrepareReport(
+        kept=len(out["length"]), dropped=sum(drops.values()), drop_reasons=dict(drops),
+        truncated=truncated, label_tokens=label_tokens, total_tokens=sum(out["length"]),
+    )
+    if report.kept == 0:
+        raise DataError(
+            f"all {report.dropped} record(s) were dropped ({report.summary()}): none has a response token "
+            f"within cutoff_len={cutoff_len} (the longest prompt has {longest_prompt} tokens). Raise "
+            "cutoff_len or shorten the prompts (or the template)."
+        )
+    if report.dropped:
+        logger.warning("%s: %s", desc, report.summary())
+    ids = datasets.List(datasets.Value("int32"))
+    features = datasets.Features(
+        {"input_ids": ids, "attention_mask": ids, "labels": ids, "length": datasets.Value("int32")}
+    )
+    return datasets.Dataset.from_dict(out, features=features), report
+
+
+def data_fingerprint(ds: datasets.Dataset, source: object = None) -> dict[str, Any]:
+    """Fingerprint the records of ``ds``: their count and a SHA-256 over their fields, in order.
+
+    Args:
+        ds: Records with instruction, output and (optional) input columns.
+        source: Where they came from: a path is recorded as text, anything else by its type name.
+
+    Returns:
+        ``{"num_records": int, "sha256": str, "source": str | None}``.
+
+    """
+    digest = hashlib.sha256()
+    for batch in ds.iter(batch_size=1000):
+        inputs = batch.get("input") or [""] * len(batch["instruction"])
+        for values in zip(batch["instruction"], inputs, batch["output"], strict=True):
+            # One JSON array per record and line: unambiguous whatever the fields hold.
+            digest.update(json.dumps([v or "" for v in values]).encode("ascii") + b"\n")
+    if source is None or isinstance(source, (str, Path)):
+        src = None if source is None else str(source)
+    else:
+        src = type(source).__name__
+    return {"num_records": len(ds), "sha256": digest.hexdigest(), "source": src}

@@ -1,0 +1,360 @@
+"""Reading instruction records: JSON, JSONL, CSV, Parquet, ``datasets`` objects and lists of dicts.
+
+:func:`read_records` / :func:`load_instructions` turn any of these into ``{"instruction", "input",
+"output"}`` records. A bad record is an error naming the file, the line (or record index) and the
+fix, or, with ``skip_bad_records=True``, a reported skip. Common column layouts (dolly,
+prompt/completion, question/answer, ...) are mapped automatically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from alpaca_lora.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+FIELDS = ("instruction", "input", "output")
+SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+_SKIP_HINT = "Fix or remove this record, or pass skip_bad_records=True to skip bad records and report them."
+
+# Known column layouts, tried in order: (name, instruction column, input columns, output column).
+_SCHEMAS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
+    ("alpaca", "instruction", ("input",), "output"),
+    ("dolly (instruction/context/response)", "instruction", ("context", "input"), "response"),
+    ("prompt/completion", "prompt", ("input",), "completion"),
+    ("prompt/response", "prompt", ("input",), "response"),
+    ("question/answer", "question", ("context", "input"), "answer"),
+    ("query/response", "query", ("input",), "response"),
+)
+
+# One raw item per record: (where, for messages; the parsed object; a problem found while parsing).
+_Items = list[tuple[str, Any, "str | None"]]
+
+# ---- reading and validation ------------------------------------------------------------------
+
+
+def read_records(
+    source: Any, *, column_map: dict[str, str] | None = None, skip_bad_records: bool = False
+) -> tuple[list[dict[str, str]], list[str]]:
+    """Read and validate instruction records.
+
+    Args:
+        source: A ``.json`` (a list of objects), ``.jsonl``, ``.csv`` or ``.parquet`` path, a
+            ``datasets.Dataset``, a ``datasets.DatasetDict`` (its ``train`` split, or its only split)
+            or a list of dicts.
+        column_map: Maps your column names to ``instruction``/``input``/``output``, e.g.
+            ``{"question": "instruction", "answer": "output"}``. Without it the layout is detected:
+            alpaca, dolly (instruction/context/response), prompt/completion, prompt/response,
+            question/answer, query/response.
+        skip_bad_records: Skip bad records and report them instead of raising on the first one.
+
+    Returns:
+        ``(records, skipped)``: records with string fields ``instruction``, ``input`` (``""`` when
+        absent) and ``output``; one human-readable reason per skipped record.
+
+    Raises:
+        DataError: A file-level problem (missing, unknown extension, unparsable, empty), a bad record
+            (unless ``skip_bad_records``), or no usable record at all.
+        ConfigError: ``column_map`` does not map column names to instruction/input/output.
+
+    """
+    name, items, columns = _read_items(source)
+    if not items:
+        raise DataError(f"{name} holds no records; it needs at least one with instruction and output")
+    # With no object among the records there are no columns to detect: report each record instead.
+    mapping = _resolve_columns(name, columns, column_map) if columns else {f: f for f in FIELDS}
+    records: list[dict[str, str]] = []
+    skipped: list[str] = []
+    for where, obj, problem in items:
+        record = None
+        if problem is None:
+            record, problem = _check_record(obj, mapping)
+        if record is not None:
+            records.append(record)
+        elif skip_bad_records:
+            skipped.append(f"{where}: {problem}")
+        else:
+            raise DataError(f"{where}: {problem}. {_SKIP_HINT}")
+    if not records:
+        raise DataError(
+            f"{name}: no usable records, all {len(skipped)} are bad (first reasons: "
+            f"{'; '.join(skipped[:5])}). Fix the data, or map its columns with column_map."
+        )
+    return records, skipped
+
+
+def load_instructions(
+    source: Any, *, column_map: dict[str, str] | None = None, skip_bad_records: bool = False
+) -> datasets.Dataset:
+    """Load instruction data as a ``Dataset`` with exactly the string columns instruction, input, output.
+
+    Arguments and errors are those of :func:`read_records`. Skipped records are reported with a
+    warning that says how many and shows up to five reasons.
+
+    Returns:
+        The records as a ``datasets.Dataset``.
+
+    """
+    records, skipped = read_records(source, column_map=column_map, skip_bad_records=skip_bad_records)
+    if skipped:
+        more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
+        warnings.warn(
+            f"skipped {len(skipped)} bad record(s) of {len(records) + len(skipped)}: "
+            + "; ".join(skipped[:5]) + more,
+            stacklevel=2,
+        )
+    features = datasets.Features({f: datasets.Value("string") for f in FIELDS})
+    return datasets.Dataset.from_dict({f: [r[f] for r in records] for f in FIELDS}, features=features)
+
+
+def _resolve_columns(
+    name: str, columns: list[str], column_map: dict[str, str] | None
+) -> dict[str, str | None]:
+    """Return the source column of each field (``input`` may be None)."""
+    if column_map is not None:
+        return _apply_column_map(name, columns, column_map)
+    for schema, instruction, inputs, output in _SCHEMAS:
+        if instruction in columns and output in columns:
+            input_col = next((c for c in inputs if c in columns), None)
+            if schema != "alpaca":
+                logger.warning(
+                    "%s: using the %s layout: %s -> instruction, %s, %s -> output (pass column_map to "
+                    "choose other columns)", name, schema, instruction,
+                    f"{input_col} -> input" if input_col else "no input", output,
+                )
+            return {"instruction": instruction, "input": input_col, "output": output}
+    known = ", ".join(f"{i}/{o}" for _, i, _, o in _SCHEMAS)
+    raise DataError(
+        f"{name}: no known instruction/output columns among {sorted(columns)}; known layouts: {known}. "
+        "Rename the columns or pass column_map={'your_prompt_column': 'instruction', "
+        "'your_answer_column': 'output'}."
+    )
+
+
+def _apply_column_map(name: str, columns: list[str], column_map: dict[str, str]) -> dict[str, str | None]:
+    if not isinstance(column_map, dict) or not all(
+        isinstance(k, str) and v in FIELDS for k, v in column_map.items()
+    ):
+        raise ConfigError(
+            f"column_map={column_map!r}: must map your column names to 'instruction', 'input' or 'output', "
+            "e.g. {'question': 'instruction', 'answer': 'output'}"
+        )
+    if len(set(column_map.values())) != len(column_map):
+        raise ConfigError(f"column_map={column_map!r}: maps two columns to one field; map each field once")
+    mapping: dict[str, str | None] = dict.fromkeys(FIELDS)
+    for src, target in column_map.items():
+        if src not in columns:
+            raise DataError(f"{name}: column_map names column {src!r}, which is not among {sorted(columns)}")
+        mapping[target] = src
+    for target in FIELDS:  # an unmapped field falls back to a column of its own name
+        if mapping[target] is None and target in columns and target not in column_map:
+            mapping[target] = target
+    for target in ("instruction", "output"):
+        if mapping[target] is None:
+            raise DataError(
+                f"{name}: no column for {target!r}: column_map={column_map!r} maps none and there is no "
+                f"{target!r} column among {sorted(columns)}; add one to column_map"
+            )
+    return mapping
+
+
+def _check_record(obj: Any, mapping: dict[str, str | None]) -> tuple[dict[str, str] | None, str | None]:
+    """Validate one raw record: ``(record, None)`` or ``(None, problem)``."""
+    if not isinstance(obj, dict):
+        return None, f"is a {_kind(obj)}, not an object with instruction and output fields"
+    record: dict[str, str] = {}
+    for target in FIELDS:
+        col = mapping[target]
+        label = repr(col) if col == target else f"{col!r} ({target})"
+        value = obj.get(col) if col is not None else None
+        if value is None:
+            if target == "input":
+                record[target] = ""
+                continue
+            return None, f"field {label} is {'null' if col in obj else 'missing'}"
+        if not isinstance(value, str):
+            return None, f"field {label} is a {_kind(value)}, not a string; quote it"
+        if target != "input" and not value.strip():
+            return None, f"field {label} is empty"
+        if not _encodable(value):
+            return None, f"field {label} holds bytes that are not valid UTF-8; save the data as UTF-8"
+        record[target] = value
+    return record, None
+
+
+def _kind(value: Any) -> str:
+    names = {dict: "JSON object", list: "JSON list", str: "string", bool: "boolean", int: "number",
+             float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # fails on the lone surrogates that undecodable bytes were mapped to
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# ---- readers: a source becomes (name, items, column names) -----------------------------------
+
+
+def _read_items(source: Any) -> tuple[str, _Items, list[str]]:
+    if isinstance(source, datasets.DatasetDict):
+        splits = list(source)
+        if "train" not in source and len(splits) != 1:
+            raise DataError(
+                f"the DatasetDict has splits {splits}, none named 'train'; pass one, e.g. dd[{splits[0]!r}]"
+            )
+        source = source["train" if "train" in source else splits[0]]
+    if isinstance(source, datasets.Dataset):
+        items = [(f"Dataset, record index {i}", r, None) for i, r in enumerate(source.to_list())]
+        return "Dataset", items, source.column_names
+    if isinstance(source, (list, tuple)):
+        items = [(f"list of records, index {i}", r, None) for i, r in enumerate(source)]
+        return "list of records", items, _keys(items)
+    if isinstance(source, (str, Path)):
+        return (str(source), *_read_file(Path(source)))
+    raise DataError(
+        f"cannot read data from a {type(source).__name__}; pass a {'/'.join(SUFFIXES)} path, a "
+        "datasets.Dataset or DatasetDict, or a list of dicts (a pandas DataFrame: Dataset.from_pandas(df))"
+    )
+
+
+def _read_file(path: Path) -> tuple[_Items, list[str]]:
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise DataError(f"data file {path} {what} (working directory: {Path.cwd()}); pass a data file path")
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise DataError(f"data file {path}: unknown extension {suffix!r}; use one of {', '.join(SUFFIXES)}")
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read data file {path}: {exc.strerror}") from None
+    if not raw.strip():
+        raise DataError(f"data file {path} is empty; it needs at least one record")
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise DataError(f"data file {path} is UTF-16 text; save it as UTF-8")
+    # Undecodable bytes become lone surrogates, so a record holding them is reported (or skipped) alone.
+    text = raw.decode("utf-8-sig", errors="surrogateescape")
+    if suffix == ".csv":
+        return _read_csv(path, text, raw)
+    if suffix == ".jsonl":
+        return _read_jsonl(path, text)
+    return _read_json(path, text, raw)
+
+
+def _read_json(path: Path, text: str, raw: bytes) -> tuple[_Items, list[str]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and _first_line_is_object(text):
+            logger.info("%s holds one JSON object per line; reading it as JSON Lines", path)
+            return _read_jsonl(path, text)
+        raise DataError(
+            f"{path} line {exc.lineno} column {exc.colno}: not valid JSON ({exc.msg}){_utf8_note(raw)}. "
+            'A .json data file holds one list of records: [{"instruction": ..., "output": ...}, ...]'
+        ) from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply; a record is a flat object of strings") from None
+    if isinstance(data, dict):
+        lists = [k for k, v in data.items() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(
+                f"{path} holds a JSON object with keys {list(data)[:10]}; it must hold a list of records "
+                "([{...}, ...]) or an object whose only list is the records"
+            )
+        data = data[lists[0]]
+    if not isinstance(data, list):
+        raise DataError(f"{path} holds a JSON {_kind(data)}; it must hold a list of records ([{{...}}, ...])")
+    items = [(f"{path}, record index {i}", r, None) for i, r in enumerate(data)]
+    return items, _keys(items)
+
+
+def _read_jsonl(path: Path, text: str) -> tuple[_Items, list[str]]:
+    items: _Items = []
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        where = f"{path} line {lineno}"
+        try:
+            items.append((where, json.loads(line), None))
+        except json.JSONDecodeError as exc:
+            problem = f"not valid JSON ({exc.msg} at column {exc.colno})"
+            if not _encodable(line):
+                problem = "holds bytes that are not valid UTF-8"
+            items.append((where, None, f"{problem}; each line must be one JSON object"))
+        except RecursionError:
+            items.append((where, None, "JSON nested too deeply; each line must be one flat JSON object"))
+    return items, _keys(items)
+
+
+def _read_csv(path: Path, text: str, raw: bytes) -> tuple[_Items, list[str]]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    items: _Items = []
+    try:
+        header = [h.strip() for h in next(reader, [])]
+        if not any(header):
+            raise DataError(f"{path}: line 1 must be a header naming the columns: instruction,input,output")
+        while (row := next(reader, None)) is not None:
+            if not row:  # a blank line
+                continue
+            # line_num is the last line read; a quoted field may span lines, so count its line breaks
+            start = reader.line_num - sum(f.count("\n") for f in row)
+            where = f"{path} line {start}"
+            if len(row) != len(header):
+                problem = f"has {len(row)} field(s), the header {len(header)}; quote fields holding commas"
+                items.append((where, None, problem))
+            else:
+                items.append((where, dict(zip(header, row, strict=True)), None))
+    except csv.Error as exc:
+        raise DataError(f"{path} line {reader.line_num}: not valid CSV ({exc}){_utf8_note(raw)}") from None
+    return items, header
+
+
+def _read_parquet(path: Path) -> tuple[_Items, list[str]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+        rows = table.to_pylist()
+    except Exception as exc:  # pyarrow raises many types (ArrowInvalid, OSError, ...)
+        raise DataError(f"{path} is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+    return [(f"{path}, record index {i}", r, None) for i, r in enumerate(rows)], table.column_names
+
+
+def _keys(items: _Items) -> list[str]:
+    keys: dict[str, None] = {}
+    for _, obj, _ in items:
+        if isinstance(obj, dict):
+            keys.update(dict.fromkeys(obj))
+    return list(keys)
+
+
+def _first_line_is_object(text: str) -> bool:
+    first = next((line for line in text.split("\n") if line.strip()), "")
+    try:
+        return isinstance(json.loads(first), dict)
+    except (json.JSONDecodeError, RecursionError):
+        return False
+
+
+def _utf8_note(raw: bytes) -> str:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        return f"; the file is not valid UTF-8 (byte {raw[exc.start]:#04x} on line {line}): save it as UTF-8"
+    return ""
