@@ -1,0 +1,7 @@
+"""``python -m alpaca_lora`` runs the ``alpaca-lora`` command."""
+
+import sys
+
+from alpaca_lora.cli import main
+
+sys.exit(main())

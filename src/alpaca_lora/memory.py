@@ -1,0 +1,130 @@
+"""Preflight memory estimate of a fine-tuning run, by part, from the model config alone.
+
+The estimate is analytic (no weights are loaded): bytes of the quantized base, the LoRA weights,
+their gradients and AdamW state, the activations kept for the backward pass (with or without
+gradient checkpointing) and the lm_head + loss chunk. It is meant to answer "will this fit on my
+GPU, and if not, what do I change" before a run starts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alpaca_lora.artifacts import resolve_local
+from alpaca_lora.config import FinetuneConfig, check_field_names
+from alpaca_lora.errors import ModelError
+
+GIB = 1024**3
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class MemoryEstimate:
+    """Estimated peak memory of a run.
+
+    Attributes:
+        parts: Bytes by part (base_weights, lora_weights, lora_gradients, optimizer_state,
+            activations, logits_and_loss, workspace).
+        total: Sum of the parts, in bytes.
+        assumptions: What the estimate assumed (dtype, tokens per micro-batch, ...).
+
+    """
+
+    parts: dict[str, int]
+    total: int
+    assumptions: dict[str, Any] = field(default_factory=dict)
+
+    def fits(self, budget_bytes: int) -> bool:
+        """True when the total is within ``budget_bytes``."""
+        return self.total <= budget_bytes
+
+    def summary(self) -> str:
+        """A table of the parts in GiB, then the total."""
+        width = max(len(k) for k in self.parts)
+        rows = [f"{k.ljust(width)}  {v / GIB:8.3f} GiB" for k, v in self.parts.items()]
+        rows.append(f"{'total'.ljust(width)}  {self.total / GIB:8.3f} GiB")
+        return "\n".join(rows)
+
+
+def _model_config(base_model: str | Path | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(base_model, dict):
+        return base_model
+    folder = resolve_local(base_model)
+    if folder is None or not (folder / "config.json").is_file():
+        raise ModelError(f"no config.json found for {base_model!s}; pass a local model folder or a config dict")
+    return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+
+
+def estimate_memory(base_model: str | Path | dict[str, Any], **overrides: Any) -> MemoryEstimate:
+    """Estimate the peak memory of ``finetune(base_model, ..., **overrides)``.
+
+    Args:
+        base_model: A model folder, a cached Hub id, or a config dict (``hidden_size``,
+            ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``,
+            ``num_key_value_heads``, ``vocab_size``, ``tie_word_embeddings``).
+        **overrides: ``FinetuneConfig`` fields (micro_batch_size, cutoff_len, lora_r, quantization,
+            gradient_checkpointing, ...). ``compute_dtype="auto"`` is taken as bf16 (a GPU).
+
+    Returns:
+        A :class:`MemoryEstimate`.
+
+    """
+    check_field_names(overrides, "estimate_memory() keyword arguments")
+    cfg = FinetuneConfig().replace(**overrides)
+    mc = _model_config(base_model)
+    h, i, n_layers = mc["hidden_size"], mc["intermediate_size"], mc["num_hidden_layers"]
+    heads = mc["num_attention_heads"]
+    kv = mc.get("num_key_value_heads") or heads
+    hd = mc.get("head_dim") or h // heads
+    vocab = mc["vocab_size"]
+    tied = mc.get("tie_word_embeddings", False)
+    act = _DTYPE_BYTES.get(cfg.compute_dtype, 2)
+
+    shapes = {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
+              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    linear = n_layers * sum(a * b for a, b in shapes.values())
+    other = vocab * h * (1 if tied else 2) + n_layers * 2 * h + h
+    if cfg.quantization in ("nf4", "fp4"):
+        # 4 bits per weight + one 8-bit absmax per 64-weight block (double quantization) + fp32
+        # non-quantized tensors (peft's k-bit preparation upcasts them).
+        base = linear // 2 + linear // 64 + other * 4
+    elif cfg.quantization == "int8":
+        base = linear + linear // 32 + other * 4
+    else:
+        base = (linear + other) * act
+
+    targets = _targets(cfg.lora_target_modules)
+    lora_params = n_layers * cfg.lora_r * sum(a + b for name, (a, b) in shapes.items() if name in targets)
+    tokens = cfg.micro_batch_size * cfg.cutoff_len
+    # Tensors kept for backward per token per layer: norms, q/k/v/o inputs and outputs, attention
+    # output, MLP gate/up/act/product; LoRA dropout keeps a masked copy of each adapted input.
+    per_layer = (8 * h + 2 * kv * hd + 4 * i) * act + (len(targets) * h * act if cfg.lora_dropout > 0 else 0)
+    if cfg.gradient_checkpointing:
+        activations = n_layers * tokens * h * act + tokens * per_layer
+    else:
+        activations = n_layers * tokens * per_layer
+    chunk = min(cfg.loss_chunk_size, tokens)
+    logits = chunk * vocab * 4 * 3 + tokens * h * act  # fp32 logits, their grad, softmax; gathered hidden
+    parts = {
+        "base_weights": int(base),
+        "lora_weights": lora_params * 4,
+        "lora_gradients": lora_params * 4,
+        "optimizer_state": lora_params * 8,
+        "activations": int(activations),
+        "logits_and_loss": int(logits),
+        "workspace": int(0.05 * base) + 64 * 1024**2,
+    }
+    return MemoryEstimate(parts=parts, total=sum(parts.values()),
+                          assumptions={"compute_bytes": act, "tokens_per_micro_batch": tokens,
+                                       "lora_parameters": lora_params, "quantized_parameters": linear})
+
+
+def _targets(spec: str | list[str]) -> set[str]:
+    if spec == "attention":
+        return {"q_proj", "k_proj", "v_proj", "o_proj"}
+    if spec == "all-linear":
+        return {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    return set([spec] if isinstance(spec, str) else spec)
