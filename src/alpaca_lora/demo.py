@@ -111,14 +111,14 @@ def run_demo(config: DemoConfig | None = None, *, log: Any = print) -> DemoRepor
         before, _ = evaluate_tasks(_Answerer(base, template), test)
         timings["base_eval"] = time.perf_counter() - t
 
-    log(f"[3/5] fine-tuning: 4-bit NF4 base + LoRA (r 16 on q,k,v,o), {steps} steps of 16 examples")
+    log(f"[3/5] fine-tuning: 4-bit NF4 base + LoRA (r 16 on every linear layer), {steps} steps of 16 examples")
     t = time.perf_counter()
     records = [{k: r[k] for k in ("instruction", "input", "output")} for r in train]
     result = finetune(
         base, records, out / "adapter", template=template, max_steps=steps, batch_size=16, micro_batch_size=8,
         learning_rate=cfg.learning_rate, cutoff_len=128, val_set_size=32, eval_steps=max(1, steps // 4),
-        gradient_checkpointing=False, lora_dropout=0.0, group_by_length=True, save_steps=max(1, steps // 2),
-        warmup_ratio=0.05, seed=cfg.seed,
+        gradient_checkpointing=False, lora_dropout=0.0, lora_target_modules="all-linear", group_by_length=True,
+        save_steps=max(1, steps // 2), warmup_ratio=0.05, seed=cfg.seed,
     )
     timings["finetune"] = time.perf_counter() - t
 
