@@ -15,8 +15,8 @@ import argparse
 import json
 import logging
 
+from alpaca_lora import merge, push_to_hub
 from alpaca_lora.generate import generate
-from alpaca_lora.merge import merge, push_to_hub
 
 
 def main() -> None:

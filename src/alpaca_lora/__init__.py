@@ -6,8 +6,9 @@ from alpaca_lora.data import load_instructions, tokenize_instruction
 from alpaca_lora.embedded import default_base_model
 from alpaca_lora.errors import AlpacaLoraError, CheckpointError, ConfigError, DataError, ModelError
 from alpaca_lora.generate import generate
+from alpaca_lora.hub import push_to_hub
 from alpaca_lora.memory import MemoryEstimate, estimate_memory
-from alpaca_lora.merge import merge, push_to_hub
+from alpaca_lora.merge import merge
 from alpaca_lora.model import load_model
 from alpaca_lora.prompts import PromptTemplate, get_template, list_templates
 from alpaca_lora.train import FinetuneResult, finetune

@@ -82,6 +82,7 @@ def base_fingerprint(base_model: str | Path) -> dict[str, Any]:
     Returns:
         A JSON-serialisable dict. ``config_sha256`` and ``shapes_sha256`` identify the weights'
         architecture; ``weights_sha256`` hashes the safetensors headers (names, dtypes, offsets).
+
     """
     folder = resolve_local(base_model)
     fp: dict[str, Any] = {"name_or_path": str(base_model)}

@@ -117,7 +117,7 @@ def run_demo(config: DemoConfig | None = None, *, log: Any = print) -> DemoRepor
     result = finetune(
         base, records, out / "adapter", template=template, max_steps=steps, batch_size=16, micro_batch_size=8,
         learning_rate=cfg.learning_rate, cutoff_len=128, val_set_size=32, eval_steps=max(1, steps // 4),
-        gradient_checkpointing=False, lora_dropout=0.0, lora_target_modules="all-linear", group_by_length=True,
+        gradient_checkpointing=False, lora_dropout=0.0, lora_target_modules="all-linear", group_by_length=False,
         save_steps=max(1, steps // 2), warmup_ratio=0.05, seed=cfg.seed,
     )
     timings["finetune"] = time.perf_counter() - t

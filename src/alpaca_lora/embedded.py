@@ -44,6 +44,7 @@ def gguf_path() -> Path:
 
     Raises:
         ModelError: The wheel is not installed; the message gives the install command.
+
     """
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     locations = list(spec.submodule_search_locations or []) if spec else []
@@ -70,6 +71,7 @@ def default_base_model() -> Path:
 
     Raises:
         ModelError: The wheel is missing (with the install command) or the conversion failed.
+
     """
     source = gguf_path()
     target = cache_dir() / _FOLDER_NAME

@@ -32,6 +32,7 @@ class PromptTemplate:
         prompt_no_input: Prompt for records without ``input``; holds ``{instruction}``.
         response_split: The text that ends the prompt and precedes the response.
         name: Registry name, or ``"custom"``.
+
     """
 
     description: str
@@ -55,6 +56,7 @@ class PromptTemplate:
 
         Returns:
             The prompt text, ending with the response header (plus ``output`` if given).
+
         """
         values = {"instruction": instruction, "input": input or ""}
         template = self.prompt_input if input else self.prompt_no_input
@@ -70,6 +72,7 @@ class PromptTemplate:
 
         Returns:
             The stripped response; ``text`` stripped when the header is absent.
+
         """
         _, found, after = text.partition(self.response_split)
         return (after if found else text).strip()
@@ -140,6 +143,7 @@ def get_template(template: str | Path | dict[str, Any] | PromptTemplate = "alpac
 
     Raises:
         ConfigError: Unknown name, unreadable file, or a template missing a placeholder.
+
     """
     if isinstance(template, PromptTemplate):
         return template

@@ -1,0 +1,211 @@
+"""push_to_hub(): a real huggingface_hub client against a loopback Hub that records what arrives."""
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from alpaca_lora.hub import export_files
+
+TOKEN = "hf_LoopbackTestToken0123456789abcdef"
+EXPECTED = ["README.md", "config.json", "generation_config.json", "merge_report.json",
+            "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+            "prompt_template.json", "tokenizer.json", "tokenizer_config.json"]
+
+
+class FakeHub:
+    """Answers the endpoints huggingface_hub uses to create a repo and commit files inline.
+
+    The preupload answer marks every file "regular", so its bytes arrive base64-encoded in the
+    NDJSON commit body. Repo "me/forbidden" fails its commit with a 403 whose body echoes the
+    Authorization header, as a careless server might.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        self.repos: dict[str, dict] = {}
+        self.files: dict[str, dict[str, bytes]] = {}
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                hub.record("POST", self.path, self.headers)
+                status, answer = hub.answer(self.path.split("?")[0], body, self.headers)
+                self._send(status, answer)
+
+            def do_GET(self):  # noqa: N802
+                hub.record("GET", self.path, self.headers)
+                self._send(404, {"error": "not found"})
+
+            def _send(self, status, answer):
+                raw = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def record(self, method, path, headers):
+        self.requests.append({"method": method, "path": path, "headers": {k.lower(): v for k, v in headers.items()}})
+
+    def answer(self, path, body, headers):
+        parts = path.strip("/").split("/")
+        if path == "/api/repos/create":
+            payload = json.loads(body)
+            repo = f"{payload['organization']}/{payload['name']}"
+            self.repos[repo] = payload
+            return 200, {"url": f"{self.url}/{repo}", "name": repo, "id": repo}
+        if path == "/api/validate-yaml":
+            return 200, {"errors": [], "warnings": []}
+        if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "preupload":
+            files = json.loads(body)["files"]
+            return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                   for f in files]}
+        if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "commit":
+            repo = f"{parts[2]}/{parts[3]}"
+            if repo == "me/forbidden":
+                return 403, {"error": f"token {headers.get('Authorization')} may not write to {repo}"}
+            lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+            assert lines[0]["key"] == "header"
+            for line in lines[1:]:
+                assert line["key"] == "file" and line["value"]["encoding"] == "base64", line["key"]
+                self.files.setdefault(repo, {})[line["value"]["path"]] = base64.b64decode(line["value"]["content"])
+            return 200, {"commitUrl": f"{self.url}/{repo}/commit/{'a' * 40}", "commitOid": "a" * 40,
+                         "pullRequestUrl": None}
+        return 404, {"error": f"unexpected endpoint {path}"}
+
+
+@pytest.fixture
+def hub():
+    server = FakeHub()
+    yield server
+    server.server.shutdown()
+
+
+@pytest.fixture
+def export(tiny_model_dir, tmp_path):
+    """A merged-export folder, plus the strays a user's folder collects."""
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tiny_model_dir / name, folder / name)
+    save_file({"a": torch.randn(8, 4)}, str(folder / "model-00001-of-00002.safetensors"), {"format": "pt"})
+    save_file({"b": torch.randn(3)}, str(folder / "model-00002-of-00002.safetensors"), {"format": "pt"})
+    index = {"metadata": {"total_size": 140}, "weight_map": {"a": "model-00001-of-00002.safetensors",
+                                                            "b": "model-00002-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (folder / "prompt_template.json").write_text('{"name": "alpaca"}')
+    (folder / "README.md").write_text("---\nlibrary_name: transformers\n---\n\n# tiny\n")
+    (folder / "merge_report.json").write_text('{"verification": null}')
+    # Strays that must never leave the machine.
+    (folder / ".env").write_text("OPENAI_API_KEY=sk-stray-secret-from-dotenv\n")
+    (folder / "checkpoint-3").mkdir()
+    save_file({"x": torch.zeros(2)}, str(folder / "checkpoint-3" / "adapter_model.safetensors"))
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    (folder / "notes.txt").write_text("private notes")
+    save_file({"y": torch.zeros(2)}, str(folder / "scratch.safetensors"))
+    return folder
+
+
+PUSH_SCRIPT = textwrap.dedent("""
+    import json, logging, sys
+    logging.basicConfig(level=logging.DEBUG)  # everything any library logs goes to stderr
+    from alpaca_lora.hub import push_to_hub
+    try:
+        print(json.dumps({"files": push_to_hub(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3]))}))
+    except Exception as exc:
+        print(json.dumps({"error": type(exc).__name__, "message": str(exc), "context": repr(exc.__context__)}))
+""")
+
+
+def _push(folder, repo_id, tmp_path, endpoint, env_token=None, **kwargs):
+    """Run push_to_hub in a fresh interpreter, so HF_ENDPOINT and offline mode are read from this env."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env.update(HF_ENDPOINT=endpoint, HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0", HF_HOME=str(tmp_path / "hf-home"),
+               HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+    if env_token:
+        env["HF_TOKEN"] = env_token
+    run = subprocess.run([sys.executable, "-c", PUSH_SCRIPT, str(folder), repo_id, json.dumps(kwargs)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1]), run.stdout + run.stderr
+
+
+def _nothing_leaks(output, folder, result, tmp_path):
+    """The token is in no output, log line, result, exception (with its context) or file written."""
+    assert TOKEN not in output and TOKEN not in json.dumps(result)
+    for path in [*folder.rglob("*"), *(tmp_path / "hf-home").rglob("*")]:
+        assert path.is_dir() or TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_export_files_is_an_allow_list(export):
+    assert export_files(export) == EXPECTED
+
+
+@pytest.mark.parametrize("via", ["argument", "HF_TOKEN"])
+def test_push_uploads_exactly_the_export_with_identical_bytes(export, hub, tmp_path, via):
+    kwargs = {"token": TOKEN} if via == "argument" else {}
+    result, output = _push(export, "me/tiny-merged", tmp_path, hub.url,
+                           env_token=TOKEN if via == "HF_TOKEN" else None, **kwargs)
+    assert result == {"files": EXPECTED}, output[-2000:]
+    received = hub.files["me/tiny-merged"]
+    assert sorted(received) == EXPECTED
+    for name, data in received.items():
+        assert data == (export / name).read_bytes(), name
+    assert hub.repos["me/tiny-merged"]["visibility"] == "private"
+    paths = " ".join(r["path"] for r in hub.requests)
+    assert ".env" not in paths and "checkpoint" not in paths
+    assert all(r["headers"].get("authorization") == f"Bearer {TOKEN}" for r in hub.requests if r["method"] == "POST")
+    assert not [r for r in hub.requests if r["method"] == "GET"]  # no reads: create, validate, preupload, commit
+    _nothing_leaks(output, export, result, tmp_path)
+
+
+def test_public_repo_when_asked(export, hub, tmp_path):
+    result, _ = _push(export, "me/public", tmp_path, hub.url, token=TOKEN, private=False)
+    assert result["files"] == EXPECTED and hub.repos["me/public"]["visibility"] == "public"
+
+
+def test_dry_run_needs_no_token_and_no_network(export, hub, tmp_path):
+    result, output = _push(export, "me/tiny-merged", tmp_path, hub.url, dry_run=True)
+    assert result == {"files": EXPECTED} and hub.requests == []
+
+
+def test_missing_token_is_a_clear_error(export, hub, tmp_path):
+    result, _ = _push(export, "me/tiny-merged", tmp_path, hub.url)
+    assert result["error"] == "ConfigError" and "HF_TOKEN" in result["message"] and "token=" in result["message"]
+    assert hub.requests == []
+
+
+def test_hub_errors_never_echo_the_token(export, hub, tmp_path):
+    result, output = _push(export, "me/forbidden", tmp_path, hub.url, token=TOKEN)
+    assert result["error"] == "AlpacaLoraError" and "403" in result["message"] and "***" in result["message"]
+    assert "me/forbidden" in result["message"] and result["context"] == "None"
+    _nothing_leaks(output, export, result, tmp_path)
+
+
+def test_bad_repo_id_and_empty_folder(tmp_path, hub):
+    from alpaca_lora import ConfigError, ModelError
+    from alpaca_lora.hub import push_to_hub
+
+    with pytest.raises(ConfigError, match="repo_id"):
+        push_to_hub(tmp_path, "a/b/c", dry_run=True)
+    (tmp_path / "README.md").write_text("only a card")
+    with pytest.raises(ModelError, match="no model weights"):
+        push_to_hub(tmp_path, "me/x", dry_run=True)
