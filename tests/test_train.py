@@ -153,3 +153,19 @@ def test_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     print(f"resume max abs diff {diff:.2e}")
     assert diff <= 1e-6
     assert _losses(tmp_path / "full") == pytest.approx(_losses(split), abs=1e-6)
+
+
+def test_evaluation_does_not_change_training(tiny_model_dir, tmp_path):
+    """Evaluating every step must leave the trained adapter exactly as without evaluation.
+
+    (bitsandbytes repacks 4-bit weights in place on an eval-mode forward on the CPU; the trainer
+    must never put the quantized layers in eval mode.)
+    """
+    records = RECORDS * 2
+    settings = {**FAST, "val_set_size": 4, "max_steps": 4}
+    a = finetune(tiny_model_dir, records, tmp_path / "eval-each-step", eval_steps=1, **settings)
+    b = finetune(tiny_model_dir, records, tmp_path / "eval-at-end", eval_steps=1000, **settings)
+    wa = load_file(str(a.adapter_dir / "adapter_model.safetensors"))
+    wb = load_file(str(b.adapter_dir / "adapter_model.safetensors"))
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) == 0.0
+    assert _losses(tmp_path / "eval-each-step") == _losses(tmp_path / "eval-at-end")

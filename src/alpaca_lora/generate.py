@@ -294,16 +294,32 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tu
 
 
 class _EvalMode:
-    """Put a model in eval mode for the duration, then restore its previous mode."""
+    """Put a model in eval mode for the duration, then restore its previous mode.
+
+    A model in training with bitsandbytes 4-bit layers only has its dropout switched off: on the
+    CPU, a 4-bit layer's first eval-mode forward repacks its weights in place, and training
+    forwards after that read them wrongly.
+    """
 
     def __init__(self, model: Any) -> None:
         self.model, self.was_training = model, model.training
+        quantized = any(type(m).__name__ == "Linear4bit" for m in model.modules())
+        self.only_dropout = model.training and quantized
+        self.dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.training]
 
     def __enter__(self) -> None:
-        self.model.eval()
+        if self.only_dropout:
+            for m in self.dropouts:
+                m.eval()
+        else:
+            self.model.eval()
 
     def __exit__(self, *exc: object) -> None:
-        self.model.train(self.was_training)
+        if self.only_dropout:
+            for m in self.dropouts:
+                m.train()
+        else:
+            self.model.train(self.was_training)
 
 
 def _generate_batches(model: Any, tokenizer: Any, prompts: list[list[int]], kwargs: dict[str, Any],
