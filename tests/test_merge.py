@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from alpaca_lora import ConfigError, ModelError
 from alpaca_lora.artifacts import pickle_files
-from alpaca_lora.hub import export_files, merge
+from alpaca_lora.hub import export_files
+from alpaca_lora.merge import merge
 from alpaca_lora.model import load_model
 from alpaca_lora.train import finetune
 
@@ -262,7 +263,8 @@ MEMORY_SCRIPT = textwrap.dedent("""
         line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
         return int(line.split()[1]) * 1024
 
-    baseline = status("VmRSS")
+    from alpaca_lora.hub import export_files
+    from alpaca_lora.merge import merge
     from alpaca_lora.hub import export_files, merge
     merge(sys.argv[1], sys.argv[2], dtype="float16")
     print(json.dumps({"baseline": baseline, "peak": status("VmHWM")}))

@@ -169,3 +169,28 @@ def test_evaluation_does_not_change_training(tiny_model_dir, tmp_path):
     wb = load_file(str(b.adapter_dir / "adapter_model.safetensors"))
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) == 0.0
     assert _losses(tmp_path / "eval-each-step") == _losses(tmp_path / "eval-at-end")
+
+
+def test_reloaded_adapter_reproduces_the_trained_model(tiny_model_dir, tmp_path):
+    """The final eval loss is computed by the in-memory trained model; a reload must give the same number."""
+    from alpaca_lora.collator import InstructionCollator
+    from alpaca_lora.data import load_instructions, prepare_dataset, split_dataset
+    from alpaca_lora.model import load_model
+
+    records = RECORDS * 2
+    result = finetune(tiny_model_dir, records, tmp_path, max_steps=6, **{**FAST, "val_set_size": 4})
+    base, tok = load_model(tiny_model_dir, "nf4", "float32", device="cpu")
+    model = PeftModel.from_pretrained(base, tmp_path)
+    model.train()  # same 4-bit code path as training (no dropout: lora_dropout=0)
+    _, val = split_dataset(load_instructions(records), 4, FAST.get("seed", 42))
+    ds, _ = prepare_dataset(val, tok, cutoff_len=64)
+    batch = InstructionCollator(tok)([ds[i] for i in range(len(ds))])
+    with torch.no_grad():
+        total, n = token_losses_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert float(total / n) == pytest.approx(result.eval_loss, abs=1e-5)
+
+
+def test_tensorboard_reporter_writes_events(tiny_model_dir, tmp_path):
+    finetune(tiny_model_dir, RECORDS, tmp_path, max_steps=2, report_to="tensorboard", **FAST)
+    events = list((tmp_path / "runs").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

