@@ -263,9 +263,8 @@ MEMORY_SCRIPT = textwrap.dedent("""
         line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
         return int(line.split()[1]) * 1024
 
-    from alpaca_lora.hub import export_files
+    baseline = status("VmRSS")
     from alpaca_lora.merge import merge
-    from alpaca_lora.hub import export_files, merge
     merge(sys.argv[1], sys.argv[2], dtype="float16")
     print(json.dumps({"baseline": baseline, "peak": status("VmHWM")}))
 """)
