@@ -15,20 +15,14 @@ with torch, transformers and peft loaded, 90 MB of it importing alpaca_lora itse
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
 import logging
 import math
 import os
-import platform
 import re
 import shutil
-import struct
-import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +32,14 @@ import torch
 from alpaca_lora import artifacts as art
 from alpaca_lora.errors import ConfigError, ModelError
 from alpaca_lora.prompts import get_template
+from alpaca_lora.streaming import (
+    SafetensorsWriter,
+    read_tensor,
+    release_free_memory,
+    skeleton,
+    streamed_logits,
+    tensor_metas,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +55,9 @@ EXPORT_FILES = ("config.json", "generation_config.json", INDEX_FILE, *TOKENIZER_
                 "README.md", MERGE_REPORT, art.ADAPTER_CONFIG, art.ADAPTER_WEIGHTS, art.CONFIG_FILE,
                 art.FINGERPRINT_FILE, art.RESULTS_FILE, art.PLOT_FILE)
 SHARD_NAME = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-_FROM_ST = {code: dtype for dtype, code in _ST_DTYPES.items()}
 # Adapter features whose merge is more than W + scale * B @ A; peft's merge_and_unload handles them.
 _UNSUPPORTED = ("use_dora", "modules_to_save", "fan_in_fan_out", "lora_bias", "layer_replication",
                 "trainable_token_indices", "target_parameters")
-_LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" else None
 _PROBE = ("Name three primary colors.", "Low-rank adapters add a small update to each frozen weight matrix.")
 
 
@@ -286,7 +283,7 @@ def _plan_dequantized(plan: _Plan) -> None:
     plan.quant_type = cfg["quantization"]
     # Training quantized the weights after casting them to the compute dtype; do the same.
     plan.quant_dtype = resolve_compute_dtype(cfg.get("compute_dtype", "auto"), resolve_device("auto"))
-    model = _skeleton(plan.base_dir)
+    model = skeleton(plan.base_dir)
     head = model.get_output_embeddings()
     linear = (n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head)
     plan.quantize = {f"{n}.weight" for n in linear}
@@ -295,44 +292,9 @@ def _plan_dequantized(plan: _Plan) -> None:
 # ---- weights ---------------------------------------------------------------------------------------
 
 
-def _read(files: dict[str, Path], name: str) -> torch.Tensor:
-    """Read one tensor of a safetensors file with plain file reads into a fresh tensor.
-
-    Not ``safe_open``: it memory-maps the file, and the mapped pages it copies from count as
-    resident too, doubling the footprint of every tensor read (113 MB extra for SmolLM2's embedding).
-    """
-    path = files[name]
-    header, data_start = _header(path, path.stat().st_mtime_ns)
-    meta = header.get(name)
-    if meta is None or meta.get("dtype") not in _FROM_ST:
-        raise ModelError(f"{path} has no readable tensor {name!r}; the checkpoint is damaged or not safetensors")
-    begin, end = meta["data_offsets"]
-    out = torch.empty(meta["shape"], dtype=_FROM_ST[meta["dtype"]])
-    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-    if len(view) != end - begin:
-        raise ModelError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {meta['shape']}; file damaged")
-    with open(path, "rb") as fh:
-        fh.seek(data_start + begin)
-        done = 0
-        while done < len(view):
-            n = fh.readinto(view[done:])
-            if not n:
-                raise ModelError(f"{path} ends inside tensor {name!r}; the file is truncated, download it again")
-            done += n
-    return out
-
-
-@functools.lru_cache(maxsize=64)
-def _header(path: Path, mtime_ns: int) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file and the offset where its tensor data starts."""
-    with open(path, "rb") as fh:
-        (size,) = struct.unpack("<Q", fh.read(8))
-        return json.loads(fh.read(size)), 8 + size
-
-
 def _base_tensor(plan: _Plan, name: str) -> torch.Tensor:
     """The base tensor ``name``: fp32 when floating, rounded through 4-bit first for "dequantized"."""
-    w = _read(plan.base_files, name)
+    w = read_tensor(plan.base_files, name)
     if not w.is_floating_point():
         return w
     return _roundtrip_4bit(w, plan) if name in plan.quantize else w.float()
@@ -359,7 +321,7 @@ def _write_weights(plan: _Plan, out: Path, dtype: torch.dtype, shard_bytes: int)
     """Write merged tensors as safetensors shards, streaming one tensor at a time; return the file names."""
     from tqdm.auto import tqdm
 
-    metas = _tensor_metas(plan.base_files)
+    metas = tensor_metas(plan.base_files)
     names = sorted(metas)
     out_dtype = {n: dtype if metas[n][1].is_floating_point else metas[n][1] for n in names}
     nbytes = {n: math.prod(metas[n][0]) * out_dtype[n].itemsize for n in names}
@@ -375,65 +337,17 @@ def _write_weights(plan: _Plan, out: Path, dtype: torch.dtype, shard_bytes: int)
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     bar = tqdm(total=len(names), desc="merge", unit="tensor", leave=False)
     for file, shard in zip(files, shards, strict=True):
-        with _SafetensorsWriter(out / file, {n: (metas[n][0], out_dtype[n]) for n in shard}) as writer:
+        with SafetensorsWriter(out / file, {n: (metas[n][0], out_dtype[n]) for n in shard}) as writer:
             for n in shard:
                 writer.write(n, _merged_tensor(plan, n).to(out_dtype[n]))
                 bar.update(1)
                 if nbytes[n] > 2**20:
-                    _release_free_memory()
+                    release_free_memory()
     bar.close()
     if len(files) > 1:
         art.write_json(out / INDEX_FILE, {"metadata": {"total_size": sum(nbytes.values())},
                                           "weight_map": {n: f for f, s in zip(files, shards, strict=True) for n in s}})
     return files
-
-
-def _tensor_metas(files: dict[str, Path]) -> dict[str, tuple[list[int], torch.dtype]]:
-    from safetensors import safe_open
-
-    metas = {}
-    for file in sorted(set(files.values())):
-        with safe_open(str(file), "pt") as fh:
-            for name in fh.keys():
-                sl = fh.get_slice(name)
-                if sl.get_dtype() not in _FROM_ST:
-                    raise ModelError(f"{file}: tensor {name} has dtype {sl.get_dtype()}, which merge() does not "
-                                     "handle; convert the base to float32/bfloat16/float16 first")
-                metas[name] = (list(sl.get_shape()), _FROM_ST[sl.get_dtype()])
-    return metas
-
-
-class _SafetensorsWriter:
-    """Write one safetensors file tensor by tensor: the header is known up front, data is appended.
-
-    Format: 8-byte little-endian header length, a JSON header (dtype, shape, byte offsets per
-    tensor, space-padded to 8 bytes), then the raw little-endian tensor bytes in header order.
-    """
-
-    def __init__(self, path: Path, specs: dict[str, tuple[list[int], torch.dtype]]) -> None:
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name, (shape, dtype) in specs.items():
-            size = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
-            offset += size
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.path, self.specs, self.order = path, specs, list(specs)
-        self.fh = open(path, "wb")  # noqa: SIM115 - closed in __exit__
-        self.fh.write(struct.pack("<Q", len(raw)) + raw)
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        assert name == self.order.pop(0) and list(tensor.shape) == self.specs[name][0], name
-        assert tensor.dtype == self.specs[name][1], (name, tensor.dtype)
-        self.fh.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-
-    def __enter__(self) -> _SafetensorsWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.fh.close()
-        assert exc[0] is not None or not self.order, f"{self.path}: tensors not written: {self.order}"
 
 
 # ---- side files ------------------------------------------------------------------------------------
@@ -531,7 +445,7 @@ def _verify(plan: _Plan, out: Path, dtype: torch.dtype) -> dict[str, Any]:
 
     def merged(name: str) -> torch.Tensor:
         m = _merged_tensor(plan, name)
-        w = _read(written, name)
+        w = read_tensor(written, name)
         # The file must hold exactly the merged tensor, cast; compared in row blocks to bound memory.
         rows = zip(w.reshape(-1).split(2**20), m.reshape(-1).split(2**20), strict=True)
         if w.shape != m.shape or not all(torch.equal(a, b.to(a.dtype)) for a, b in rows):
@@ -539,19 +453,19 @@ def _verify(plan: _Plan, out: Path, dtype: torch.dtype) -> dict[str, Any]:
         return m
 
     def cast(name: str) -> torch.Tensor:
-        w = _read(written, name)
+        w = read_tensor(written, name)
         return w.float() if w.is_floating_point() else w
 
-    model = _skeleton(plan.base_dir)
+    model = skeleton(plan.base_dir)
     with torch.no_grad():
-        plain = _streamed_logits(model, ids, base)
-        merged_logits = _streamed_logits(model, ids, merged)
-        cast_logits = merged_logits if dtype == torch.float32 else _streamed_logits(model, ids, cast)
+        plain = streamed_logits(model, ids, base)
+        merged_logits = streamed_logits(model, ids, merged)
+        cast_logits = merged_logits if dtype == torch.float32 else streamed_logits(model, ids, cast)
         # Last: injecting peft's LoRA layers changes the skeleton for good.
         lora_config = LoraConfig.from_pretrained(str(plan.adapter_dir))
         # Exactly the modules the adapter holds weights for (a deeper base has layers it never saw).
         lora_config.target_modules = {n.removesuffix(".weight") for n in plan.updates}
-        reference = _streamed_logits(model, ids, _with_lora(plan, base), lora_config)
+        reference = streamed_logits(model, ids, _with_lora(plan, base), lora_config)
     diff = float((merged_logits - reference).abs().max())
     effect = float((reference - plain).abs().max())
     cast_diff = float((cast_logits - reference).abs().max())
@@ -591,90 +505,3 @@ def _with_lora(plan: _Plan, base: Callable[[str], torch.Tensor]) -> Callable[[st
         return base(name.replace(".base_layer.", "."))
 
     return source
-
-
-def _skeleton(base_dir: Path) -> Any:
-    """The model with parameters on the meta device (no memory) and real buffers (rotary tables)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(base_dir))
-    with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-
-
-def _streamed_logits(model: Any, ids: torch.Tensor, source: Callable[[str], torch.Tensor],
-                     lora_config: Any = None) -> torch.Tensor:
-    """Run ``ids`` through ``model``, loading each module's parameters from ``source`` only while it runs."""
-    aliases = _tied_aliases(model)
-    if lora_config is not None:
-        from peft import inject_adapter_in_model
-
-        model = inject_adapter_in_model(lora_config, model, low_cpu_mem_usage=True).eval()
-    with _streaming(model, lambda n: source(aliases.get(n, n)) if aliases.get(n) else source(n)):
-        return model(input_ids=ids, use_cache=False).logits  # (B, T, V)
-
-
-def _tied_aliases(model: Any) -> dict[str, str]:
-    """With tied embeddings the checkpoint stores one matrix; map the output head's name to it."""
-    if not getattr(model.config, "tie_word_embeddings", False):
-        return {}
-    names = {id(m): n for n, m in model.named_modules()}
-    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    return {f"{names[id(head)]}.weight": f"{names[id(emb)]}.weight"} if head is not None else {}
-
-
-@contextmanager
-def _streaming(model: torch.nn.Module, source: Callable[[str], torch.Tensor]) -> Iterator[None]:
-    """Hook every module that owns parameters: fill them from ``source`` before it runs, free them after."""
-    handles = []
-    for prefix, module in model.named_modules():
-        names = [n for n, _ in module.named_parameters(recurse=False)]
-        if names:
-            handles.append(module.register_forward_pre_hook(_Fill(prefix, names, source)))
-            handles.append(module.register_forward_hook(_Free(names)))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-class _Fill:
-    def __init__(self, prefix: str, names: list[str], source: Callable[[str], torch.Tensor]) -> None:
-        self.prefix, self.names, self.source = prefix, names, source
-
-    def __call__(self, module: torch.nn.Module, args: Any) -> None:
-        for n in self.names:
-            full = f"{self.prefix}.{n}" if self.prefix else n
-            t, expected = self.source(full), getattr(module, n)
-            if t.shape != expected.shape:
-                raise ModelError(f"{full} has shape {list(t.shape)} in the checkpoint, the model expects "
-                                 f"{list(expected.shape)}; the base does not fit the adapter")
-            t = t.to(expected.dtype) if t.is_floating_point() else t
-            module.register_parameter(n, torch.nn.Parameter(t, requires_grad=False))
-
-
-class _Free:
-    def __init__(self, names: list[str]) -> None:
-        self.names = names
-
-    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        freed = 0
-        for n in self.names:
-            p = getattr(module, n)
-            freed += p.numel() * p.element_size()
-            module.register_parameter(n, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
-                                                            requires_grad=False))
-        if freed > 2**20:
-            _release_free_memory()
-
-
-def _release_free_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc only).
-
-    Weights of a few MB come from the malloc heap, where freed blocks between live ones stay
-    resident; without a trim, streaming every layer of a model ratchets RSS up by a random amount.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)

@@ -64,12 +64,12 @@ def _reverse_list(rng: random.Random) -> Triple:
 
 
 def _sort_numbers(rng: random.Random) -> Triple:
-    """``"71 42 19 58"`` -> ``"19 42 58 71"``.
+    """``"71 42 19"`` -> ``"19 42 71"``.
 
-    Distinct two-digit numbers, so the order is unique and compares digit by digit (mixing one- and
-    two-digit numbers was the main error of a briefly tuned 135M model).
+    Three distinct two-digit numbers, so the order is unique and compares digit by digit. Mixing one-
+    and two-digit numbers, and lists of four, were the main errors of a briefly tuned 135M model.
     """
-    numbers = rng.sample(range(10, 100), 4)
+    numbers = rng.sample(range(10, 100), 3)
     text = " ".join(map(str, numbers))
     return "Sort the numbers in ascending order.", text, " ".join(map(str, sorted(numbers)))
 
