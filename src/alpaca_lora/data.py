@@ -42,6 +42,7 @@ __all__ = [
     "read_records",
     "split_dataset",
     "tokenize_instruction",
+    "tokenize_prompt",
 ]
 
 
@@ -129,6 +130,19 @@ def tokenize_instruction(
     return _encode(record, tokenizer, tmpl, cutoff_len, train_on_inputs, add_eos_token)[0]
 
 
+def tokenize_prompt(prompt: str, tokenizer: Any) -> list[int]:
+    """Token ids of a rendered prompt, exactly as training sees them (generation uses this too).
+
+    The tokenizer's special tokens (BOS) are added; a trailing EOS, which some tokenizers append to
+    every text, is removed, because a prompt must not end the sequence.
+    """
+    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    eos_id = getattr(tokenizer, "eos_token_id", None)
+    if eos_id is not None and ids and ids[-1] == eos_id:
+        ids.pop()
+    return ids
+
+
 def _encode(
     record: dict[str, Any], tokenizer: Any, template: PromptTemplate, cutoff_len: int,
     train_on_inputs: bool, add_eos_token: bool,
@@ -152,10 +166,7 @@ def _encode(
             "add_eos_token=True but the tokenizer has no EOS token; set tokenizer.eos_token "
             "(e.g. tokenizer.eos_token = '</s>') or pass add_eos_token=False"
         )
-    prompt = template.render(instruction, inp or None)
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    if eos_id is not None and prompt_ids and prompt_ids[-1] == eos_id:
-        prompt_ids.pop()  # a tokenizer that appends EOS to every text; the prompt must not end there
+    prompt_ids = tokenize_prompt(template.render(instruction, inp or None), tokenizer)
     response_ids = list(tokenizer(output, add_special_tokens=False)["input_ids"])
     n_eos = 1 if add_eos_token else 0
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from alpaca_lora import artifacts as art
+from alpaca_lora.data import tokenize_prompt
 from alpaca_lora.errors import ConfigError, ModelError
 from alpaca_lora.prompts import PromptTemplate, get_template
 
@@ -105,7 +106,7 @@ def generate(
         raise ConfigError(f"batch_size={batch_size!r}: must be a positive int")
     model, tok, folder_template = _resolve(model_or_dir, tokenizer, quantization, compute_dtype, base_model)
     tmpl = get_template(template) if template is not None else folder_template
-    prompts = [_prompt_ids(tok, tmpl.render(i, x or None)) for i, x in records]
+    prompts = [tokenize_prompt(tmpl.render(i, x or None), tok) for i, x in records]
     eos = _eos_ids(model, tok)
     kwargs.setdefault("eos_token_id", eos)  # gen_kwargs may name other stop ids
     kwargs.setdefault("pad_token_id", tok.pad_token_id if tok.pad_token_id is not None else eos[0])
@@ -263,14 +264,6 @@ def _adapter_base(folder: Path, base_model: str | None) -> Path:
 
 
 # ---- generation ------------------------------------------------------------------------------------
-
-
-def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """Tokenize a prompt as training did: with the tokenizer's special tokens (BOS), never ending in EOS."""
-    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    if ids and ids[-1] == tokenizer.eos_token_id:
-        ids.pop()
-    return ids
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
