@@ -1,4 +1,4 @@
-from alpaca_lora.sampler import epoch_batches, step_batches, steps_per_epoch
+from alpaca_lora.sampler import epoch_batches, steps_per_epoch
 
 
 def test_epoch_covers_every_record_once_and_is_deterministic():
@@ -24,13 +24,15 @@ def test_group_by_length_reduces_padding():
     assert padded(grouped) < 0.7 * padded(plain)
 
 
-def test_step_batches_walk_epochs():
+def test_steps_walk_epochs_like_the_trainer():
+    """fit() takes step k of an epoch as micro-batches [k*accum, (k+1)*accum) of that epoch."""
     lengths = [5] * 10
     assert steps_per_epoch(10, 2, 2) == 3  # 5 micro-batches -> 3 steps (last one partial)
+    batches = epoch_batches(lengths, 2, seed=0, epoch=0)
     seen = []
     for step in range(3):
-        epoch, mbs = step_batches(lengths, 2, 2, seed=0, step=step, group_by_length=False)
+        epoch, k = divmod(step, steps_per_epoch(10, 2, 2))
         assert epoch == 0
-        seen.extend(i for b in mbs for i in b)
+        seen.extend(i for b in batches[k * 2 : (k + 1) * 2] for i in b)
     assert sorted(seen) == list(range(10))
-    assert step_batches(lengths, 2, 2, seed=0, step=3, group_by_length=False)[0] == 1
+    assert divmod(3, steps_per_epoch(10, 2, 2))[0] == 1

@@ -126,6 +126,39 @@ def fingerprints_match(recorded: dict[str, Any], actual: dict[str, Any]) -> list
     return diffs
 
 
+def resolve_adapter_base(adapter_dir: Path, base_model: str | Path | None = None) -> tuple[str, Path, list[str]]:
+    """Find the base model of an adapter folder on this machine and compare it with the recorded one.
+
+    Args:
+        adapter_dir: A folder written by finetune (or any peft adapter folder).
+        base_model: An explicit base; None tries the fingerprint's resolved path and name, then
+            peft's ``base_model_name_or_path``.
+
+    Returns:
+        ``(name, local folder, fingerprint differences)``; the caller decides whether differences
+        are fatal.
+
+    Raises:
+        ModelError: No candidate exists locally; the message lists what was tried.
+
+    """
+    fp_file = Path(adapter_dir) / FINGERPRINT_FILE
+    recorded = (read_json(fp_file) if fp_file.is_file() else {}).get("base_model", {})
+    lora = read_json(Path(adapter_dir) / ADAPTER_CONFIG)
+    candidates = [base_model] if base_model is not None else [
+        recorded.get("resolved_path"), recorded.get("name_or_path"), lora.get("base_model_name_or_path")]
+    for candidate in filter(None, candidates):
+        folder = resolve_local(candidate)
+        if folder is not None:
+            name = str(base_model or recorded.get("name_or_path") or candidate)
+            return name, folder, fingerprints_match(recorded, base_fingerprint(folder))
+    if base_model is None:
+        raise ModelError(f"{adapter_dir} records no base model that exists on this machine (tried "
+                         f"{[c for c in candidates if c]}); pass base_model= with a local folder of the base")
+    raise ModelError(f"base_model={str(base_model)!r} is neither a local folder nor a Hub id in the local cache; "
+                     "download it first or pass a local folder")
+
+
 def is_run_folder(folder: str | Path) -> bool:
     """True when ``folder`` holds an adapter written by finetune (or any peft adapter)."""
     return (Path(folder) / ADAPTER_CONFIG).is_file()

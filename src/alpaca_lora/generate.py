@@ -244,23 +244,12 @@ def _load_folder(folder: str, quantization: str | None, compute_dtype: str, base
 
 
 def _adapter_base(folder: Path, base_model: str | None) -> Path:
-    """The base an adapter folder records (checked against its fingerprint), or ``base_model``."""
-    recorded = {}
-    if (folder / art.FINGERPRINT_FILE).is_file():
-        recorded = art.read_json(folder / art.FINGERPRINT_FILE).get("base_model", {})
-    lora = art.read_json(folder / art.ADAPTER_CONFIG)
-    candidates = [base_model] if base_model else [recorded.get("resolved_path"), recorded.get("name_or_path"),
-                                                  lora.get("base_model_name_or_path")]
-    for candidate in filter(None, candidates):
-        base = art.resolve_local(candidate)
-        if base is not None:
-            diffs = art.fingerprints_match(recorded, art.base_fingerprint(base))
-            if diffs:
-                raise ModelError(f"the base {base} is not the model the adapter in {folder} was trained on "
-                                 f"({'; '.join(diffs)}); pass the original as base_model=")
-            return base
-    raise ModelError(f"the base model of {folder} ({[c for c in candidates if c]}) is not on this machine; pass "
-                     "base_model= with a local folder, or merge() the adapter and generate from the merged folder")
+    """The base an adapter folder records (refused if it differs from the fingerprint), or ``base_model``."""
+    _, base, diffs = art.resolve_adapter_base(folder, base_model)
+    if diffs:
+        raise ModelError(f"the base {base} is not the model the adapter in {folder} was trained on "
+                         f"({'; '.join(diffs)}); pass the original as base_model=")
+    return base
 
 
 # ---- generation ------------------------------------------------------------------------------------

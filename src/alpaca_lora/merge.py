@@ -187,10 +187,7 @@ def _plan(adapter_dir: Path, base_model: str | Path | None, allow_mismatch: bool
     if used:
         raise ModelError(f"the adapter in {adapter_dir} uses {used}; merge() folds plain LoRA on linear layers. "
                          "Merge it with peft's merge_and_unload() on a full-precision model instead")
-    fp_file = adapter_dir / art.FINGERPRINT_FILE
-    recorded_base = (art.read_json(fp_file) if fp_file.is_file() else {}).get("base_model", {})
-    base_name, base_dir = _resolve_base(adapter_dir, base_model, recorded_base, lora)
-    diffs = art.fingerprints_match(recorded_base, art.base_fingerprint(base_dir))
+    base_name, base_dir, diffs = art.resolve_adapter_base(adapter_dir, base_model)
     if diffs and not allow_mismatch:
         raise ModelError(f"the base {base_dir} is not the model the adapter in {adapter_dir} was trained on "
                          f"({'; '.join(diffs)}). Pass the original base as base_model=, or allow_base_mismatch=True "
@@ -203,21 +200,6 @@ def _plan(adapter_dir: Path, base_model: str | Path | None, allow_mismatch: bool
     plan = _Plan(adapter_dir, base_name, base_dir, lora, {}, _base_files(base_dir), fingerprint_diffs=diffs)
     plan.updates = _updates(load_file(str(weights)), lora, plan)
     return plan
-
-
-def _resolve_base(adapter_dir: Path, base_model: str | Path | None, recorded: dict[str, Any],
-                  lora: dict[str, Any]) -> tuple[str, Path]:
-    candidates = [base_model] if base_model is not None else [
-        recorded.get("resolved_path"), recorded.get("name_or_path"), lora.get("base_model_name_or_path")]
-    for candidate in filter(None, candidates):
-        folder = art.resolve_local(candidate)
-        if folder is not None:
-            return str(base_model or recorded.get("name_or_path") or candidate), folder
-    if base_model is None:
-        raise ModelError(f"{adapter_dir} records no base model that exists on this machine (tried "
-                         f"{[c for c in candidates if c]}); pass base_model= with a local folder of the base")
-    raise ModelError(f"base_model={str(base_model)!r} is neither a local folder nor a Hub id in the local cache; "
-                     "download it first (huggingface-cli download) or pass a local folder")
 
 
 def _base_files(base_dir: Path) -> dict[str, Path]:

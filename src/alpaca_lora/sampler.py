@@ -42,13 +42,3 @@ def epoch_batches(
 def steps_per_epoch(num_records: int, micro_batch_size: int, accumulation: int) -> int:
     """Optimizer steps in one epoch (a last partial accumulation still makes a step)."""
     return math.ceil(math.ceil(num_records / micro_batch_size) / accumulation)
-
-
-def step_batches(
-    lengths: list[int], micro_batch_size: int, accumulation: int, seed: int, step: int, group_by_length: bool
-) -> tuple[int, list[list[int]]]:
-    """Return ``(epoch, micro-batches)`` for zero-based optimizer step ``step`` of the whole run."""
-    per_epoch = steps_per_epoch(len(lengths), micro_batch_size, accumulation)
-    epoch, k = divmod(step, per_epoch)
-    batches = epoch_batches(lengths, micro_batch_size, seed, epoch, group_by_length)
-    return epoch, batches[k * accumulation : (k + 1) * accumulation]
