@@ -64,6 +64,9 @@ class FinetuneConfig:
     """Append EOS to every example so the model learns to stop."""
     group_by_length: bool = False
     """Batch examples of similar length together (less padding, slightly less random batches)."""
+    packing: bool = True
+    """Put each micro-batch's examples end to end in one row, with no attention across them: no padding is
+    computed and the loss is the same as padded batches (needs the sdpa or eager attention)."""
     template: str | dict[str, Any] = "alpaca"
     """Prompt template: a built-in name, a JSON file path or a dict."""
     quantization: str | None = "nf4"

@@ -35,6 +35,7 @@ from alpaca_lora.model import (
     resolve_device,
     trainable_parameters,
 )
+from alpaca_lora.packing import PackedCollator, attention_kind, batch_tokens
 from alpaca_lora.prompts import get_template
 from alpaca_lora.sampler import epoch_batches, steps_per_epoch
 
@@ -42,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 # Fields that may change between a checkpoint and its resume without changing what was trained.
 _RESUMABLE_CHANGES = {"num_epochs", "max_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                      "resume_from_checkpoint", "report_to", "device"}
+                      "resume_from_checkpoint", "report_to", "device", "packing"}
 
 
 @dataclass
@@ -82,7 +83,7 @@ class _Run:
     model: Any
     train_set: Any
     val_set: Any
-    collator: InstructionCollator
+    collator: InstructionCollator | PackedCollator
     optimizer: torch.optim.Optimizer
     scheduler: Any
     device: torch.device
@@ -183,13 +184,20 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
     fingerprint = {"base_model": art.base_fingerprint(base_model),
                    "data": data_fingerprint(records, source=data if isinstance(data, (str, Path)) else None)}
     run = _Run(cfg=cfg, output_dir=output_dir, base_model=str(base_model), tokenizer=tokenizer, model=model,
-               train_set=train_set, val_set=val_set, collator=InstructionCollator(tokenizer), optimizer=optimizer,
+               train_set=train_set, val_set=val_set, collator=_collator(cfg, tokenizer, model, dtype),
+               optimizer=optimizer,
                scheduler=scheduler, device=device, dtype=dtype, total_steps=total_steps, fingerprint=fingerprint,
                metrics=None, report=report)  # type: ignore[arg-type]
     resumed_at = _maybe_resume(run)
     run.metrics = MetricsLogger(output_dir / art.METRICS_FILE, cfg.report_to, output_dir, cfg.to_dict(),
                                 keep_until_step=resumed_at)
     return run
+
+
+def _collator(cfg: FinetuneConfig, tokenizer: Any, model: Any, dtype: torch.dtype) -> Any:
+    if cfg.packing:
+        return PackedCollator(attention_kind(model), dtype)
+    return InstructionCollator(tokenizer)
 
 
 class _LrSchedule:
@@ -293,13 +301,10 @@ def train_step(run: _Run, micro_batches: list[list[int]]) -> tuple[float, float]
     n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     total = 0.0
     for batch in batches:
-        batch = {k: v.to(run.device) for k, v in batch.items()}
-        with _autocast(run):
-            loss_sum, _ = token_losses_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                           chunk_size=cfg.loss_chunk_size)
+        loss_sum, _ = batch_loss(run, batch)
         (loss_sum / n_tokens).backward()
         total += float(loss_sum.detach())
-        run.tokens_seen += int(batch["attention_mask"].sum())
+        run.tokens_seen += batch_tokens(batch)
     params = [p for p in model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
     run.optimizer.step()
@@ -324,15 +329,21 @@ def evaluate(run: _Run) -> float:
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     total, n = 0.0, 0
     for start in range(0, len(order), run.cfg.micro_batch_size):
-        batch = run.collator([run.val_set[i] for i in order[start : start + run.cfg.micro_batch_size]])
-        batch = {k: v.to(run.device) for k, v in batch.items()}
-        with _autocast(run):
-            s, k = token_losses_sum(run.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                    chunk_size=run.cfg.loss_chunk_size)
+        records = [run.val_set[i] for i in order[start : start + run.cfg.micro_batch_size]]
+        s, k = batch_loss(run, run.collator(records))
         total, n = total + float(s), n + k
     for m in dropouts:
         m.train()
     return total / max(1, n)
+
+
+def batch_loss(run: _Run, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of token losses over the label positions of one collated (padded or packed) batch."""
+    batch = {k: v.to(run.device) for k, v in batch.items()}
+    extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+    with _autocast(run):
+        return token_losses_sum(run.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                chunk_size=run.cfg.loss_chunk_size, **extra)
 
 
 def _autocast(run: _Run) -> Any:
