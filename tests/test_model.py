@@ -65,3 +65,18 @@ def test_missing_model_is_a_clear_error(tmp_path):
 def test_tokenizer_pad_falls_back_without_breaking_eos(tiny_model_dir):
     tok = load_tokenizer(tiny_model_dir)
     assert tok.eos_token_id is not None and tok.pad_token_id is not None
+
+
+def test_setup_leaves_the_4bit_model_trainable_after_a_no_grad_probe(tiny_model_dir, tmp_path):
+    """A no-grad forward right after setup() must not repack 4-bit weights for inference-only kernels."""
+    from alpaca_lora import FinetuneConfig
+    from alpaca_lora.train import batch_loss, setup
+
+    records = [{"instruction": "Say hi", "input": "", "output": "hi"}] * 4
+    run = setup(tiny_model_dir, records, tmp_path, FinetuneConfig(val_set_size=0, max_steps=1, cutoff_len=96))
+    with torch.no_grad():
+        batch_loss(run, run.collator([run.train_set[i] for i in range(2)]))
+    layers = [m for m in run.model.modules() if type(m).__name__ == "Linear4bit"]
+    assert layers and all(m.training for m in layers)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    run.metrics.close()

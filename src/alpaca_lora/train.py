@@ -169,7 +169,9 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
     logger.info("data: %s", report.summary())
 
     model, _ = load_model(base_model, cfg.quantization, cfg.compute_dtype, device=cfg.device)
-    model = attach_lora(model, cfg)
+    # from_pretrained returns the model in eval mode; a no-grad forward of a 4-bit layer in eval mode
+    # repacks its weights for CPU inference, after which it no longer back-propagates (see evaluate()).
+    model = attach_lora(model, cfg).train()
     trainable, total = trainable_parameters(model)
     logger.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
 
