@@ -35,7 +35,7 @@ from alpaca_lora.model import (
     resolve_device,
     trainable_parameters,
 )
-from alpaca_lora.packing import PackedCollator, attention_kind, batch_tokens
+from alpaca_lora.packing import PackedCollator, attention_kind, batch_tokens, body_kwargs, use_packed_attention
 from alpaca_lora.prompts import get_template
 from alpaca_lora.sampler import epoch_batches, steps_per_epoch
 
@@ -198,6 +198,7 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
 
 def _collator(cfg: FinetuneConfig, tokenizer: Any, model: Any, dtype: torch.dtype) -> Any:
     if cfg.packing:
+        use_packed_attention(model)
         return PackedCollator(attention_kind(model), dtype)
     return InstructionCollator(tokenizer)
 
@@ -342,10 +343,9 @@ def evaluate(run: _Run) -> float:
 def batch_loss(run: _Run, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of token losses over the label positions of one collated (padded or packed) batch."""
     batch = {k: v.to(run.device) for k, v in batch.items()}
-    extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
     with _autocast(run):
         return token_losses_sum(run.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                chunk_size=run.cfg.loss_chunk_size, **extra)
+                                chunk_size=run.cfg.loss_chunk_size, **body_kwargs(batch))
 
 
 def _autocast(run: _Run) -> Any:
