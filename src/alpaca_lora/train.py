@@ -23,6 +23,7 @@ from alpaca_lora import artifacts as art
 from alpaca_lora.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alpaca_lora.collator import InstructionCollator
 from alpaca_lora.config import FinetuneConfig, check_field_names
+from alpaca_lora.cpu_memory import release_freed_memory_to_os
 from alpaca_lora.data import data_fingerprint, load_instructions, prepare_dataset, split_dataset
 from alpaca_lora.errors import CheckpointError, ConfigError, ModelError
 from alpaca_lora.loss import token_losses_sum
@@ -43,7 +44,8 @@ logger = logging.getLogger(__name__)
 
 # Fields that may change between a checkpoint and its resume without changing what was trained.
 _RESUMABLE_CHANGES = {"num_epochs", "max_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                      "resume_from_checkpoint", "report_to", "device", "packing"}
+                      "resume_from_checkpoint", "report_to", "device", "packing",
+                      "release_cpu_memory"}
 
 
 @dataclass
@@ -158,6 +160,8 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
     template = get_template(cfg.template)
     device = resolve_device(cfg.device)
     dtype = resolve_compute_dtype(cfg.compute_dtype, device)
+    if cfg.release_cpu_memory and device.type == "cpu":
+        release_freed_memory_to_os()
     # Data first: bad data fails before any model is loaded (DESIGN mistake 4).
     records = load_instructions(data, column_map=cfg.column_map, skip_bad_records=cfg.skip_bad_records)
     train_raw, val_raw = split_dataset(records, cfg.val_set_size, cfg.seed)

@@ -1,0 +1,223 @@
+"""One benchmark configuration in one fresh process: the baseline recipe or alpaca_lora.
+
+Run by ``bench_train.py``; prints nothing but progress and writes one JSON result. Both recipes
+train the same random-init weights on the same tokenized records, in the same micro-batches and
+order, with the same LoRA settings; what differs is the training code.
+
+- ``baseline``: transformers ``Trainer`` + peft + bitsandbytes NF4 (double quant),
+  ``prepare_model_for_kbit_training`` (gradient checkpointing on, its default),
+  ``DataCollatorForSeq2Seq(pad_to_multiple_of=8)``: the recipe of tloen/alpaca-lora and the peft docs.
+- ``alpaca_lora``: ``alpaca_lora.train.setup / fit / save``, i.e. ``finetune()`` with its defaults,
+  plus any ``--set field=value`` overrides (the ablations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # our default "attention"
+
+
+def rss_mb(field: str) -> float:
+    """VmRSS or VmHWM (peak) of this process in MB, from /proc (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def load_data(args: argparse.Namespace):
+    """Tokenized records (the same for both recipes) and the micro-batch order of epoch 0."""
+    from datasets import concatenate_datasets
+    from transformers import AutoTokenizer
+
+    from alpaca_lora import load_instructions
+    from alpaca_lora.data import prepare_dataset
+    from alpaca_lora.sampler import epoch_batches
+
+    parts = [load_instructions(Path(args.data_dir) / name) for name in args.data_files.split(",")]
+    records = concatenate_datasets(parts).shuffle(seed=0).select(range(args.records))
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    tokenized, _ = prepare_dataset(records, tokenizer, template="alpaca", cutoff_len=args.cutoff)
+    batches = epoch_batches(list(tokenized["length"]), args.micro_batch, 42, 0)
+    return records, tokenized, tokenizer, batches
+
+
+def step_stats(times: list[float], tokens: list[int], warmup: int) -> dict:
+    """Median tokens/s and step time over the steps after ``warmup``."""
+    t, n = times[warmup:], tokens[warmup:]
+    rates = [k / s for k, s in zip(n, t, strict=True)]
+    return {"steps_timed": len(t), "median_tokens_per_s": statistics.median(rates),
+            "median_step_s": statistics.median(t), "tokens_per_s_all": sum(n) / sum(t),
+            "step_s": [round(x, 4) for x in times], "step_tokens": tokens}
+
+
+def time_split(full, body, reps: int = 2) -> dict:
+    """Median forward+backward time of the whole loss and of the model body alone (same batch)."""
+
+    def once(fn) -> float:
+        start = time.perf_counter()
+        fn().backward()
+        return time.perf_counter() - start
+
+    once(body)  # warm-up of the body-only graph; training has warmed up the full one
+    full_s = statistics.median(once(full) for _ in range(reps))
+    body_s = statistics.median(once(body) for _ in range(reps))
+    return {"fwd_bwd_s": full_s, "body_s": body_s, "head_loss_s": max(0.0, full_s - body_s)}
+
+
+def dropout_eval(model) -> None:
+    """Switch dropout off without model.eval() (bitsandbytes repacks 4-bit weights in eval on the CPU)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.eval()
+
+
+def dropout_train(model) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.train()
+
+
+def run_baseline(args: argparse.Namespace, out: dict) -> None:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer,
+                              TrainerCallback, TrainingArguments)
+
+    _, tokenized, tokenizer, batches = load_data(args)
+    order = [i for b in batches for i in b]
+    train = tokenized.select(order).remove_columns(["length"])
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, quantization_config=quant, dtype=dtype,
+                                                 device_map={"": args.device})
+    model = prepare_model_for_kbit_training(model)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS,
+                                             bias="none", task_type="CAUSAL_LM"))
+    collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
+    probe = {k: v.to(args.device) for k, v in collator([train[i] for i in range(args.micro_batch)]).items()}
+    model.train()  # never a no-grad forward in eval mode: bitsandbytes would repack the weights for inference
+    dropout_eval(model)
+    with torch.no_grad():
+        out["probe_loss"] = float(model(**probe).loss)
+    dropout_train(model)
+    out["probe_label_tokens"] = int((probe["labels"][:, 1:] != -100).sum())
+    out["rss_loaded_mb"] = rss_mb("VmRSS")
+
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = TrainingArguments(output_dir=tmp, per_device_train_batch_size=args.micro_batch,
+                                  gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=3e-4,
+                                  logging_steps=1, save_strategy="no", report_to=[], use_cpu=args.device == "cpu",
+                                  bf16=dtype == torch.bfloat16, train_sampling_strategy="sequential",
+                                  dataloader_num_workers=0, disable_tqdm=True)
+        trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=collator, callbacks=[Timer()])
+        trainer.train()
+    out["peak_rss_mb"] = rss_mb("VmHWM")
+    tokens = [sum(len(tokenized[i]["input_ids"]) for i in b) for b in batches[: len(times)]]
+    out.update(step_stats(times, tokens, args.warmup))
+    out["final_loss"] = next((r["loss"] for r in reversed(trainer.state.log_history) if "loss" in r), None)
+    body = model.get_base_model().model
+    out["split"] = time_split(lambda: model(**probe).loss,
+                              lambda: body(input_ids=probe["input_ids"],
+                                           attention_mask=probe["attention_mask"]).last_hidden_state.float().mean())
+
+
+def run_ours(args: argparse.Namespace, out: dict) -> None:
+    from alpaca_lora import FinetuneConfig
+    from alpaca_lora.loss import causal_lm, token_losses_sum
+    from alpaca_lora.train import batch_loss, fit, save, setup
+
+    records, tokenized, _, batches = load_data(args)
+    overrides = {}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    cfg = FinetuneConfig(max_steps=args.steps, micro_batch_size=args.micro_batch, batch_size=args.micro_batch,
+                         cutoff_len=args.cutoff, val_set_size=0, save_steps=10**9, logging_steps=1,
+                         device=args.device, **overrides)
+    out["config"] = {k: v for k, v in cfg.to_dict().items() if k in overrides}
+    with tempfile.TemporaryDirectory() as tmp:
+        run = setup(args.model_dir, records, Path(tmp), cfg)
+        probe_batch = run.collator([run.train_set[i] for i in batches[0]])
+        dropout_eval(run.model)
+        with torch.no_grad():
+            s, n = batch_loss(run, probe_batch)
+        dropout_train(run.model)
+        out["probe_loss"], out["probe_label_tokens"] = float(s) / n, n
+        out["rss_loaded_mb"] = rss_mb("VmRSS")
+        fit(run)
+        out["peak_rss_mb"] = rss_mb("VmHWM")
+        rows = [r for r in run.metrics.records if "loss" in r]
+        elapsed = [0.0] + [r["elapsed_s"] for r in rows]
+        seen = [0] + [r["tokens_seen"] for r in rows]
+        times = [b - a for a, b in zip(elapsed, elapsed[1:])]
+        tokens = [b - a for a, b in zip(seen, seen[1:])]
+        out.update(step_stats(times, tokens, args.warmup))
+        out["final_loss"] = rows[-1]["loss"]
+        b = {k: v.to(run.device) for k, v in probe_batch.items()}
+        extra = {"position_ids": b["position_ids"]} if "position_ids" in b else {}
+        body = causal_lm(run.model).get_decoder()
+        out["split"] = time_split(
+            lambda: token_losses_sum(run.model, b["input_ids"], b["attention_mask"], b["labels"],
+                                     chunk_size=cfg.loss_chunk_size, **extra)[0],
+            lambda: body(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                         **extra).last_hidden_state.float().mean())
+        save(run)
+        run.metrics.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--recipe", choices=["baseline", "alpaca_lora"], required=True)
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--data-files", default="gsm8k_train_alpaca.json,gpteacher_roleplay_alpaca.json,"
+                                           "gpteacher_toolformer_alpaca.json")
+    p.add_argument("--cutoff", type=int, default=512)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--records", type=int, default=200)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--set", action="append", default=[], help="FinetuneConfig override field=value (alpaca_lora)")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    out = {"recipe": args.recipe, "cutoff": args.cutoff, "micro_batch": args.micro_batch, "steps": args.steps,
+           "warmup": args.warmup, "device": args.device, "torch_threads": torch.get_num_threads(),
+           "rss_start_mb": rss_mb("VmRSS")}
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    (run_baseline if args.recipe == "baseline" else run_ours)(args, out)
+    out["wall_s"] = time.perf_counter() - start
+    if args.device == "cuda":
+        out["peak_vram_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    os._exit(0)  # skip slow interpreter teardown of large models
+
+
+if __name__ == "__main__":
+    main()

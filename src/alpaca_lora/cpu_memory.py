@@ -1,0 +1,51 @@
+"""Give freed tensor memory back to the operating system at once when training on a Linux CPU.
+
+glibc's malloc serves allocations below a threshold (which it raises on its own, up to 32 MB)
+from its heap, and keeps what is freed there for reuse. A training step frees and allocates
+activations of a few MB each, layer after layer, and the heap fragments: measured on the
+SmolLM2-135M shape (one packed micro-batch of 680 tokens), the forward pass left RSS 590 MB above
+what ``malloc_trim`` could release, while autograd held only 47 MB. With the threshold set to
+256 KiB, such tensors get their own memory mappings and are unmapped when freed, and the peak RSS
+of that forward pass fell from 1.82 GB to 1.37 GB. The cost is a page fault per fresh page of
+those tensors (see the benchmark's ablation table).
+
+The setting is process-wide and stays for the life of the process; it is applied only on Linux
+with glibc and only when ``FinetuneConfig.release_cpu_memory`` is True and training runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import platform
+
+logger = logging.getLogger(__name__)
+
+M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
+MMAP_THRESHOLD_BYTES = 256 * 1024
+
+
+def release_freed_memory_to_os(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Set glibc's mmap threshold so allocations of ``threshold`` bytes or more are unmapped when freed.
+
+    Args:
+        threshold: Allocation size, in bytes, from which malloc uses a private mapping.
+
+    Returns:
+        True when the setting was applied; False on other platforms or C libraries.
+
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        ok = bool(libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(threshold)))
+    except (OSError, AttributeError):
+        return False
+    if ok:
+        logger.info("malloc: allocations >= %d KiB are returned to the OS when freed", threshold // 1024)
+    return ok
