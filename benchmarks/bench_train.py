@@ -112,11 +112,11 @@ def compare(base: dict, ours: dict) -> dict:
 def plan(quick: bool) -> dict:
     """The configurations: headline, ablations and sweeps."""
     if quick:
-        return {"steps": 5, "warmup": 1, "headline": ("smollm2-135m", 512, 4),
-                "ablations": [["packing=false"]],
-                "sweep_shape": "tiny", "seq": [128, 256, 512, 1024], "mb": [1, 2, 4, 8], "sweep_steps": 6}
+        return {"steps": 4, "warmup": 1, "headline": ("smollm2-135m", 512, 4),
+                "ablations": [["packing=false"], ["release_cpu_memory=false"]],
+                "sweep_shape": "tiny", "seq": [128, 512, 1024], "mb": [1, 4, 8], "sweep_steps": 6}
     return {"steps": 8, "warmup": 2, "headline": ("smollm2-135m", 512, 4),
-            "ablations": [["packing=false"], ["packing=false", "group_by_length=true"],
+            "ablations": [["packing=false"], ["packing=false", "group_by_length=true"], ["release_cpu_memory=false"],
                           ["gradient_checkpointing=false"], ["loss_chunk_size=256"]],
             "sweep_shape": "smollm2-135m", "seq": [128, 256, 512, 1024], "mb": [1, 2, 4, 8], "sweep_steps": 5}
 
@@ -156,15 +156,17 @@ def main() -> None:
     shape = cfg["sweep_shape"]
     model_dir = build_model(shape, args.cache)
     sweeps = {"seq": [], "mb": []}
+    pairs: dict[tuple[int, int], dict] = {}
     for axis, values in (("seq", cfg["seq"]), ("mb", cfg["mb"])):
         print(f"sweep {axis} on {shape}: {values}")
         for v in values:
             c, m = (v, 4) if axis == "seq" else (512, v)
-            pair = {}
-            for recipe in ("baseline", "alpaca_lora"):
-                pair[recipe] = run_one(recipe, model_dir, c, m, cfg["sweep_steps"], 1, [],
-                                       f"{shape}/{recipe} cutoff{c} mb{m}", scratch)
-                report["runs"].append(pair[recipe])
+            if (c, m) not in pairs:
+                pairs[c, m] = {recipe: run_one(recipe, model_dir, c, m, cfg["sweep_steps"], 1, [],
+                                               f"{shape}/{recipe} cutoff{c} mb{m}", scratch)
+                               for recipe in ("baseline", "alpaca_lora")}
+                report["runs"] += list(pairs[c, m].values())
+            pair = pairs[c, m]
             sweeps[axis].append({"shape": shape, "cutoff": c, "micro_batch": m,
                                  "baseline_tokens_per_s": pair["baseline"]["median_tokens_per_s"],
                                  "alpaca_lora_tokens_per_s": pair["alpaca_lora"]["median_tokens_per_s"],
@@ -201,7 +203,7 @@ def plot(report: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, (axis, key, label) in zip(axes[:2], (("seq", "cutoff", "cutoff_len (micro-batch 4)"),
-                                                 ("mb", "micro_batch", "micro-batch (cutoff_len 512)"))):
+                                                 ("mb", "micro_batch", "micro-batch (cutoff_len 512)")), strict=True):
         rows = report["sweeps"][axis]
         xs = [r[key] for r in rows]
         ax.plot(xs, [r["baseline_tokens_per_s"] for r in rows], "o-", label="baseline (Trainer + peft)")

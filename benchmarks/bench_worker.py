@@ -60,7 +60,7 @@ def step_stats(times: list[float], tokens: list[int], warmup: int) -> dict:
             "step_s": [round(x, 4) for x in times], "step_tokens": tokens}
 
 
-def time_split(full, body, reps: int = 2) -> dict:
+def time_split(full, body, reps: int = 1) -> dict:
     """Median forward+backward time of the whole loss and of the model body alone (same batch)."""
 
     def once(fn) -> float:
@@ -89,8 +89,14 @@ def dropout_train(model) -> None:
 
 def run_baseline(args: argparse.Namespace, out: dict) -> None:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        BitsAndBytesConfig,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     _, tokenized, tokenizer, batches = load_data(args)
     order = [i for b in batches for i in b]
@@ -173,8 +179,8 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
         rows = [r for r in run.metrics.records if "loss" in r]
         elapsed = [0.0] + [r["elapsed_s"] for r in rows]
         seen = [0] + [r["tokens_seen"] for r in rows]
-        times = [b - a for a, b in zip(elapsed, elapsed[1:])]
-        tokens = [b - a for a, b in zip(seen, seen[1:])]
+        times = [b - a for a, b in zip(elapsed, elapsed[1:], strict=False)]
+        tokens = [b - a for a, b in zip(seen, seen[1:], strict=False)]
         out.update(step_stats(times, tokens, args.warmup))
         out["final_loss"] = rows[-1]["loss"]
         b = {k: v.to(run.device) for k, v in probe_batch.items()}
