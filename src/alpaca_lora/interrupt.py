@@ -3,8 +3,9 @@
 Preemptible machines send SIGTERM before they kill a job, and a notebook's "interrupt" button
 sends SIGINT. Stopping in the middle of an optimizer step would lose the step and could leave a
 checkpoint half written, so :func:`stop_requests` only records the request; the training loop
-checks it after each step, saves a checkpoint and stops. A second signal aborts at once: Ctrl-C
-raises ``KeyboardInterrupt`` (the usual Python behaviour), a second SIGTERM terminates the process.
+checks it after each step, saves a checkpoint and stops. A second signal aborts at once, without
+saving: Ctrl-C raises ``KeyboardInterrupt`` (the usual Python behaviour), a second SIGTERM
+terminates the process.
 
 Handlers are installed only in the main thread (Python delivers signals there and nowhere else;
 in any other thread the signals keep their usual effect) and the previous handlers are restored
@@ -33,10 +34,14 @@ class StopRequest:
 
     Attributes:
         signal: The first signal received, or None.
+        aborted: A second Ctrl-C came. Its ``KeyboardInterrupt`` is raised at once, but Python drops
+            an exception raised while a ``__del__`` method runs, so the loop raises it again at the
+            next step boundary when it sees this flag.
 
     """
 
     signal: signal.Signals | None = None
+    aborted: bool = False
 
     @property
     def requested(self) -> bool:
@@ -73,6 +78,7 @@ def stop_requests() -> Iterator[StopRequest]:
         if request.signal is not None:  # the second signal: abort now
             restore()
             if sig == signal.SIGINT:
+                request.aborted = True
                 raise KeyboardInterrupt
             os.kill(os.getpid(), signum)  # the default action of SIGTERM: terminate
             return

@@ -303,6 +303,8 @@ def fit(run: _Run, stop: StopRequest | None = None) -> None:
             run.metrics.log({"step": run.step, "eval_loss": run.last_eval_loss})
         if (run.step % cfg.save_steps == 0 if cfg.save_steps else epoch_end) and run.step < run.total_steps:
             _save_checkpoint(run)
+        if stop is not None and stop.aborted:
+            raise KeyboardInterrupt  # a second Ctrl-C whose exception Python dropped
         if stop is not None and stop.signal is not None and run.step < run.total_steps:
             bar.close()
             _stop_interrupted(run, stop)
