@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from alpaca_lora import FinetuneConfig
 from alpaca_lora.checkpoint import (
@@ -107,22 +108,29 @@ def test_leftovers_of_killed_saves_are_ignored_then_removed(parts, tmp_path):
                                                           "checkpoint-final"]
 
 
-class DiskFullModel:
-    """A model whose adapter write fills the disk: it writes part of the file, then fails with ENOSPC."""
+# How a full disk surfaces: Python's own writes raise OSError(ENOSPC); safetensors' writer raises
+# SafetensorError with this text (seen on a real 400 KiB tmpfs).
+DISK_FULL = [OSError(errno.ENOSPC, "No space left on device"),
+             SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")]
 
-    def __init__(self, model):
-        self.model = model
+
+class DiskFullModel:
+    """A model whose adapter write fills the disk: it writes part of the file, then fails."""
+
+    def __init__(self, error):
+        self.error = error
 
     def save_pretrained(self, folder, **kwargs):
         (folder / "adapter_model.safetensors").write_bytes(b"\x00" * 4096)
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise self.error
 
 
-def test_full_disk_is_a_clear_error_and_keeps_the_last_good_checkpoint(parts, tmp_path):
+@pytest.mark.parametrize("error", DISK_FULL, ids=["OSError", "SafetensorError"])
+def test_full_disk_is_a_clear_error_and_keeps_the_last_good_checkpoint(parts, tmp_path, error):
     good = _save(tmp_path, 1, parts, keep=1)
     before = _digest(good)
     with pytest.raises(CheckpointError) as info:
-        _save(tmp_path, 2, parts, keep=1, model=DiskFullModel(parts[0]))
+        _save(tmp_path, 2, parts, keep=1, model=DiskFullModel(error))
     message = str(info.value)
     assert str(tmp_path / "checkpoint-2") in message and "disk is full" in message
     assert "Free space" in message and "output_dir" in message and "resume_from_checkpoint=True" in message
@@ -135,7 +143,7 @@ def test_full_disk_is_a_clear_error_and_keeps_the_last_good_checkpoint(parts, tm
 
 def test_full_disk_on_the_first_checkpoint_says_none_is_kept(parts, tmp_path):
     with pytest.raises(CheckpointError, match="no earlier checkpoint exists"):
-        _save(tmp_path, 1, parts, model=DiskFullModel(parts[0]))
+        _save(tmp_path, 1, parts, model=DiskFullModel(DISK_FULL[0]))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from alpaca_lora.artifacts import ADAPTER_WEIGHTS, CHECKPOINT_PREFIX, read_json, write_json
@@ -35,6 +36,7 @@ _TMP_TAG = ".tmp-"  # .checkpoint-N.tmp-XXXX: being written
 _OLD_TAG = ".old-"  # .checkpoint-N.old-XXXX: being removed
 
 RngState = tuple[dict[str, torch.Tensor], dict[str, Any]]
+WRITE_ERRORS = (OSError, SafetensorError)  # what a failed write raises
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -109,7 +111,7 @@ def save_checkpoint(
             _discard(final)
         tmp.rename(final)
         _fsync_dir(output_dir)
-    except OSError as exc:
+    except WRITE_ERRORS as exc:  # safetensors reports a full disk as SafetensorError, not OSError
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(_write_failure(final, exc, latest_checkpoint(output_dir))) from None
@@ -122,8 +124,15 @@ def save_checkpoint(
     return final
 
 
-def _write_failure(final: Path, exc: OSError, previous: Path | None) -> str:
-    cause = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+def disk_full(exc: BaseException) -> bool:
+    """True when ``exc`` (an OSError or a SafetensorError) says the disk or quota is full."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "No space left" in str(exc) or "os error 28" in str(exc)
+
+
+def _write_failure(final: Path, exc: BaseException, previous: Path | None) -> str:
+    cause = "the disk is full" if disk_full(exc) else (getattr(exc, "strerror", None) or str(exc))
     kept = f"the last good checkpoint, {previous}, is kept" if previous else "no earlier checkpoint exists"
     return (f"could not write checkpoint {final}: {cause}; {kept}. Free space in {final.parent} or choose "
             "another output_dir (copy the checkpoint-N folders there), then resume with resume_from_checkpoint=True")

@@ -21,8 +21,10 @@ from tqdm.auto import tqdm
 
 from alpaca_lora import artifacts as art
 from alpaca_lora.checkpoint import (
+    WRITE_ERRORS,
     RngState,
     capture_rng,
+    disk_full,
     latest_checkpoint,
     load_checkpoint,
     remove_incomplete,
@@ -150,7 +152,14 @@ def finetune(
     try:
         with stop_requests() as stop:  # SIGTERM / first Ctrl-C: checkpoint at the next step boundary
             fit(run, stop)
-            return save(run)
+            try:
+                return save(run)
+            except WRITE_ERRORS as exc:
+                raise CheckpointError(
+                    f"could not write the trained adapter to {run.output_dir}: "
+                    f"{'the disk is full' if disk_full(exc) else exc}; the last checkpoint is "
+                    f"{latest_checkpoint(run.output_dir)}. Free space or choose another output_dir (copy the "
+                    "checkpoint-N folders there), then resume with resume_from_checkpoint=True") from None
     finally:
         run.metrics.close()
 
