@@ -4,7 +4,15 @@ from alpaca_lora.collator import InstructionCollator
 from alpaca_lora.config import FinetuneConfig
 from alpaca_lora.data import load_instructions, tokenize_instruction
 from alpaca_lora.embedded import default_base_model
-from alpaca_lora.errors import AlpacaLoraError, CheckpointError, ConfigError, DataError, ModelError
+from alpaca_lora.errors import (
+    AlpacaLoraError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    ModelError,
+    TrainingDiverged,
+    TrainingInterrupted,
+)
 from alpaca_lora.generate import generate
 from alpaca_lora.hub import push_to_hub
 from alpaca_lora.memory import MemoryEstimate, estimate_memory
@@ -26,6 +34,8 @@ __all__ = [
     "MemoryEstimate",
     "ModelError",
     "PromptTemplate",
+    "TrainingDiverged",
+    "TrainingInterrupted",
     "__version__",
     "default_base_model",
     "estimate_memory",

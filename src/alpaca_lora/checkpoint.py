@@ -1,12 +1,17 @@
 """Resumable checkpoints in safetensors + JSON: adapter, optimizer, scheduler, RNG and data position.
 
-A checkpoint is written into a temporary folder beside its final place and renamed into place
-only when complete, so a crash or a kill mid-save leaves the previous checkpoint intact. Older
-checkpoints are removed only after the new one is in place. Nothing is pickled.
+A checkpoint is written into a hidden temporary folder beside its final place, flushed to disk and
+renamed into place only when complete, so a crash, a kill or a full disk mid-save leaves the
+previous checkpoint intact. A folder is removed by first renaming it to a hidden name, so a kill
+mid-removal never leaves a half-deleted folder that looks complete. Older checkpoints are removed
+only after the new one is in place. Hidden leftovers of a killed save are ignored by
+:func:`list_checkpoints` and deleted by :func:`remove_incomplete`. Nothing is pickled.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import random
 import shutil
 import tempfile
@@ -15,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from alpaca_lora.artifacts import ADAPTER_WEIGHTS, CHECKPOINT_PREFIX, read_json, write_json
@@ -26,6 +32,11 @@ OPTIMIZER_META = "optimizer.json"
 SCHEDULER_FILE = "scheduler.json"
 RNG_TENSORS = "rng_state.safetensors"
 RNG_META = "rng_state.json"
+_TMP_TAG = ".tmp-"  # .checkpoint-N.tmp-XXXX: being written
+_OLD_TAG = ".old-"  # .checkpoint-N.old-XXXX: being removed
+
+RngState = tuple[dict[str, torch.Tensor], dict[str, Any]]
+WRITE_ERRORS = (OSError, SafetensorError)  # what a failed write raises
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -44,71 +55,153 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
+def remove_incomplete(output_dir: Path) -> list[Path]:
+    """Delete the hidden folders a killed save or removal left in ``output_dir``; return them.
+
+    Only this process may write checkpoints into ``output_dir`` while it trains, so any such
+    folder found at the start of a run is junk.
+    """
+    junk = [p for p in Path(output_dir).glob(f".{CHECKPOINT_PREFIX}*")
+            if p.is_dir() and (_TMP_TAG in p.name or _OLD_TAG in p.name)]
+    for p in junk:
+        shutil.rmtree(p, ignore_errors=True)
+    return junk
+
+
 def save_checkpoint(
     output_dir: Path, step: int, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
-    state: dict[str, Any], keep: int,
+    state: dict[str, Any], keep: int, rng: RngState | None = None,
 ) -> Path:
     """Write ``checkpoint-{step}`` atomically, then rotate old ones so ``keep`` remain.
 
     Args:
         output_dir: The run folder.
         step: Optimizer steps completed.
-        model: The peft model (only adapter weights are saved).
+        model: The peft model (only adapter weights are saved, with its ``save_pretrained``).
         optimizer: The optimizer; its tensors go to safetensors, the rest to JSON.
         scheduler: A ``torch.optim.lr_scheduler`` object.
         state: Trainer state (step, tokens seen, fingerprints, ...), JSON-serialisable.
         keep: Number of newest checkpoints to keep.
+        rng: RNG state to record, from :func:`capture_rng`; None records the current state.
 
     Returns:
         The checkpoint folder.
 
+    Raises:
+        CheckpointError: A write failed (a full disk, no permission, ...); the message names the
+            folder and the fix, the temporary folder is removed and earlier checkpoints are kept.
+
     """
-    final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=output_dir))
+    output_dir = Path(output_dir)
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    rng_tensors, rng_meta = rng if rng is not None else capture_rng()
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{_TMP_TAG}", dir=output_dir))
         model.save_pretrained(tmp, safe_serialization=True)
         tensors, meta = _flatten_optimizer(optimizer.state_dict())
         save_file(tensors, str(tmp / OPTIMIZER_TENSORS))
         write_json(tmp / OPTIMIZER_META, meta)
         write_json(tmp / SCHEDULER_FILE, _jsonable(scheduler.state_dict()))
-        rng_tensors, rng_meta = _rng_state()
         save_file(rng_tensors, str(tmp / RNG_TENSORS))
         write_json(tmp / RNG_META, rng_meta)
         write_json(tmp / STATE_FILE, state)
+        _fsync_tree(tmp)
         if final.exists():
-            shutil.rmtree(final)
+            _discard(final)
         tmp.rename(final)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(
-            f"could not write checkpoint {final} ({exc.strerror or exc}); the previous checkpoint is kept. "
-            "Free disk space or choose another output_dir, then resume with resume_from_checkpoint=True"
-        ) from None
+        _fsync_dir(output_dir)
+    except WRITE_ERRORS as exc:  # safetensors reports a full disk as SafetensorError, not OSError
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_write_failure(final, exc, latest_checkpoint(output_dir))) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     return final
 
 
+def disk_full(exc: BaseException) -> bool:
+    """True when ``exc`` (an OSError or a SafetensorError) says the disk or quota is full."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "No space left" in str(exc) or "os error 28" in str(exc)
+
+
+def _write_failure(final: Path, exc: BaseException, previous: Path | None) -> str:
+    cause = "the disk is full" if disk_full(exc) else (getattr(exc, "strerror", None) or str(exc))
+    kept = f"the last good checkpoint, {previous}, is kept" if previous else "no earlier checkpoint exists"
+    return (f"could not write checkpoint {final}: {cause}; {kept}. Free space in {final.parent} or choose "
+            "another output_dir (copy the checkpoint-N folders there), then resume with resume_from_checkpoint=True")
+
+
+def _discard(folder: Path) -> None:
+    """Remove ``folder``: rename it to a hidden name first (atomic), then delete its files."""
+    trash = folder.with_name(f".{folder.name}{_OLD_TAG}{os.getpid()}")
+    try:
+        folder.rename(trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of ``folder`` and the folder itself, so a power loss cannot reorder the rename."""
+    for path in folder.iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # folders cannot be opened on Windows; NTFS journals the rename itself
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def load_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """Restore adapter, optimizer, scheduler and RNG state from ``folder``; return its trainer state."""
+    """Restore adapter, optimizer, scheduler and RNG state from ``folder``; return its trainer state.
+
+    Raises:
+        CheckpointError: ``folder`` is incomplete, damaged or holds weights this model lacks.
+
+    """
     from peft import set_peft_model_state_dict
 
     folder = Path(folder)
     if not (folder / STATE_FILE).is_file():
         raise CheckpointError(f"{folder} is not a complete checkpoint (no {STATE_FILE}); pick another one")
-    state = read_json(folder / STATE_FILE)
-    weights = load_file(str(folder / ADAPTER_WEIGHTS))
+    try:
+        state = read_json(folder / STATE_FILE)
+        weights = load_file(str(folder / ADAPTER_WEIGHTS))
+        optimizer_state = _unflatten_optimizer(load_file(str(folder / OPTIMIZER_TENSORS)),
+                                               read_json(folder / OPTIMIZER_META))
+        scheduler_state = read_json(folder / SCHEDULER_FILE)
+        rng = load_file(str(folder / RNG_TENSORS)), read_json(folder / RNG_META)
+    except Exception as exc:  # safetensors, OS and JSON errors: the folder is damaged
+        raise CheckpointError(f"checkpoint {folder} is damaged ({type(exc).__name__}: {exc}); resume from an "
+                              "earlier checkpoint-N folder or start again") from None
     result = set_peft_model_state_dict(model, weights)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise CheckpointError(f"checkpoint {folder} holds adapter weights this model lacks: {unexpected[:5]}")
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(folder / OPTIMIZER_TENSORS)),
-                                                   read_json(folder / OPTIMIZER_META)))
-    scheduler.load_state_dict(read_json(folder / SCHEDULER_FILE))
-    _set_rng_state(load_file(str(folder / RNG_TENSORS)), read_json(folder / RNG_META))
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    _set_rng_state(*rng)
     return state
 
 
@@ -144,7 +237,8 @@ def _jsonable(sd: dict[str, Any]) -> dict[str, Any]:
 # ---- RNG state ---------------------------------------------------------------------------------
 
 
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def capture_rng() -> RngState:
+    """Return the Python, NumPy, torch CPU and CUDA generator states (tensors, JSON metadata)."""
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):

@@ -2,7 +2,9 @@
 
 Flags of ``finetune`` are generated from :class:`FinetuneConfig` (names, types, defaults and the
 field docs), so the command line and the Python API cannot drift apart. Exit codes: 0 success,
-2 usage error, 1 failure with a one-line cause (``--debug`` shows the traceback).
+2 usage error, 1 failure with a one-line cause (``--debug`` shows the traceback), 130 / 143 when
+a first Ctrl-C / SIGTERM stopped training after saving a checkpoint (128 + the signal number, as a
+shell reports a job ended by that signal, so schedulers see the stop; the message says how to resume).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from alpaca_lora.config import FinetuneConfig
 from alpaca_lora.demo import BUDGETS, DemoConfig, format_report, run_demo
-from alpaca_lora.errors import AlpacaLoraError
+from alpaca_lora.errors import AlpacaLoraError, TrainingInterrupted
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -119,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"demo": _cmd_demo, "finetune": _cmd_finetune}
     try:
         return handlers[args.command](args)
+    except TrainingInterrupted as exc:
+        print(f"alpaca-lora {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except AlpacaLoraError as exc:
         if args.debug:
             raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,8 @@ class FinetuneConfig:
     """Where to train: "auto" (CUDA if present, else CPU), "cpu", "cuda" or "cuda:N"."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.resume_from_checkpoint, os.PathLike):  # a Path is as good as its text
+            self.resume_from_checkpoint = os.fspath(self.resume_from_checkpoint)
         problems = self.problems()
         if problems:
             raise ConfigError("invalid FinetuneConfig:\n  - " + "\n  - ".join(problems))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class AlpacaLoraError(Exception):
     """Base class of every error this library raises on purpose."""
@@ -25,3 +27,37 @@ class ModelError(AlpacaLoraError, ValueError):
 
 class CheckpointError(AlpacaLoraError, ValueError):
     """A checkpoint that is missing, incomplete or from a different run."""
+
+
+class TrainingDiverged(AlpacaLoraError, FloatingPointError):
+    """The training loss or gradient became NaN or infinite; the update was skipped.
+
+    Attributes:
+        step: The optimizer step that diverged (1-based; it was not applied).
+        checkpoint: The checkpoint of the last good state, or None when no step had completed.
+
+    """
+
+    def __init__(self, message: str, *, step: int, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+class TrainingInterrupted(AlpacaLoraError):
+    """Training stopped on SIGTERM or a first Ctrl-C (SIGINT), after saving a resumable checkpoint.
+
+    Attributes:
+        signal_name: "SIGTERM" or "SIGINT".
+        step: Optimizer steps completed (and saved).
+        checkpoint: The checkpoint to resume from (``resume_from_checkpoint=True`` finds it).
+        exit_code: What the command line exits with: 128 + the signal number (130, 143).
+
+    """
+
+    def __init__(self, message: str, *, signal_name: str, signal_number: int, step: int, checkpoint: Path) -> None:
+        super().__init__(message)
+        self.signal_name = signal_name
+        self.step = step
+        self.checkpoint = checkpoint
+        self.exit_code = 128 + signal_number

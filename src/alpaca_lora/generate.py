@@ -230,6 +230,11 @@ def _load_folder(folder: str, quantization: str | None, compute_dtype: str, base
     if art.is_run_folder(path):
         from peft import PeftModel
 
+        if not (path / art.ADAPTER_WEIGHTS).is_file():  # peft would fall back to a pickled adapter_model.bin
+            pickles = [p.name for p in art.pickle_files(path)]
+            raise ModelError(f"{path} holds no {art.ADAPTER_WEIGHTS}" + (f" (only {pickles})" if pickles else "")
+                             + "; only safetensors weights are loaded, since a pickle file can run code when "
+                             "read. Re-save the adapter with save_pretrained(safe_serialization=True)")
         base = _adapter_base(path, base_model)
         model, _ = load_model(base, quantization, compute_dtype)
         has_tokenizer = (path / "tokenizer_config.json").is_file()

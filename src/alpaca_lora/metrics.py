@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,12 @@ class MetricsLogger:
         self.path = Path(path)
         self.records: list[dict[str, Any]] = []
         if keep_until_step is not None and self.path.is_file():
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-            self.records = [r for r in map(json.loads, filter(None, lines)) if r.get("step", 0) <= keep_until_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
+            lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+            self.records = [r for r in map(_parse, lines) if r is not None and r.get("step", 0) <= keep_until_step]
+        # Rewrite through a temporary file, so a kill here cannot lose the curve logged before it.
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
+        os.replace(tmp, self.path)
         names = [report_to] if isinstance(report_to, str) else list(report_to)
         self._tb = self._wandb = None
         if "tensorboard" in names:
@@ -68,6 +72,15 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    """One metrics line, or None for a blank line or one torn by a kill mid-write."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def plot_losses(records: list[dict[str, Any]], path: Path) -> Path | None:

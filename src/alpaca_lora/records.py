@@ -245,6 +245,8 @@ def _read_file(path: Path) -> tuple[_Items, list[str]]:
         raise DataError(f"cannot read data file {path}: {exc.strerror}") from None
     if not raw.strip():
         raise DataError(f"data file {path} is empty; it needs at least one record")
+    if raw[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
+        raise DataError(f"data file {path} is UTF-32 text; save it as UTF-8")
     if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         raise DataError(f"data file {path} is UTF-16 text; save it as UTF-8")
     # Undecodable bytes become lone surrogates, so a record holding them is reported (or skipped) alone.
@@ -269,6 +271,8 @@ def _read_json(path: Path, text: str, raw: bytes) -> tuple[_Items, list[str]]:
         ) from None
     except RecursionError:
         raise DataError(f"{path}: JSON nested too deeply; a record is a flat object of strings") from None
+    except ValueError as exc:  # an integer literal longer than Python converts (sys.get_int_max_str_digits)
+        raise DataError(f"{path}: not valid data ({exc}); every field must be a string") from None
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         if len(lists) != 1:
@@ -298,11 +302,15 @@ def _read_jsonl(path: Path, text: str) -> tuple[_Items, list[str]]:
             items.append((where, None, f"{problem}; each line must be one JSON object"))
         except RecursionError:
             items.append((where, None, "JSON nested too deeply; each line must be one flat JSON object"))
+        except ValueError as exc:  # an integer literal too long to convert
+            items.append((where, None, f"not valid data ({exc}); every field must be a string"))
     return items, _keys(items)
 
 
 def _read_csv(path: Path, text: str, raw: bytes) -> tuple[_Items, list[str]]:
     reader = csv.reader(io.StringIO(text, newline=""))
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text)))  # a long response is data, not an error (the default is 128 KiB)
     items: _Items = []
     try:
         header = [h.strip() for h in next(reader, [])]
@@ -321,6 +329,8 @@ def _read_csv(path: Path, text: str, raw: bytes) -> tuple[_Items, list[str]]:
                 items.append((where, dict(zip(header, row, strict=True)), None))
     except csv.Error as exc:
         raise DataError(f"{path} line {reader.line_num}: not valid CSV ({exc}){_utf8_note(raw)}") from None
+    finally:
+        csv.field_size_limit(limit)
     return items, header
 
 
@@ -347,7 +357,7 @@ def _first_line_is_object(text: str) -> bool:
     first = next((line for line in text.split("\n") if line.strip()), "")
     try:
         return isinstance(json.loads(first), dict)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
         return False
 
 

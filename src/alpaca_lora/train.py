@@ -20,12 +20,22 @@ import torch
 from tqdm.auto import tqdm
 
 from alpaca_lora import artifacts as art
-from alpaca_lora.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alpaca_lora.checkpoint import (
+    WRITE_ERRORS,
+    RngState,
+    capture_rng,
+    disk_full,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_incomplete,
+    save_checkpoint,
+)
 from alpaca_lora.collator import InstructionCollator
 from alpaca_lora.config import FinetuneConfig, check_field_names
 from alpaca_lora.cpu_memory import release_freed_memory_to_os
 from alpaca_lora.data import data_fingerprint, load_instructions, prepare_dataset, split_dataset
-from alpaca_lora.errors import CheckpointError, ConfigError, ModelError
+from alpaca_lora.errors import CheckpointError, ConfigError, ModelError, TrainingDiverged, TrainingInterrupted
+from alpaca_lora.interrupt import StopRequest, stop_requests
 from alpaca_lora.loss import token_losses_sum
 from alpaca_lora.metrics import MetricsLogger, plot_losses
 from alpaca_lora.model import (
@@ -99,6 +109,7 @@ class _Run:
     runtime_s: float = 0.0
     last_eval_loss: float | None = None
     recent_losses: list[float] = field(default_factory=list)
+    saved_checkpoint: Path | None = None  # the last checkpoint this run wrote
 
 
 def finetune(
@@ -127,7 +138,12 @@ def finetune(
         ConfigError: An unknown override (with close matches) or an invalid value.
         DataError: Bad data, named by file and record, or no trainable record left.
         ModelError: The base cannot be loaded or a LoRA target matches nothing.
-        CheckpointError: Resuming from a checkpoint of a different run.
+        CheckpointError: Resuming from a checkpoint of a different run, or a checkpoint that
+            cannot be written (a full disk); the last good checkpoint is kept.
+        TrainingInterrupted: SIGTERM or a first Ctrl-C stopped training at a step boundary; it
+            carries the checkpoint saved there (resume with ``resume_from_checkpoint=True``).
+        TrainingDiverged: The loss or gradient became NaN or infinite; the bad update was not
+            applied and the last good state is in the checkpoint it carries.
 
     Example:
         >>> from alpaca_lora import finetune, default_base_model
@@ -137,8 +153,16 @@ def finetune(
     cfg = resolve_config(config, overrides)
     run = setup(base_model, data, Path(output_dir), cfg)
     try:
-        fit(run)
-        return save(run)
+        with stop_requests() as stop:  # SIGTERM / first Ctrl-C: checkpoint at the next step boundary
+            fit(run, stop)
+            try:
+                return save(run)
+            except WRITE_ERRORS as exc:
+                raise CheckpointError(
+                    f"could not write the trained adapter to {run.output_dir}: "
+                    f"{'the disk is full' if disk_full(exc) else exc}; the last checkpoint is "
+                    f"{latest_checkpoint(run.output_dir)}. Free space or choose another output_dir (copy the "
+                    "checkpoint-N folders there), then resume with resume_from_checkpoint=True") from None
     finally:
         run.metrics.close()
 
@@ -187,6 +211,8 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _LrSchedule(cfg.lr_scheduler, warmup, total_steps))
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    for junk in remove_incomplete(output_dir):  # left by a save that was killed
+        logger.info("removed %s, an incomplete checkpoint of an earlier run", junk)
     fingerprint = {"base_model": art.base_fingerprint(base_model),
                    "data": data_fingerprint(records, source=data if isinstance(data, (str, Path)) else None)}
     run = _Run(cfg=cfg, output_dir=output_dir, base_model=str(base_model), tokenizer=tokenizer, model=model,
@@ -262,8 +288,14 @@ def _check_compatible(state: dict[str, Any], run: _Run, folder: Path) -> None:
 # ---- fit -------------------------------------------------------------------------------------------
 
 
-def fit(run: _Run) -> None:
-    """Run the training loop from ``run.step`` to ``run.total_steps``, evaluating and checkpointing."""
+def fit(run: _Run, stop: StopRequest | None = None) -> None:
+    """Run the training loop from ``run.step`` to ``run.total_steps``, evaluating and checkpointing.
+
+    Args:
+        run: The run built by :func:`setup`.
+        stop: Polled after every step; once set, a checkpoint is saved and TrainingInterrupted raised.
+
+    """
     cfg = run.cfg
     lengths = list(run.train_set["length"])
     per_epoch = steps_per_epoch(len(lengths), cfg.micro_batch_size, cfg.gradient_accumulation_steps)
@@ -275,15 +307,16 @@ def fit(run: _Run) -> None:
         if epoch not in epoch_cache:
             epoch_cache = {epoch: epoch_batches(lengths, cfg.micro_batch_size, cfg.seed, epoch, cfg.group_by_length)}
         accum = cfg.gradient_accumulation_steps
+        rng, tokens_before = capture_rng(), run.tokens_seen
         loss, grad_norm = train_step(run, epoch_cache[epoch][k * accum : (k + 1) * accum])
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # train_step did not apply it
+            run.tokens_seen = tokens_before
+            bar.close()
+            _stop_diverged(run, loss, grad_norm, rng)
         run.step += 1
         run.recent_losses = (run.recent_losses + [loss])[-max(1, cfg.logging_steps):]
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
-        if not math.isfinite(loss):
-            _save_checkpoint(run)
-            raise ModelError(f"the training loss became {loss} at step {run.step}; lower learning_rate, "
-                             "set max_grad_norm, or use compute_dtype='bfloat16' instead of float16")
         epoch_end = run.step % per_epoch == 0 or run.step == run.total_steps
         if run.step % cfg.logging_steps == 0 or run.step == run.total_steps:
             run.metrics.log({"step": run.step, "epoch": round(run.step / per_epoch, 4), "loss": loss,
@@ -294,12 +327,21 @@ def fit(run: _Run) -> None:
             run.metrics.log({"step": run.step, "eval_loss": run.last_eval_loss})
         if (run.step % cfg.save_steps == 0 if cfg.save_steps else epoch_end) and run.step < run.total_steps:
             _save_checkpoint(run)
+        if stop is not None and stop.aborted:
+            raise KeyboardInterrupt  # a second Ctrl-C whose exception Python dropped
+        if stop is not None and stop.signal is not None and run.step < run.total_steps:
+            bar.close()
+            _stop_interrupted(run, stop)
     bar.close()
     run.runtime_s = time.perf_counter() - start
 
 
 def train_step(run: _Run, micro_batches: list[list[int]]) -> tuple[float, float]:
-    """One optimizer step over ``micro_batches``; returns (mean token loss, gradient norm)."""
+    """One optimizer step over ``micro_batches``; returns (mean token loss, gradient norm).
+
+    A non-finite loss or gradient norm is returned without updating anything (weights, optimizer
+    moments, scheduler), so the model stays at its last good state.
+    """
     model, cfg = run.model, run.cfg
     model.train()
     batches = [run.collator([run.train_set[i] for i in idx]) for idx in micro_batches]
@@ -314,10 +356,12 @@ def train_step(run: _Run, micro_batches: list[list[int]]) -> tuple[float, float]
         run.tokens_seen += batch_tokens(batch)
     params = [p for p in model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-    run.optimizer.step()
-    run.scheduler.step()
+    loss, grad_norm = total / n_tokens, float(norm)
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        run.optimizer.step()
+        run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return total / n_tokens, float(norm)
+    return loss, grad_norm
 
 
 @torch.no_grad()
@@ -358,11 +402,45 @@ def _autocast(run: _Run) -> Any:
     return torch.autocast(run.device.type, dtype=run.dtype)
 
 
-def _save_checkpoint(run: _Run) -> Path:
+def _save_checkpoint(run: _Run, rng: RngState | None = None) -> Path:
     state = {"step": run.step, "tokens_seen": run.tokens_seen, "total_steps": run.total_steps,
              "config": run.cfg.to_dict(), "fingerprint": run.fingerprint}
-    return save_checkpoint(run.output_dir, run.step, run.model, run.optimizer, run.scheduler, state,
-                           keep=run.cfg.save_total_limit)
+    run.saved_checkpoint = save_checkpoint(run.output_dir, run.step, run.model, run.optimizer, run.scheduler,
+                                           state, keep=run.cfg.save_total_limit, rng=rng)
+    return run.saved_checkpoint
+
+
+def _stop_diverged(run: _Run, loss: float, grad_norm: float, rng: RngState) -> None:
+    """Log the bad step visibly, save the last good state (``rng`` from before the step) and raise."""
+    step = run.step + 1
+    run.metrics.log({"step": step, "loss": loss, "grad_norm": grad_norm, "diverged": True})
+    folder = run.saved_checkpoint
+    if run.step > 0 and (folder is None or folder.name != f"checkpoint-{run.step}"):
+        folder = _save_checkpoint(run, rng)
+    kept = (f"the last good state (step {run.step}) is in {folder}" if run.step > 0 else
+            "no step had completed (a NaN at once points at the base model's weights or at compute_dtype)")
+    what = f"the training loss became {loss}" if not math.isfinite(loss) else f"the gradient norm became {grad_norm}"
+    raise TrainingDiverged(
+        f"{what} at step {step}; that update was not applied and {kept}. Likely fixes: a lower learning_rate "
+        f"(now {run.cfg.learning_rate}), gradient clipping with max_grad_norm=1.0 (now {run.cfg.max_grad_norm}), "
+        "a longer warmup_ratio, compute_dtype='bfloat16' or 'float32' instead of float16, or a look at the "
+        "records of that step for very long or garbled text. Start a new output_dir with the fix (a resume "
+        "keeps the settings of the run).",
+        step=step, checkpoint=folder if run.step > 0 else None)
+
+
+def _stop_interrupted(run: _Run, stop: StopRequest) -> None:
+    """Save a checkpoint at this step boundary and raise TrainingInterrupted saying how to resume."""
+    assert stop.signal is not None
+    folder = run.saved_checkpoint
+    if folder is None or folder.name != f"checkpoint-{run.step}":
+        folder = _save_checkpoint(run)
+    raise TrainingInterrupted(
+        f"training stopped by {stop.signal.name} after step {run.step} of {run.total_steps}; the state is saved in "
+        f"{folder}. Resume with the same base model, data and settings plus resume_from_checkpoint=True "
+        f"(Python: finetune(..., resume_from_checkpoint=True); command line: alpaca-lora finetune ... "
+        f"--output_dir {run.output_dir} --resume_from_checkpoint true)",
+        signal_name=stop.signal.name, signal_number=int(stop.signal), step=run.step, checkpoint=folder)
 
 
 def _seed_everything(seed: int) -> None:
