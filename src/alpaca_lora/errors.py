@@ -25,3 +25,7 @@ class ModelError(AlpacaLoraError, ValueError):
 
 class CheckpointError(AlpacaLoraError, ValueError):
     """A checkpoint that is missing, incomplete or from a different run."""
+
+
+class DistributedError(AlpacaLoraError, RuntimeError):
+    """Another process of a multi-process run failed; this one stops too (the message names the rank)."""

@@ -24,15 +24,26 @@ from alpaca_lora.checkpoint import latest_checkpoint, load_checkpoint, save_chec
 from alpaca_lora.collator import InstructionCollator
 from alpaca_lora.config import FinetuneConfig, check_field_names
 from alpaca_lora.data import data_fingerprint, load_instructions, prepare_dataset, split_dataset
+from alpaca_lora.distributed import (
+    Dist,
+    check_world_size,
+    clip_grad_norm,
+    fsdp_requested,
+    full_state_dict,
+    global_step_shard,
+    init_distributed,
+    save_fsdp_adapter,
+    trainable,
+    wrap_fsdp,
+)
 from alpaca_lora.errors import CheckpointError, ConfigError, ModelError
-from alpaca_lora.loss import token_losses_sum
+from alpaca_lora.loss import forward_losses_sum, token_losses_sum
 from alpaca_lora.metrics import MetricsLogger, plot_losses
 from alpaca_lora.model import (
     attach_lora,
     load_model,
     load_tokenizer,
     resolve_compute_dtype,
-    resolve_device,
     trainable_parameters,
 )
 from alpaca_lora.prompts import get_template
@@ -42,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 # Fields that may change between a checkpoint and its resume without changing what was trained.
 _RESUMABLE_CHANGES = {"num_epochs", "max_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                      "resume_from_checkpoint", "report_to", "device"}
+                      "resume_from_checkpoint", "report_to", "device", "ddp_timeout"}
 
 
 @dataclass
@@ -91,6 +102,8 @@ class _Run:
     fingerprint: dict[str, Any]
     metrics: MetricsLogger
     report: Any
+    dist: Dist
+    lora_names: list[str] = field(default_factory=list)  # LoRA parameter names, recorded before any FSDP wrapping
     step: int = 0
     tokens_seen: int = 0
     runtime_s: float = 0.0
@@ -132,12 +145,20 @@ def finetune(
 
     """
     cfg = resolve_config(config, overrides)
-    run = setup(base_model, data, Path(output_dir), cfg)
+    if fsdp_requested() and not cfg.fsdp:
+        cfg = cfg.replace(fsdp=True)  # accelerate launch --config_file <an FSDP config>
+    dist = init_distributed(cfg.device, cfg.ddp_timeout)
     try:
-        fit(run)
-        return save(run)
+        with dist.guard("setup"):  # one rank failing to load the data or the model stops them all
+            run = setup(base_model, data, Path(output_dir), cfg, dist)
+        distribute(run)
+        try:
+            fit(run)
+            return save(run)
+        finally:
+            run.metrics.close()
     finally:
-        run.metrics.close()
+        dist.close()
 
 
 def resolve_config(config: FinetuneConfig | None, overrides: dict[str, Any]) -> FinetuneConfig:
@@ -151,11 +172,20 @@ def resolve_config(config: FinetuneConfig | None, overrides: dict[str, Any]) -> 
 # ---- setup ---------------------------------------------------------------------------------------
 
 
-def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConfig) -> _Run:
-    """Validate and tokenize the data, then load the model, attach LoRA and build the optimizer."""
+def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConfig, dist: Dist | None = None) -> _Run:
+    """Validate and tokenize the data, then load the model, attach LoRA and build the optimizer.
+
+    ``dist`` is this process's place in a multi-process run (see :mod:`alpaca_lora.distributed`);
+    None trains in one process. Local work only: no collective runs here.
+    """
+    dist = dist or init_distributed(cfg.device, cfg.ddp_timeout, environ={})
+    check_world_size(dist, cfg.batch_size, cfg.micro_batch_size)
+    if cfg.fsdp and cfg.resume_from_checkpoint:
+        raise ConfigError("resume_from_checkpoint with fsdp=True: FSDP runs write no resumable checkpoints yet; "
+                          "start without resume_from_checkpoint, or resume without FSDP")
     _seed_everything(cfg.seed)
     template = get_template(cfg.template)
-    device = resolve_device(cfg.device)
+    device = dist.device
     dtype = resolve_compute_dtype(cfg.compute_dtype, device)
     # Data first: bad data fails before any model is loaded (DESIGN mistake 4).
     records = load_instructions(data, column_map=cfg.column_map, skip_bad_records=cfg.skip_bad_records)
@@ -167,17 +197,16 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
     val_set = prepare_dataset(val_raw, tokenizer, desc="tokenize eval", **kwargs)[0] if val_raw else None
     logger.info("data: %s", report.summary())
 
-    model, _ = load_model(base_model, cfg.quantization, cfg.compute_dtype, device=cfg.device)
+    model, _ = load_model(base_model, cfg.quantization, cfg.compute_dtype, device=str(device),
+                          quant_storage="compute" if cfg.fsdp else None)
     model = attach_lora(model, cfg)
-    trainable, total = trainable_parameters(model)
-    logger.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+    n_trainable, total = trainable_parameters(model)
+    logger.info("trainable parameters: %d of %d (%.3f%%)", n_trainable, total, 100 * n_trainable / total)
+    lora_names = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
 
     per_epoch = steps_per_epoch(len(train_set), cfg.micro_batch_size, cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * per_epoch))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    warmup = int(cfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _LrSchedule(cfg.lr_scheduler, warmup, total_steps))
+    optimizer, scheduler = _optimizer(cfg, trainable(model), total_steps)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = {"base_model": art.base_fingerprint(base_model),
@@ -185,11 +214,29 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
     run = _Run(cfg=cfg, output_dir=output_dir, base_model=str(base_model), tokenizer=tokenizer, model=model,
                train_set=train_set, val_set=val_set, collator=InstructionCollator(tokenizer), optimizer=optimizer,
                scheduler=scheduler, device=device, dtype=dtype, total_steps=total_steps, fingerprint=fingerprint,
-               metrics=None, report=report)  # type: ignore[arg-type]
+               metrics=None, report=report, dist=dist, lora_names=lora_names)  # type: ignore[arg-type]
     resumed_at = _maybe_resume(run)
     run.metrics = MetricsLogger(output_dir / art.METRICS_FILE, cfg.report_to, output_dir, cfg.to_dict(),
-                                keep_until_step=resumed_at)
+                                keep_until_step=resumed_at, write=dist.is_main)
     return run
+
+
+def _optimizer(cfg: FinetuneConfig, params: list[torch.nn.Parameter], total_steps: int) -> tuple[Any, Any]:
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _LrSchedule(cfg.lr_scheduler, warmup, total_steps))
+
+
+def distribute(run: _Run) -> None:
+    """Make the ranks agree: rank 0's initial LoRA weights everywhere, then FSDP sharding if asked.
+
+    Under FSDP the optimizer is rebuilt over the sharded parameters (nothing is lost: FSDP runs
+    do not resume). A no-op in a single process.
+    """
+    run.dist.broadcast_parameters(trainable(run.model))
+    if run.cfg.fsdp:
+        run.model = wrap_fsdp(run.model, run.dist)
+        run.optimizer, run.scheduler = _optimizer(run.cfg, trainable(run.model), run.total_steps)
 
 
 class _LrSchedule:
@@ -252,7 +299,8 @@ def fit(run: _Run) -> None:
     cfg = run.cfg
     lengths = list(run.train_set["length"])
     per_epoch = steps_per_epoch(len(lengths), cfg.micro_batch_size, cfg.gradient_accumulation_steps)
-    bar = tqdm(total=run.total_steps, initial=run.step, desc="finetune", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="finetune", unit="step", dynamic_ncols=True,
+               disable=not run.dist.is_main)
     epoch_cache: dict[int, list[list[int]]] = {}
     start = time.perf_counter()
     while run.step < run.total_steps:
@@ -284,33 +332,54 @@ def fit(run: _Run) -> None:
 
 
 def train_step(run: _Run, micro_batches: list[list[int]]) -> tuple[float, float]:
-    """One optimizer step over ``micro_batches``; returns (mean token loss, gradient norm)."""
-    model, cfg = run.model, run.cfg
+    """One optimizer step over ``micro_batches`` (the step's global list); returns (mean token loss, grad norm).
+
+    With several processes each rank trains on its share of ``micro_batches`` and the gradients
+    are summed over ranks, so every rank ends the step with the single-process gradient.
+    """
+    model, cfg, dist = run.model, run.cfg, run.dist
     model.train()
-    batches = [run.collator([run.train_set[i] for i in idx]) for idx in micro_batches]
-    # Normalise by the label tokens of the whole step, so every token weighs the same however the
-    # step is cut into micro-batches (a mean of per-micro-batch means would not).
-    n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    with dist.guard(f"training step {run.step + 1}"):
+        passes = global_step_shard(dist, micro_batches, pad=cfg.fsdp)
+        batches = [(run.collator([run.train_set[i] for i in idx]), counts) for idx, counts in passes]
+        local = [sum(int((b["labels"][:, 1:] != -100).sum()) for b, c in batches if c),
+                 sum(int(b["attention_mask"].sum()) for b, c in batches if c)]
+    # Normalise by the label tokens of the whole step on all ranks, so every token weighs the same
+    # however the step is cut into micro-batches and ranks (a mean of per-batch means would not).
+    n_tokens, n_seen = dist.sum(local)
+    # FSDP averages gradients over ranks; scale by the world size so the result is their sum.
+    weight = (dist.world_size if cfg.fsdp else 1) / max(1.0, n_tokens)
     total = 0.0
-    for batch in batches:
-        batch = {k: v.to(run.device) for k, v in batch.items()}
-        with _autocast(run):
-            loss_sum, _ = token_losses_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                           chunk_size=cfg.loss_chunk_size)
-        (loss_sum / n_tokens).backward()
-        total += float(loss_sum.detach())
-        run.tokens_seen += int(batch["attention_mask"].sum())
-    params = [p for p in model.parameters() if p.requires_grad]
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    with dist.guard(f"training step {run.step + 1}"):
+        for batch, counts in batches:
+            batch = {k: v.to(run.device) for k, v in batch.items()}
+            with _autocast(run):
+                loss_sum = _loss_sum(run, batch)
+            (loss_sum * (weight if counts else 0.0)).backward()
+            total += float(loss_sum.detach()) if counts else 0.0
+    params = trainable(model)
+    (total,) = dist.sum([total])
+    if not cfg.fsdp:
+        dist.sum_gradients(params)
+    norm = clip_grad_norm(model, params, cfg.max_grad_norm, cfg.fsdp)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return total / n_tokens, float(norm)
+    run.tokens_seen += int(n_seen)
+    return total / max(1.0, n_tokens), float(norm)
+
+
+def _loss_sum(run: _Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of token losses of one micro-batch (FSDP must go through the wrapped model's forward)."""
+    if run.cfg.fsdp:
+        return forward_losses_sum(run.model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0]
+    return token_losses_sum(run.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                            chunk_size=run.cfg.loss_chunk_size)[0]
 
 
 @torch.no_grad()
 def evaluate(run: _Run) -> float:
-    """Mean token loss over the validation split (batches sorted by length, no dropout).
+    """Mean token loss over the validation split (batches sorted by length, no dropout, shared by the ranks).
 
     Only the dropout layers are switched to eval mode. ``model.eval()`` would also put the
     bitsandbytes 4-bit layers in inference mode, and on the CPU their first inference forward
@@ -322,17 +391,21 @@ def evaluate(run: _Run) -> float:
         m.eval()
     lengths = list(run.val_set["length"])
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    size = run.cfg.micro_batch_size
     total, n = 0.0, 0
-    for start in range(0, len(order), run.cfg.micro_batch_size):
-        batch = run.collator([run.val_set[i] for i in order[start : start + run.cfg.micro_batch_size]])
-        batch = {k: v.to(run.device) for k, v in batch.items()}
-        with _autocast(run):
-            s, k = token_losses_sum(run.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                    chunk_size=run.cfg.loss_chunk_size)
-        total, n = total + float(s), n + k
+    with run.dist.guard("evaluation"):
+        for idx, counts in global_step_shard(run.dist, [order[s : s + size] for s in range(0, len(order), size)],
+                                             pad=run.cfg.fsdp):
+            batch = run.collator([run.val_set[i] for i in idx])
+            batch = {k: v.to(run.device) for k, v in batch.items()}
+            with _autocast(run):
+                s = _loss_sum(run, batch)
+            k = int((batch["labels"][:, 1:] != -100).sum())
+            total, n = (total + float(s), n + k) if counts else (total, n)
     for m in dropouts:
         m.train()
-    return total / max(1, n)
+    total, n = run.dist.sum([total, n])
+    return total / max(1.0, n)
 
 
 def _autocast(run: _Run) -> Any:
@@ -341,11 +414,19 @@ def _autocast(run: _Run) -> Any:
     return torch.autocast(run.device.type, dtype=run.dtype)
 
 
-def _save_checkpoint(run: _Run) -> Path:
+def _save_checkpoint(run: _Run) -> Path | None:
+    """Rank 0 writes ``checkpoint-N`` (every rank resumes from it; FSDP runs write none yet)."""
+    if run.cfg.fsdp:
+        logger.warning("step %d: no checkpoint written, FSDP runs do not write resumable checkpoints yet", run.step)
+        return None
     state = {"step": run.step, "tokens_seen": run.tokens_seen, "total_steps": run.total_steps,
              "config": run.cfg.to_dict(), "fingerprint": run.fingerprint}
-    return save_checkpoint(run.output_dir, run.step, run.model, run.optimizer, run.scheduler, state,
-                           keep=run.cfg.save_total_limit)
+    folder = None
+    with run.dist.guard(f"checkpoint at step {run.step}"):
+        if run.dist.is_main:
+            folder = save_checkpoint(run.output_dir, run.step, run.model, run.optimizer, run.scheduler, state,
+                                     keep=run.cfg.save_total_limit)
+    return folder
 
 
 def _seed_everything(seed: int) -> None:
@@ -358,14 +439,11 @@ def _seed_everything(seed: int) -> None:
 
 
 def save(run: _Run) -> FinetuneResult:
-    """Write the adapter and everything needed to merge, generate or resume, and return the result."""
+    """Write the adapter and everything needed to merge, generate or resume, and return the result.
+
+    Every rank evaluates and returns the result; only rank 0 writes files.
+    """
     out = run.output_dir
-    run.model.save_pretrained(out, safe_serialization=True)
-    _check_adapter(out, run.model)
-    run.tokenizer.save_pretrained(out)
-    get_template(run.cfg.template).save(out / art.TEMPLATE_FILE)
-    run.cfg.save(out / art.CONFIG_FILE)
-    art.write_json(out / art.FINGERPRINT_FILE, run.fingerprint)
     eval_loss = run.last_eval_loss
     if run.val_set is not None and not any("eval_loss" in r and r["step"] == run.step for r in run.metrics.records):
         eval_loss = evaluate(run)
@@ -374,18 +452,29 @@ def save(run: _Run) -> FinetuneResult:
     result = FinetuneResult(adapter_dir=out, train_loss=train_loss, eval_loss=eval_loss, steps=run.step,
                             tokens_seen=run.tokens_seen, runtime_s=run.runtime_s, records_kept=run.report.kept,
                             records_dropped=dict(run.report.drop_reasons))
-    art.write_json(out / art.RESULTS_FILE, {k: (str(v) if isinstance(v, Path) else v)
-                                            for k, v in result.__dict__.items()})
-    plot_losses(run.metrics.records, out / art.PLOT_FILE)
+    state = full_state_dict(run.model) if run.cfg.fsdp else None  # a collective: all ranks gather
+    with run.dist.guard("save"):
+        if run.dist.is_main:
+            if state is not None:
+                save_fsdp_adapter(run.model.module, state, run.lora_names, out)
+            else:
+                run.model.save_pretrained(out, safe_serialization=True)
+            _check_adapter(out, len(run.lora_names))
+            run.tokenizer.save_pretrained(out)
+            get_template(run.cfg.template).save(out / art.TEMPLATE_FILE)
+            run.cfg.save(out / art.CONFIG_FILE)
+            art.write_json(out / art.FINGERPRINT_FILE, run.fingerprint)
+            art.write_json(out / art.RESULTS_FILE, {k: (str(v) if isinstance(v, Path) else v)
+                                                    for k, v in result.__dict__.items()})
+            plot_losses(run.metrics.records, out / art.PLOT_FILE)
     return result
 
 
-def _check_adapter(folder: Path, model: Any) -> None:
+def _check_adapter(folder: Path, expected: int) -> None:
     """Refuse to finish with an empty adapter file (the failure of tloen/alpaca-lora#293)."""
     from safetensors.torch import load_file
 
     saved = load_file(str(folder / art.ADAPTER_WEIGHTS))
-    expected = sum(1 for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
     if not saved or len(saved) != expected:
         raise ModelError(f"{folder / art.ADAPTER_WEIGHTS} holds {len(saved)} tensors, expected {expected}; "
                          "the adapter was not saved correctly, please report this with your peft version")
