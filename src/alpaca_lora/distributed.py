@@ -258,8 +258,11 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0, environ: M
 
 def _quiet_replica() -> None:
     """Keep informational logs and progress bars to rank 0 (ranks > 0 still show warnings and errors)."""
+    from transformers.utils import logging as hf_logging
+
     logging.getLogger("alpaca_lora").setLevel(logging.WARNING)
     os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm >= 4.66 reads its defaults from TQDM_* variables
+    hf_logging.disable_progress_bar()  # transformers passes its own disable= to tqdm (weight loading)
 
 
 def global_step_shard(dist: Dist, micro_batches: list[list[int]], pad: bool = False) -> list[tuple[list[int], bool]]:

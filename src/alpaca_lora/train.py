@@ -145,8 +145,6 @@ def finetune(
 
     """
     cfg = resolve_config(config, overrides)
-    if fsdp_requested() and not cfg.fsdp:
-        cfg = cfg.replace(fsdp=True)  # accelerate launch --config_file <an FSDP config>
     dist = init_distributed(cfg.device, cfg.ddp_timeout)
     try:
         with dist.guard("setup"):  # one rank failing to load the data or the model stops them all
@@ -179,6 +177,8 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
     None trains in one process. Local work only: no collective runs here.
     """
     dist = dist or init_distributed(cfg.device, cfg.ddp_timeout, environ={})
+    if fsdp_requested() and not cfg.fsdp:
+        cfg = cfg.replace(fsdp=True)  # accelerate launch --config_file <an FSDP config>
     check_world_size(dist, cfg.batch_size, cfg.micro_batch_size)
     if cfg.fsdp and cfg.resume_from_checkpoint:
         raise ConfigError("resume_from_checkpoint with fsdp=True: FSDP runs write no resumable checkpoints yet; "
