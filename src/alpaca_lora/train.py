@@ -347,15 +347,15 @@ def train_step(run: _Run, micro_batches: list[list[int]]) -> tuple[float, float]
     # Normalise by the label tokens of the whole step on all ranks, so every token weighs the same
     # however the step is cut into micro-batches and ranks (a mean of per-batch means would not).
     n_tokens, n_seen = dist.sum(local)
-    # FSDP averages gradients over ranks; scale by the world size so the result is their sum.
-    weight = (dist.world_size if cfg.fsdp else 1) / max(1.0, n_tokens)
+    # FSDP averages gradients over ranks; divide by n_tokens / world_size so the result is their sum.
+    denominator = max(1.0, n_tokens) / (dist.world_size if cfg.fsdp else 1)
     total = 0.0
     with dist.guard(f"training step {run.step + 1}"):
         for batch, counts in batches:
             batch = {k: v.to(run.device) for k, v in batch.items()}
             with _autocast(run):
                 loss_sum = _loss_sum(run, batch)
-            (loss_sum * (weight if counts else 0.0)).backward()
+            (loss_sum / denominator if counts else loss_sum * 0.0).backward()
             total += float(loss_sum.detach()) if counts else 0.0
     params = trainable(model)
     (total,) = dist.sum([total])
