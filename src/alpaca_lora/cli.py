@@ -13,6 +13,7 @@ import argparse
 import ast
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -73,7 +74,7 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple
         elif hint is str:
             kind = str
         parser.add_argument(f"--{f.name}", dest=f.name, type=kind, default=argparse.SUPPRESS, metavar="V",
-                            help=f"{docs.get(f.name, '')} (default: {f.default!r})")
+                            help=f"{docs.get(f.name, '')} (default: {f.default!r})".replace("%", "%%"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,7 +111,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in names}
     config = FinetuneConfig.from_file(args.config) if args.config else None
     result = finetune(args.base_model, args.data, Path(args.output_dir), config=config, **overrides)
-    print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()}, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch, process 0 reports
+        print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()}, indent=2))
     return 0
 
 

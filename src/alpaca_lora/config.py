@@ -100,7 +100,14 @@ class FinetuneConfig:
     loss_chunk_size: int = 1024
     """Label positions per lm_head + cross-entropy chunk; bounds the logits held in memory."""
     device: str = "auto"
-    """Where to train: "auto" (CUDA if present, else CPU), "cpu", "cuda" or "cuda:N"."""
+    """Where to train: "auto" (CUDA if present, else CPU), "cpu", "cuda" or "cuda:N" (under torchrun
+    or accelerate launch, "auto" and "cuda" mean the GPU of the process's LOCAL_RANK)."""
+    fsdp: bool = False
+    """Shard the base model over the processes with FSDP (torchrun/accelerate launch) instead of copying it
+    to each; 4-bit weights are then stored in the compute dtype (``bnb_4bit_quant_storage``) so FSDP can
+    shard them. ``accelerate launch`` with an FSDP config turns this on by itself."""
+    ddp_timeout: int = 1800
+    """Seconds a process waits in a collective for a missing peer before the run fails (multi-process runs)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.resume_from_checkpoint, os.PathLike):  # a Path is as good as its text
@@ -124,7 +131,7 @@ class FinetuneConfig:
                 p.append(f"{name}={value!r}: must be a positive {kind.__name__}")
 
         for name in ("batch_size", "micro_batch_size", "cutoff_len", "lora_r", "logging_steps",
-                     "loss_chunk_size"):
+                     "loss_chunk_size", "ddp_timeout"):
             positive(name)
         positive("learning_rate", float)
         positive("num_epochs", float)
@@ -184,6 +191,9 @@ class FinetuneConfig:
             and all(v in ("instruction", "input", "output") for v in self.column_map.values())
         ):
             p.append(f"column_map={self.column_map!r}: must map your column names to instruction/input/output")
+        if self.fsdp and self.quantization == "int8":
+            p.append("fsdp=True with quantization='int8': FSDP shards 4-bit bases ('nf4', 'fp4') or full-precision "
+                     "ones (None); use quantization='nf4'")
         if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
             p.append(f"device={self.device!r}: must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         return p

@@ -61,3 +61,7 @@ class TrainingInterrupted(AlpacaLoraError):
         self.step = step
         self.checkpoint = checkpoint
         self.exit_code = 128 + signal_number
+
+
+class DistributedError(AlpacaLoraError, RuntimeError):
+    """Another process of a multi-process run failed; this one stops too (the message names the rank)."""

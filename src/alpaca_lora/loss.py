@@ -77,3 +77,21 @@ def token_losses_sum(
         else:
             total = total + _chunk_loss(head, softcap, hs, ys)
     return total, n
+
+
+def forward_losses_sum(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """Like :func:`token_losses_sum`, through the model's own forward (full ``(B, T, V)`` logits).
+
+    For wrappers that must run their root forward, such as FSDP, whose root unit gathers the
+    embedding and lm_head weights only inside ``forward``: calling the decoder and the head
+    separately, as :func:`token_losses_sum` does, would bypass it.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+    target = labels[:, 1:]  # (B, T-1)
+    keep = target != IGNORE_INDEX
+    n = int(keep.sum())
+    if n == 0:
+        return logits.sum() * 0.0, 0
+    return F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="sum"), n

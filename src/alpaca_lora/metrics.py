@@ -20,23 +20,26 @@ class MetricsLogger:
         run_dir: Folder for TensorBoard event files (``run_dir/runs``).
         config: Run configuration passed to wandb.
         keep_until_step: On resume, drop records after this step so the curve is not duplicated.
+        write: False keeps the records in memory only, writing and reporting nothing (the ranks
+            other than 0 of a multi-process run).
 
     """
 
     def __init__(
         self, path: Path, report_to: str | list[str], run_dir: Path, config: dict[str, Any],
-        keep_until_step: int | None = None,
+        keep_until_step: int | None = None, write: bool = True,
     ) -> None:
-        self.path = Path(path)
+        self.path, self.write = Path(path), write
         self.records: list[dict[str, Any]] = []
         if keep_until_step is not None and self.path.is_file():
             lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
             self.records = [r for r in map(_parse, lines) if r is not None and r.get("step", 0) <= keep_until_step]
-        # Rewrite through a temporary file, so a kill here cannot lose the curve logged before it.
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
-        os.replace(tmp, self.path)
-        names = [report_to] if isinstance(report_to, str) else list(report_to)
+        if write:
+            # Rewrite through a temporary file, so a kill here cannot lose the curve logged before it.
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
+            os.replace(tmp, self.path)
+        names = [] if not write else [report_to] if isinstance(report_to, str) else list(report_to)
         self._tb = self._wandb = None
         if "tensorboard" in names:
             try:
@@ -57,6 +60,8 @@ class MetricsLogger:
         """Write one record (it must hold ``step``); NaN and inf are written as strings, never hidden."""
         clean = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self.records.append(clean)
+        if not self.write:
+            return
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(clean) + "\n")
         numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}

@@ -93,8 +93,15 @@ def load_tokenizer(base_model: str | Path) -> Any:
 # ---- model -----------------------------------------------------------------------------------
 
 
-def quantization_config(quantization: str | None, compute_dtype: torch.dtype) -> Any:
-    """Return the bitsandbytes config for "nf4", "fp4", "int8", or None for full precision."""
+def quantization_config(
+    quantization: str | None, compute_dtype: torch.dtype, quant_storage: torch.dtype = torch.uint8
+) -> Any:
+    """Return the bitsandbytes config for "nf4", "fp4", "int8", or None for full precision.
+
+    ``quant_storage`` is the dtype the packed 4-bit weights are stored in: uint8 by default; FSDP
+    needs the compute dtype, because it shards only float tensors and flattens each wrapped unit
+    into one tensor of a single dtype (bitsandbytes' FSDP-QLoRA guide).
+    """
     from transformers import BitsAndBytesConfig
 
     if quantization is None:
@@ -105,7 +112,7 @@ def quantization_config(quantization: str | None, compute_dtype: torch.dtype) ->
             bnb_4bit_quant_type=quantization,
             bnb_4bit_use_double_quant=True,  # QLoRA's double quantization: ~0.4 bit/param saved
             bnb_4bit_compute_dtype=compute_dtype,
-            bnb_4bit_quant_storage=torch.uint8,
+            bnb_4bit_quant_storage=quant_storage,
         )
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -118,6 +125,7 @@ def load_model(
     compute_dtype: str = "auto",
     *,
     device: str = "auto",
+    quant_storage: str | None = None,
 ) -> tuple[Any, Any]:
     """Load a causal LM (4-bit NF4 with double quantization by default) and its tokenizer.
 
@@ -128,6 +136,8 @@ def load_model(
         quantization: "nf4" (default), "fp4", "int8", or None for full precision.
         compute_dtype: "auto", "float32", "bfloat16" or "float16" (see :func:`resolve_compute_dtype`).
         device: "auto", "cpu", "cuda" or "cuda:N".
+        quant_storage: Storage dtype of 4-bit weights: None for uint8, "compute" for the compute
+            dtype (what FSDP needs).
 
     Returns:
         ``(model, tokenizer)``: the model in eval mode on ``device``, ready for :func:`attach_lora`.
@@ -144,7 +154,8 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(base_model),
-            quantization_config=quantization_config(quantization, dtype),
+            quantization_config=quantization_config(quantization, dtype,
+                                                    dtype if quant_storage == "compute" else torch.uint8),
             dtype=dtype,
             device_map={"": dev},
             use_safetensors=True,
@@ -214,7 +225,10 @@ def attach_lora(model: Any, config: Any) -> Any:
 
     targets = resolve_target_modules(model, config.lora_target_modules)
     gc_kwargs = {"use_reentrant": False}
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    # Under FSDP the norms must keep the storage dtype of the 4-bit weights (one dtype per FSDP
+    # unit), so skip prepare_model_for_kbit_training, which casts them to fp32.
+    if quantized and not getattr(config, "fsdp", False):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,16 +35,27 @@ from alpaca_lora.collator import InstructionCollator
 from alpaca_lora.config import FinetuneConfig, check_field_names
 from alpaca_lora.cpu_memory import release_freed_memory_to_os
 from alpaca_lora.data import data_fingerprint, load_instructions, prepare_dataset, split_dataset
+from alpaca_lora.distributed import (
+    Dist,
+    check_world_size,
+    clip_grad_norm,
+    fsdp_requested,
+    full_state_dict,
+    global_step_shard,
+    init_distributed,
+    save_fsdp_adapter,
+    trainable,
+    wrap_fsdp,
+)
 from alpaca_lora.errors import CheckpointError, ConfigError, ModelError, TrainingDiverged, TrainingInterrupted
 from alpaca_lora.interrupt import StopRequest, stop_requests
-from alpaca_lora.loss import token_losses_sum
+from alpaca_lora.loss import forward_losses_sum, token_losses_sum
 from alpaca_lora.metrics import MetricsLogger, plot_losses
 from alpaca_lora.model import (
     attach_lora,
     load_model,
     load_tokenizer,
     resolve_compute_dtype,
-    resolve_device,
     trainable_parameters,
 )
 from alpaca_lora.packing import PackedCollator, attention_kind, batch_tokens, body_kwargs, use_packed_attention
@@ -55,7 +67,7 @@ logger = logging.getLogger(__name__)
 # Fields that may change between a checkpoint and its resume without changing what was trained.
 _RESUMABLE_CHANGES = {"num_epochs", "max_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
                       "resume_from_checkpoint", "report_to", "device", "packing",
-                      "release_cpu_memory"}
+                      "release_cpu_memory", "ddp_timeout"}
 
 
 @dataclass
@@ -104,6 +116,8 @@ class _Run:
     fingerprint: dict[str, Any]
     metrics: MetricsLogger
     report: Any
+    dist: Dist
+    lora_names: list[str] = field(default_factory=list)  # LoRA parameter names, recorded before any FSDP wrapping
     step: int = 0
     tokens_seen: int = 0
     runtime_s: float = 0.0
@@ -151,20 +165,26 @@ def finetune(
 
     """
     cfg = resolve_config(config, overrides)
-    run = setup(base_model, data, Path(output_dir), cfg)
+    dist = init_distributed(cfg.device, cfg.ddp_timeout)
     try:
-        with stop_requests() as stop:  # SIGTERM / first Ctrl-C: checkpoint at the next step boundary
-            fit(run, stop)
-            try:
-                return save(run)
-            except WRITE_ERRORS as exc:
-                raise CheckpointError(
-                    f"could not write the trained adapter to {run.output_dir}: "
-                    f"{'the disk is full' if disk_full(exc) else exc}; the last checkpoint is "
-                    f"{latest_checkpoint(run.output_dir)}. Free space or choose another output_dir (copy the "
-                    "checkpoint-N folders there), then resume with resume_from_checkpoint=True") from None
+        with dist.guard("setup"):  # one rank failing to load the data or the model stops them all
+            run = setup(base_model, data, Path(output_dir), cfg, dist)
+        distribute(run)
+        try:
+            with stop_requests() as stop:  # SIGTERM / first Ctrl-C: checkpoint at the next step boundary
+                fit(run, stop)
+                try:
+                    return save(run)
+                except WRITE_ERRORS as exc:
+                    raise CheckpointError(
+                        f"could not write the trained adapter to {run.output_dir}: "
+                        f"{'the disk is full' if disk_full(exc) else exc}; the last checkpoint is "
+                        f"{latest_checkpoint(run.output_dir)}. Free space or choose another output_dir (copy the "
+                        "checkpoint-N folders there), then resume with resume_from_checkpoint=True") from None
+        finally:
+            run.metrics.close()
     finally:
-        run.metrics.close()
+        dist.close()
 
 
 def resolve_config(config: FinetuneConfig | None, overrides: dict[str, Any]) -> FinetuneConfig:
@@ -178,11 +198,22 @@ def resolve_config(config: FinetuneConfig | None, overrides: dict[str, Any]) -> 
 # ---- setup ---------------------------------------------------------------------------------------
 
 
-def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConfig) -> _Run:
-    """Validate and tokenize the data, then load the model, attach LoRA and build the optimizer."""
+def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConfig, dist: Dist | None = None) -> _Run:
+    """Validate and tokenize the data, then load the model, attach LoRA and build the optimizer.
+
+    ``dist`` is this process's place in a multi-process run (see :mod:`alpaca_lora.distributed`);
+    None trains in one process. Local work only: no collective runs here.
+    """
+    dist = dist or init_distributed(cfg.device, cfg.ddp_timeout, environ={})
+    if fsdp_requested() and not cfg.fsdp:
+        cfg = cfg.replace(fsdp=True)  # accelerate launch --config_file <an FSDP config>
+    check_world_size(dist, cfg.batch_size, cfg.micro_batch_size)
+    if cfg.fsdp and cfg.resume_from_checkpoint:
+        raise ConfigError("resume_from_checkpoint with fsdp=True: FSDP runs write no resumable checkpoints yet; "
+                          "start without resume_from_checkpoint, or resume without FSDP")
     _seed_everything(cfg.seed)
     template = get_template(cfg.template)
-    device = resolve_device(cfg.device)
+    device = dist.device
     dtype = resolve_compute_dtype(cfg.compute_dtype, device)
     if cfg.release_cpu_memory and device.type == "cpu":
         release_freed_memory_to_os()
@@ -196,19 +227,18 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
     val_set = prepare_dataset(val_raw, tokenizer, desc="tokenize eval", **kwargs)[0] if val_raw else None
     logger.info("data: %s", report.summary())
 
-    model, _ = load_model(base_model, cfg.quantization, cfg.compute_dtype, device=cfg.device)
+    model, _ = load_model(base_model, cfg.quantization, cfg.compute_dtype, device=str(device),
+                          quant_storage="compute" if cfg.fsdp else None)
     # from_pretrained returns the model in eval mode; a no-grad forward of a 4-bit layer in eval mode
     # repacks its weights for CPU inference, after which it no longer back-propagates (see evaluate()).
     model = attach_lora(model, cfg).train()
-    trainable, total = trainable_parameters(model)
-    logger.info("trainable parameters: %d of %d (%.3f%%)", trainable, total, 100 * trainable / total)
+    n_trainable, total = trainable_parameters(model)
+    logger.info("trainable parameters: %d of %d (%.3f%%)", n_trainable, total, 100 * n_trainable / total)
+    lora_names = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
 
     per_epoch = steps_per_epoch(len(train_set), cfg.micro_batch_size, cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * per_epoch))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    warmup = int(cfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _LrSchedule(cfg.lr_scheduler, warmup, total_steps))
+    optimizer, scheduler = _optimizer(cfg, trainable(model), total_steps)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     for junk in remove_incomplete(output_dir):  # left by a save that was killed
@@ -219,18 +249,36 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
                train_set=train_set, val_set=val_set, collator=_collator(cfg, tokenizer, model, dtype),
                optimizer=optimizer,
                scheduler=scheduler, device=device, dtype=dtype, total_steps=total_steps, fingerprint=fingerprint,
-               metrics=None, report=report)  # type: ignore[arg-type]
+               metrics=None, report=report, dist=dist, lora_names=lora_names)  # type: ignore[arg-type]
     resumed_at = _maybe_resume(run)
     run.metrics = MetricsLogger(output_dir / art.METRICS_FILE, cfg.report_to, output_dir, cfg.to_dict(),
-                                keep_until_step=resumed_at)
+                                keep_until_step=resumed_at, write=dist.is_main)
     return run
 
 
 def _collator(cfg: FinetuneConfig, tokenizer: Any, model: Any, dtype: torch.dtype) -> Any:
-    if cfg.packing:
+    if cfg.packing and not cfg.fsdp:  # the FSDP forward takes no packing keywords
         use_packed_attention(model)
         return PackedCollator(attention_kind(model), dtype)
     return InstructionCollator(tokenizer)
+
+
+def _optimizer(cfg: FinetuneConfig, params: list[torch.nn.Parameter], total_steps: int) -> tuple[Any, Any]:
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _LrSchedule(cfg.lr_scheduler, warmup, total_steps))
+
+
+def distribute(run: _Run) -> None:
+    """Make the ranks agree: rank 0's initial LoRA weights everywhere, then FSDP sharding if asked.
+
+    Under FSDP the optimizer is rebuilt over the sharded parameters (nothing is lost: FSDP runs
+    do not resume). A no-op in a single process.
+    """
+    run.dist.broadcast_parameters(trainable(run.model))
+    if run.cfg.fsdp:
+        run.model = wrap_fsdp(run.model, run.dist)
+        run.optimizer, run.scheduler = _optimizer(run.cfg, trainable(run.model), run.total_steps)
 
 
 class _LrSchedule:
@@ -299,7 +347,8 @@ def fit(run: _Run, stop: StopRequest | None = None) -> None:
     cfg = run.cfg
     lengths = list(run.train_set["length"])
     per_epoch = steps_per_epoch(len(lengths), cfg.micro_batch_size, cfg.gradient_accumulation_steps)
-    bar = tqdm(total=run.total_steps, initial=run.step, desc="finetune", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="finetune", unit="step", dynamic_ncols=True,
+               disable=not run.dist.is_main)
     epoch_cache: dict[int, list[list[int]]] = {}
     start = time.perf_counter()
     while run.step < run.total_steps:
@@ -329,7 +378,8 @@ def fit(run: _Run, stop: StopRequest | None = None) -> None:
             _save_checkpoint(run)
         if stop is not None and stop.aborted:
             raise KeyboardInterrupt  # a second Ctrl-C whose exception Python dropped
-        if stop is not None and stop.signal is not None and run.step < run.total_steps:
+        signaled = stop is not None and run.dist.sum([float(stop.signal is not None)])[0] > 0
+        if signaled and run.step < run.total_steps:
             bar.close()
             _stop_interrupted(run, stop)
     bar.close()
@@ -337,36 +387,57 @@ def fit(run: _Run, stop: StopRequest | None = None) -> None:
 
 
 def train_step(run: _Run, micro_batches: list[list[int]]) -> tuple[float, float]:
-    """One optimizer step over ``micro_batches``; returns (mean token loss, gradient norm).
+    """One optimizer step over ``micro_batches`` (the step's global list); returns (mean token loss, grad norm).
 
-    A non-finite loss or gradient norm is returned without updating anything (weights, optimizer
+    With several processes each rank trains on its share of ``micro_batches`` and the gradients
+    are summed over ranks, so every rank ends the step with the single-process gradient. A
+    non-finite loss or gradient norm is returned without updating anything (weights, optimizer
     moments, scheduler), so the model stays at its last good state.
     """
-    model, cfg = run.model, run.cfg
+    model, cfg, dist = run.model, run.cfg, run.dist
     model.train()
-    batches = [run.collator([run.train_set[i] for i in idx]) for idx in micro_batches]
-    # Normalise by the label tokens of the whole step, so every token weighs the same however the
-    # step is cut into micro-batches (a mean of per-micro-batch means would not).
-    n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    with dist.guard(f"training step {run.step + 1}"):
+        passes = global_step_shard(dist, micro_batches, pad=cfg.fsdp)
+        batches = [(run.collator([run.train_set[i] for i in idx]), counts) for idx, counts in passes]
+        local = [sum(int((b["labels"][:, 1:] != -100).sum()) for b, c in batches if c),
+                 sum(batch_tokens(b) for b, c in batches if c)]
+    # Normalise by the label tokens of the whole step on all ranks, so every token weighs the same
+    # however the step is cut into micro-batches and ranks (a mean of per-batch means would not).
+    n_tokens, n_seen = dist.sum(local)
+    # FSDP averages gradients over ranks; divide by n_tokens / world_size so the result is their sum.
+    denominator = max(1.0, n_tokens) / (dist.world_size if cfg.fsdp else 1)
     total = 0.0
-    for batch in batches:
-        loss_sum, _ = batch_loss(run, batch)
-        (loss_sum / n_tokens).backward()
-        total += float(loss_sum.detach())
-        run.tokens_seen += batch_tokens(batch)
-    params = [p for p in model.parameters() if p.requires_grad]
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-    loss, grad_norm = total / n_tokens, float(norm)
+    with dist.guard(f"training step {run.step + 1}"):
+        for batch, counts in batches:
+            loss_sum = _loss_sum(run, batch)
+            (loss_sum / denominator if counts else loss_sum * 0.0).backward()
+            total += float(loss_sum.detach()) if counts else 0.0
+    params = trainable(model)
+    (total,) = dist.sum([total])
+    if not cfg.fsdp:
+        dist.sum_gradients(params)
+    norm = clip_grad_norm(model, params, cfg.max_grad_norm, cfg.fsdp)
+    loss, grad_norm = total / max(1.0, n_tokens), float(norm)
     if math.isfinite(loss) and math.isfinite(grad_norm):
         run.optimizer.step()
         run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    run.tokens_seen += int(n_seen)
     return loss, grad_norm
+
+
+def _loss_sum(run: _Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of token losses of one micro-batch (FSDP must go through the wrapped model's forward)."""
+    if not run.cfg.fsdp:
+        return batch_loss(run, batch)[0]
+    batch = {k: v.to(run.device) for k, v in batch.items()}
+    with _autocast(run):
+        return forward_losses_sum(run.model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0]
 
 
 @torch.no_grad()
 def evaluate(run: _Run) -> float:
-    """Mean token loss over the validation split (batches sorted by length, no dropout).
+    """Mean token loss over the validation split (batches sorted by length, no dropout, shared by the ranks).
 
     Only the dropout layers are switched to eval mode. ``model.eval()`` would also put the
     bitsandbytes 4-bit layers in inference mode, and on the CPU their first inference forward
@@ -378,14 +449,19 @@ def evaluate(run: _Run) -> float:
         m.eval()
     lengths = list(run.val_set["length"])
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    size = run.cfg.micro_batch_size
     total, n = 0.0, 0
-    for start in range(0, len(order), run.cfg.micro_batch_size):
-        records = [run.val_set[i] for i in order[start : start + run.cfg.micro_batch_size]]
-        s, k = batch_loss(run, run.collator(records))
-        total, n = total + float(s), n + k
+    with run.dist.guard("evaluation"):
+        for idx, counts in global_step_shard(run.dist, [order[s : s + size] for s in range(0, len(order), size)],
+                                             pad=run.cfg.fsdp):
+            batch = run.collator([run.val_set[i] for i in idx])
+            s = _loss_sum(run, batch)
+            k = int((batch["labels"][:, 1:] != -100).sum())
+            total, n = (total + float(s), n + k) if counts else (total, n)
     for m in dropouts:
         m.train()
-    return total / max(1, n)
+    total, n = run.dist.sum([total, n])
+    return total / max(1.0, n)
 
 
 def batch_loss(run: _Run, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -402,12 +478,20 @@ def _autocast(run: _Run) -> Any:
     return torch.autocast(run.device.type, dtype=run.dtype)
 
 
-def _save_checkpoint(run: _Run, rng: RngState | None = None) -> Path:
+def _save_checkpoint(run: _Run, rng: RngState | None = None) -> Path | None:
+    """Rank 0 writes ``checkpoint-N`` (every rank resumes from it; FSDP runs write none yet)."""
+    if run.cfg.fsdp:
+        logger.warning("step %d: no checkpoint written, FSDP runs do not write resumable checkpoints yet", run.step)
+        return None
     state = {"step": run.step, "tokens_seen": run.tokens_seen, "total_steps": run.total_steps,
              "config": run.cfg.to_dict(), "fingerprint": run.fingerprint}
-    run.saved_checkpoint = save_checkpoint(run.output_dir, run.step, run.model, run.optimizer, run.scheduler,
-                                           state, keep=run.cfg.save_total_limit, rng=rng)
-    return run.saved_checkpoint
+    folder = None
+    with run.dist.guard(f"checkpoint at step {run.step}"):
+        if run.dist.is_main:
+            folder = save_checkpoint(run.output_dir, run.step, run.model, run.optimizer, run.scheduler, state,
+                                     keep=run.cfg.save_total_limit, rng=rng)
+    run.saved_checkpoint = folder
+    return folder
 
 
 def _stop_diverged(run: _Run, loss: float, grad_norm: float, rng: RngState) -> None:
@@ -430,17 +514,21 @@ def _stop_diverged(run: _Run, loss: float, grad_norm: float, rng: RngState) -> N
 
 
 def _stop_interrupted(run: _Run, stop: StopRequest) -> None:
-    """Save a checkpoint at this step boundary and raise TrainingInterrupted saying how to resume."""
-    assert stop.signal is not None
+    """Save a checkpoint at this step boundary and raise TrainingInterrupted saying how to resume.
+
+    In a multi-process run every rank stops at the same step (the request is summed over ranks);
+    a rank that did not receive the signal itself reports SIGTERM.
+    """
+    sig = stop.signal or signal.SIGTERM
     folder = run.saved_checkpoint
     if folder is None or folder.name != f"checkpoint-{run.step}":
         folder = _save_checkpoint(run)
     raise TrainingInterrupted(
-        f"training stopped by {stop.signal.name} after step {run.step} of {run.total_steps}; the state is saved in "
+        f"training stopped by {sig.name} after step {run.step} of {run.total_steps}; the state is saved in "
         f"{folder}. Resume with the same base model, data and settings plus resume_from_checkpoint=True "
         f"(Python: finetune(..., resume_from_checkpoint=True); command line: alpaca-lora finetune ... "
         f"--output_dir {run.output_dir} --resume_from_checkpoint true)",
-        signal_name=stop.signal.name, signal_number=int(stop.signal), step=run.step, checkpoint=folder)
+        signal_name=sig.name, signal_number=int(sig), step=run.step, checkpoint=folder)
 
 
 def _seed_everything(seed: int) -> None:
@@ -453,14 +541,11 @@ def _seed_everything(seed: int) -> None:
 
 
 def save(run: _Run) -> FinetuneResult:
-    """Write the adapter and everything needed to merge, generate or resume, and return the result."""
+    """Write the adapter and everything needed to merge, generate or resume, and return the result.
+
+    Every rank evaluates and returns the result; only rank 0 writes files.
+    """
     out = run.output_dir
-    run.model.save_pretrained(out, safe_serialization=True)
-    _check_adapter(out, run.model)
-    run.tokenizer.save_pretrained(out)
-    get_template(run.cfg.template).save(out / art.TEMPLATE_FILE)
-    run.cfg.save(out / art.CONFIG_FILE)
-    art.write_json(out / art.FINGERPRINT_FILE, run.fingerprint)
     eval_loss = run.last_eval_loss
     if run.val_set is not None and not any("eval_loss" in r and r["step"] == run.step for r in run.metrics.records):
         eval_loss = evaluate(run)
@@ -469,18 +554,29 @@ def save(run: _Run) -> FinetuneResult:
     result = FinetuneResult(adapter_dir=out, train_loss=train_loss, eval_loss=eval_loss, steps=run.step,
                             tokens_seen=run.tokens_seen, runtime_s=run.runtime_s, records_kept=run.report.kept,
                             records_dropped=dict(run.report.drop_reasons))
-    art.write_json(out / art.RESULTS_FILE, {k: (str(v) if isinstance(v, Path) else v)
-                                            for k, v in result.__dict__.items()})
-    plot_losses(run.metrics.records, out / art.PLOT_FILE)
+    state = full_state_dict(run.model) if run.cfg.fsdp else None  # a collective: all ranks gather
+    with run.dist.guard("save"):
+        if run.dist.is_main:
+            if state is not None:
+                save_fsdp_adapter(run.model.module, state, run.lora_names, out)
+            else:
+                run.model.save_pretrained(out, safe_serialization=True)
+            _check_adapter(out, len(run.lora_names))
+            run.tokenizer.save_pretrained(out)
+            get_template(run.cfg.template).save(out / art.TEMPLATE_FILE)
+            run.cfg.save(out / art.CONFIG_FILE)
+            art.write_json(out / art.FINGERPRINT_FILE, run.fingerprint)
+            art.write_json(out / art.RESULTS_FILE, {k: (str(v) if isinstance(v, Path) else v)
+                                                    for k, v in result.__dict__.items()})
+            plot_losses(run.metrics.records, out / art.PLOT_FILE)
     return result
 
 
-def _check_adapter(folder: Path, model: Any) -> None:
+def _check_adapter(folder: Path, expected: int) -> None:
     """Refuse to finish with an empty adapter file (the failure of tloen/alpaca-lora#293)."""
     from safetensors.torch import load_file
 
     saved = load_file(str(folder / art.ADAPTER_WEIGHTS))
-    expected = sum(1 for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
     if not saved or len(saved) != expected:
         raise ModelError(f"{folder / art.ADAPTER_WEIGHTS} holds {len(saved)} tensors, expected {expected}; "
                          "the adapter was not saved correctly, please report this with your peft version")
