@@ -35,6 +35,7 @@ from alpaca_lora.model import (
     resolve_device,
     trainable_parameters,
 )
+from alpaca_lora.preflight import preflight_summary
 from alpaca_lora.prompts import get_template
 from alpaca_lora.sampler import epoch_batches, steps_per_epoch
 
@@ -174,6 +175,8 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
 
     per_epoch = steps_per_epoch(len(train_set), cfg.micro_batch_size, cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * per_epoch))
+    logger.info(preflight_summary(base_model, cfg, model, report, val_records=len(val_set or []),
+                                  total_steps=total_steps, device=device, dtype=dtype))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * total_steps)
