@@ -75,6 +75,7 @@ def test_bad_data_file_fails_in_one_line_naming_the_file(tiny_model_dir, tmp_pat
     assert not (tmp_path / "o").exists()  # failed before the model loaded or anything was written
 
 
+@pytest.mark.slow
 def test_finetune_merge_generate_push(tiny_model_dir, data_file, tmp_path):
     run_cfg = tmp_path / "run.yaml"
     run_cfg.write_text(yaml.safe_dump({"lora_r": 4, "cutoff_len": 64, "batch_size": 4, "micro_batch_size": 2,

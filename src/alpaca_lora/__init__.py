@@ -7,6 +7,7 @@ from alpaca_lora.embedded import default_base_model
 from alpaca_lora.errors import AlpacaLoraError, CheckpointError, ConfigError, DataError, ModelError
 from alpaca_lora.generate import generate
 from alpaca_lora.hub import push_to_hub
+from alpaca_lora.inspection import InspectionReport, inspect_data
 from alpaca_lora.memory import MemoryEstimate, estimate_memory
 from alpaca_lora.merge import merge
 from alpaca_lora.model import load_model
@@ -22,6 +23,7 @@ __all__ = [
     "DataError",
     "FinetuneConfig",
     "FinetuneResult",
+    "InspectionReport",
     "InstructionCollator",
     "MemoryEstimate",
     "ModelError",
@@ -32,6 +34,7 @@ __all__ = [
     "finetune",
     "generate",
     "get_template",
+    "inspect_data",
     "list_templates",
     "load_instructions",
     "load_model",

@@ -67,7 +67,9 @@ def estimate_memory(base_model: str | Path | dict[str, Any], **overrides: Any) -
             ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``,
             ``num_key_value_heads``, ``vocab_size``, ``tie_word_embeddings``).
         **overrides: ``FinetuneConfig`` fields (micro_batch_size, cutoff_len, lora_r, quantization,
-            gradient_checkpointing, ...). ``compute_dtype="auto"`` is taken as bf16 (a GPU).
+            gradient_checkpointing, ...). ``compute_dtype="auto"`` is taken as bf16 (a GPU), or as
+            fp32 with ``device="cpu"``. Every position of a micro-batch is assumed to carry a label
+            (the worst case for the label-only loss chunk).
 
     Returns:
         A :class:`MemoryEstimate`.
@@ -82,7 +84,8 @@ def estimate_memory(base_model: str | Path | dict[str, Any], **overrides: Any) -
     hd = mc.get("head_dim") or h // heads
     vocab = mc["vocab_size"]
     tied = mc.get("tie_word_embeddings", False)
-    act = _DTYPE_BYTES.get(cfg.compute_dtype, 2)
+    # "auto" computes in bf16 on a GPU and in fp32 on a CPU (DESIGN mistake 9).
+    act = 4 if cfg.compute_dtype == "auto" and cfg.device == "cpu" else _DTYPE_BYTES.get(cfg.compute_dtype, 2)
 
     shapes = {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
               "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
