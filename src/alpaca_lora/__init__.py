@@ -15,6 +15,7 @@ from alpaca_lora.errors import (
 )
 from alpaca_lora.generate import generate
 from alpaca_lora.hub import push_to_hub
+from alpaca_lora.inspection import InspectionReport, inspect_data
 from alpaca_lora.memory import MemoryEstimate, estimate_memory
 from alpaca_lora.merge import merge
 from alpaca_lora.model import load_model
@@ -30,6 +31,7 @@ __all__ = [
     "DataError",
     "FinetuneConfig",
     "FinetuneResult",
+    "InspectionReport",
     "InstructionCollator",
     "MemoryEstimate",
     "ModelError",
@@ -42,6 +44,7 @@ __all__ = [
     "finetune",
     "generate",
     "get_template",
+    "inspect_data",
     "list_templates",
     "load_instructions",
     "load_model",

@@ -1,139 +1,232 @@
 """The ``alpaca-lora`` command. The only module that reads ``sys.argv``; nothing imports it.
 
-Flags of ``finetune`` are generated from :class:`FinetuneConfig` (names, types, defaults and the
-field docs), so the command line and the Python API cannot drift apart. Exit codes: 0 success,
-2 usage error, 1 failure with a one-line cause (``--debug`` shows the traceback), 130 / 143 when
-a first Ctrl-C / SIGTERM stopped training after saving a checkpoint (128 + the signal number, as a
-shell reports a job ended by that signal, so schedulers see the stop; the message says how to resume).
+Subcommands: ``finetune``, ``merge``, ``generate``, ``push``, ``inspect``, ``estimate`` and ``demo``.
+Their flags are generated (see :mod:`alpaca_lora.cli_flags`) from :class:`FinetuneConfig` and from
+the signatures and docstrings of the functions they call, so the command line and the Python API
+cannot drift apart. ``--config run.yaml`` (or .json) supplies ``FinetuneConfig`` fields; flags
+override it. Exit codes: 0 success, 2 usage error (unknown flag or config key, with close matches;
+a bad value), 1 failure with a one-line cause (``--debug`` shows the traceback), 130 / 143 when a
+first Ctrl-C / SIGTERM stopped training after saving a checkpoint (128 + the signal number, as a
+shell reports a job ended by that signal; the message says how to resume).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import json
+import logging
 import os
 import sys
-import typing
 from pathlib import Path
 from typing import Any
 
+from alpaca_lora.cli_flags import ArgumentParser, add_dataclass_flags, add_flag, add_signature_flags, docstring_args
 from alpaca_lora.config import FinetuneConfig
 from alpaca_lora.demo import BUDGETS, DemoConfig, format_report, run_demo
-from alpaca_lora.errors import AlpacaLoraError, TrainingInterrupted
+from alpaca_lora.errors import AlpacaLoraError, ConfigError, TrainingInterrupted
+from alpaca_lora.generate import generate
+from alpaca_lora.hub import push_to_hub
+from alpaca_lora.inspection import format_inspection, inspect_data
+from alpaca_lora.memory import estimate_memory, format_fit, parse_memory_size
+from alpaca_lora.merge import merge
+from alpaca_lora.train import finetune
+
+_CONFIG_HELP = "a JSON or YAML file of FinetuneConfig fields; flags override it"
 
 
-def _field_docs(cls: type) -> dict[str, str]:
-    """Read the docstring under each dataclass field from the source (the documented defaults)."""
-    import inspect
-
-    docs: dict[str, str] = {}
-    try:
-        tree = ast.parse(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return docs
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, nxt in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr):
-            if isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-                docs[node.target.id] = nxt.value.value
-    return docs
+class _Usage(Exception):
+    """A usage problem found after parsing (a bad config file or value): exit status 2."""
 
 
-def _parse_value(text: str) -> Any:
-    """Parse a flag value: JSON (numbers, true/false/null, lists, objects) or a plain string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    docs = _field_docs(cls)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        hint = hints[f.name]
-        kind: Any = _parse_value
-        if hint is bool:
-            kind = _bool
-        elif hint is int:
-            kind = int
-        elif hint is float:
-            kind = float
-        elif hint is str:
-            kind = str
-        parser.add_argument(f"--{f.name}", dest=f.name, type=kind, default=argparse.SUPPRESS, metavar="V",
-                            help=f"{docs.get(f.name, '')} (default: {f.default!r})".replace("%", "%%"))
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ArgumentParser:
     """Build the argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="alpaca-lora", description="LoRA/QLoRA instruction tuning.")
+    parser = ArgumentParser(prog="alpaca-lora", description="LoRA/QLoRA instruction tuning of Llama-family models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--quiet", action="store_true", help="print results only, no progress log")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ft = sub.add_parser("finetune", help="fine-tune LoRA adapters on a base model",
+                        description="Fine-tune LoRA adapters; every FinetuneConfig field is a flag.")
+    add_signature_flags(ft, finetune, skip=("config",), as_flags=("base_model", "data"))
+    ft.add_argument("--config", help=_CONFIG_HELP)
+    add_dataclass_flags(ft, FinetuneConfig)
+
+    mg = sub.add_parser("merge", help="fold an adapter into full-precision base weights",
+                        description=_first_line(merge))
+    add_signature_flags(mg, merge)
+
+    gen = sub.add_parser("generate", help="answer instructions with an adapter or merged folder",
+                         description=_first_line(generate))
+    add_signature_flags(gen, generate, skip=("tokenizer",), many=("instruction",))
+
+    push = sub.add_parser("push", help="upload a merged or adapter folder to the Hugging Face Hub",
+                          description=_first_line(push_to_hub) + " The token comes from HF_TOKEN or "
+                          "`hf auth login`, never from the command line.")
+    add_signature_flags(push, push_to_hub, skip=("token",))
+
+    ins = sub.add_parser("inspect", help="count, measure and mask a data set before training",
+                         description=_first_line(inspect_data) + " The masked prompt span of the example "
+                         "is shown in [[...]].")
+    add_signature_flags(ins, inspect_data)
+    ins.add_argument("--config", help=_CONFIG_HELP + " (the data fields are used)")
+
+    est = sub.add_parser("estimate", help="estimate the peak memory of a run, by part",
+                         description=_first_line(estimate_memory) + " Every FinetuneConfig field is a flag.")
+    add_flag(est, "base_model", str, None,
+             docstring_args(estimate_memory)["base_model"] + " None: the embedded default base.")
+    est.add_argument("--config", help=_CONFIG_HELP)
+    add_flag(est, "gpu_memory", str, None, "memory of the GPU, e.g. 24GB or 80GiB: says whether the run fits and "
+             "what to change if not")
+    add_dataclass_flags(est, FinetuneConfig)
 
     demo = sub.add_parser("demo", help="fine-tune the embedded SmolLM2-135M on built-in tasks, end to end")
-    _add_dataclass_flags(demo, DemoConfig)
+    add_dataclass_flags(demo, DemoConfig)
     demo.epilog = f"budgets (optimizer steps of 16 examples): {BUDGETS}"
-
-    ft = sub.add_parser("finetune", help="fine-tune LoRA adapters on a base model")
-    ft.add_argument("--base_model", required=True, help="local model folder or cached Hub id")
-    ft.add_argument("--data", required=True, help="a .json, .jsonl, .csv or .parquet file")
-    ft.add_argument("--output_dir", default="lora-alpaca", help="output folder (default: lora-alpaca)")
-    ft.add_argument("--config", help="a JSON or YAML file of FinetuneConfig fields; flags override it")
-    _add_dataclass_flags(ft, FinetuneConfig)
     return parser
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    names = {f.name for f in dataclasses.fields(DemoConfig)}
-    cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in names})
-    report = run_demo(cfg)
-    print(format_report(report))
-    return 0
+def _first_line(func: Any) -> str:
+    return (func.__doc__ or "").strip().splitlines()[0]
+
+
+def _given(args: argparse.Namespace, names: list[str] | set[str]) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def _config(args: argparse.Namespace) -> FinetuneConfig:
+    """The ``--config`` file (or the defaults) with the FinetuneConfig flags applied on top."""
+    try:
+        cfg = FinetuneConfig.from_file(args.config) if getattr(args, "config", None) else FinetuneConfig()
+        return cfg.replace(**_given(args, {f.name for f in dataclasses.fields(FinetuneConfig)}))
+    except ConfigError as exc:
+        raise _Usage(str(exc)) from None
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from alpaca_lora.train import finetune
-
-    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    overrides = {k: v for k, v in vars(args).items() if k in names}
-    config = FinetuneConfig.from_file(args.config) if args.config else None
-    result = finetune(args.base_model, args.data, Path(args.output_dir), config=config, **overrides)
+    cfg = _config(args)
+    result = finetune(args.base_model, args.data, Path(args.output_dir), config=cfg)
     if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch, process 0 reports
         print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()}, indent=2))
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    kwargs = _given(args, {"base_model", "dtype", "max_shard_size", "merge_into", "allow_base_mismatch", "verify"})
+    out = merge(args.adapter_dir, args.output_dir, **kwargs)
+    report = json.loads((out / "merge_report.json").read_text(encoding="utf-8"))
+    check = report.get("verification") or {}
+    print(f"merged {args.adapter_dir} into {report['base_model']} -> {out} "
+          f"({report['dtype']}, {len(report['weight_files'])} weight file(s))")
+    if check:
+        print("verification: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in check.items() if not isinstance(v, (dict, list))))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    kwargs = {k: v for k, v in vars(args).items()
+              if k not in ("command", "debug", "quiet", "model_or_dir", "instruction")}
+    instructions = args.instruction
+    if kwargs.get("stream"):
+        if len(instructions) > 1:
+            raise _Usage("--stream answers one instruction; give one, or drop --stream")
+        for piece in generate(args.model_or_dir, instructions[0], **kwargs):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    single = len(instructions) == 1
+    texts = generate(args.model_or_dir, instructions[0] if single else instructions, **kwargs)
+    for text in [texts] if single else texts:
+        print(text)
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    kwargs = _given(args, {"private", "dry_run", "commit_message"})
+    files = push_to_hub(args.folder, args.repo_id, **kwargs)
+    verb = "would upload" if kwargs.get("dry_run") else "uploaded"
+    print(f"{verb} {len(files)} file(s) from {args.folder} to {args.repo_id}:")
+    for name in files:
+        print(f"  {name}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    names = {"cutoff_len", "template", "train_on_inputs", "add_eos_token", "column_map"}
+    kwargs = {k: v for k, v in _config(args).to_dict().items() if k in names} if args.config else {}
+    kwargs.update(_given(args, names))
+    report = inspect_data(args.data, getattr(args, "base_model", None), **kwargs)
+    print(format_inspection(report))
+    return 0
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    from alpaca_lora.embedded import default_base_model
+
+    cfg = _config(args)
+    base = getattr(args, "base_model", None) or default_base_model()
+    try:
+        budget = parse_memory_size(args.gpu_memory) if getattr(args, "gpu_memory", None) else None
+    except ConfigError as exc:
+        raise _Usage(str(exc)) from None
+    est = estimate_memory(base, **cfg.to_dict())
+    print(f"base model: {base}")
+    print(est.summary())
+    if budget is not None:
+        print(format_fit(base, budget, cfg.to_dict()))
+    return 0
+
+
+_COMMANDS = {"finetune": _cmd_finetune, "merge": _cmd_merge, "generate": _cmd_generate, "push": _cmd_push,
+             "inspect": _cmd_inspect, "estimate": _cmd_estimate}
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    cfg = DemoConfig(**_given(args, {f.name for f in dataclasses.fields(DemoConfig)}))
+    print(format_report(run_demo(cfg)))
+    return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``alpaca-lora`` command."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    handlers = {"demo": _cmd_demo, "finetune": _cmd_finetune}
+    args, extras = parser.parse_known_args(argv)
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command_parser = subparsers.choices[args.command]
+    if extras:
+        command_parser.fail_unknown(extras)
+    if not args.quiet:
+        log = logging.getLogger("alpaca_lora")
+        if not log.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    handler_fn = {**_COMMANDS, "demo": _cmd_demo}[args.command]
     try:
-        return handlers[args.command](args)
-    except TrainingInterrupted as exc:
+        return handler_fn(args)
+    except _Usage as exc:
+        command_parser.print_usage(sys.stderr)
+        print(f"{command_parser.prog}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as exc:  # a checkpoint was saved; 128 + the signal number, as a shell reports
         print(f"alpaca-lora {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
-    except AlpacaLoraError as exc:
-        if args.debug:
-            raise
-        print(f"alpaca-lora {args.command}: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("alpaca-lora: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        kind = "" if isinstance(exc, AlpacaLoraError) else f"{type(exc).__name__}: "
+        print(f"alpaca-lora {args.command}: error: {kind}{_one_line(exc)} (--debug shows the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,13 +9,14 @@ GPU, and if not, what do I change" before a run starts.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from alpaca_lora.artifacts import resolve_local
 from alpaca_lora.config import FinetuneConfig, check_field_names
-from alpaca_lora.errors import ModelError
+from alpaca_lora.errors import ConfigError, ModelError
 
 GIB = 1024**3
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -66,7 +67,9 @@ def estimate_memory(base_model: str | Path | dict[str, Any], **overrides: Any) -
             ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``,
             ``num_key_value_heads``, ``vocab_size``, ``tie_word_embeddings``).
         **overrides: ``FinetuneConfig`` fields (micro_batch_size, cutoff_len, lora_r, quantization,
-            gradient_checkpointing, ...). ``compute_dtype="auto"`` is taken as bf16 (a GPU).
+            gradient_checkpointing, ...). ``compute_dtype="auto"`` is taken as bf16 (a GPU), or as
+            fp32 with ``device="cpu"``. Every position of a micro-batch is assumed to carry a label
+            (the worst case for the label-only loss chunk).
 
     Returns:
         A :class:`MemoryEstimate`.
@@ -81,7 +84,8 @@ def estimate_memory(base_model: str | Path | dict[str, Any], **overrides: Any) -
     hd = mc.get("head_dim") or h // heads
     vocab = mc["vocab_size"]
     tied = mc.get("tie_word_embeddings", False)
-    act = _DTYPE_BYTES.get(cfg.compute_dtype, 2)
+    # "auto" computes in bf16 on a GPU and in fp32 on a CPU (DESIGN mistake 9).
+    act = 4 if cfg.compute_dtype == "auto" and cfg.device == "cpu" else _DTYPE_BYTES.get(cfg.compute_dtype, 2)
 
     shapes = {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
               "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
@@ -128,3 +132,87 @@ def _targets(spec: str | list[str]) -> set[str]:
     if spec == "all-linear":
         return {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     return set([spec] if isinstance(spec, str) else spec)
+
+
+# ---- will it fit, and what to change -----------------------------------------------------------
+
+GPU_RESERVE = GIB
+"""Margin left on a GPU for the CUDA context and allocator fragmentation, which the estimate does not count."""
+
+
+def parse_memory_size(text: str | int) -> int:
+    """Bytes from an int or a size like ``"24GB"``, ``"24GiB"``, ``"80G"`` or ``"16000MB"``.
+
+    GPU memory is sold in binary units (a "24 GB" card has 24 GiB), so ``GB``, ``G`` and ``GiB`` all
+    mean 2**30 bytes here, and ``MB``/``M``/``MiB`` 2**20.
+    """
+    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
+        return text
+    units = {"": GIB, "G": GIB, "M": 1024**2, "T": 1024**4}
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([GMT]?)(?:I?B)?\s*", str(text).upper())
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(f"gpu_memory={text!r}: give a size like '24GB', '80GiB' or '16000MB'")
+    return int(float(match.group(1)) * units[match.group(2)])
+
+
+def suggest_changes(base_model: str | Path | dict[str, Any], budget_bytes: int,
+                    **overrides: Any) -> list[tuple[str, MemoryEstimate]]:
+    """Changes, applied one after another, that bring the estimate within ``budget_bytes``.
+
+    They come in order of what they cost: gradient checkpointing (compute), a smaller loss chunk,
+    a smaller micro-batch with the same global batch (speed, not results), 4-bit weights, then a
+    shorter ``cutoff_len`` (it changes the data: more examples are truncated).
+
+    Returns:
+        ``(description, estimate after this and the earlier changes)`` pairs, up to the first that
+        fits; empty when the run fits as it is. The last estimate may still not fit.
+
+    """
+    cfg = FinetuneConfig().replace(**overrides)
+    est = estimate_memory(base_model, **cfg.to_dict())
+    steps: list[tuple[str, MemoryEstimate]] = []
+
+    def apply(text: str, **change: Any) -> bool:
+        nonlocal cfg, est
+        cfg = cfg.replace(**change)
+        est = estimate_memory(base_model, **cfg.to_dict())
+        steps.append((text, est))
+        return est.fits(budget_bytes)
+
+    if est.fits(budget_bytes):
+        return steps
+    if not cfg.gradient_checkpointing and apply("gradient_checkpointing=True", gradient_checkpointing=True):
+        return steps
+    if cfg.loss_chunk_size > 256 and apply("loss_chunk_size=256", loss_chunk_size=256):
+        return steps
+    while cfg.micro_batch_size > 1:
+        mb = cfg.micro_batch_size // 2
+        while cfg.batch_size % mb:
+            mb -= 1
+        if apply(f"micro_batch_size={mb} (batch_size stays {cfg.batch_size}: more accumulation steps)",
+                 micro_batch_size=mb):
+            return steps
+    if cfg.quantization != "nf4" and apply("quantization='nf4'", quantization="nf4"):
+        return steps
+    while cfg.cutoff_len > 128:
+        if apply(f"cutoff_len={cfg.cutoff_len // 2} (check truncation with `alpaca-lora inspect`)",
+                 cutoff_len=cfg.cutoff_len // 2):
+            return steps
+    return steps
+
+
+def format_fit(base_model: str | Path | dict[str, Any], gpu_bytes: int, overrides: dict[str, Any]) -> str:
+    """Say whether the run fits a GPU of ``gpu_bytes`` (keeping :data:`GPU_RESERVE` free) and what to change if not."""
+    budget = gpu_bytes - GPU_RESERVE
+    est = estimate_memory(base_model, **overrides)
+    head = (f"GPU memory {gpu_bytes / GIB:.1f} GiB, of which {budget / GIB:.1f} GiB usable "
+            f"({GPU_RESERVE / GIB:.0f} GiB kept for the CUDA context and fragmentation)")
+    if est.fits(budget):
+        return f"{head}\nfits: estimated peak {est.total / GIB:.2f} GiB ({est.total / budget:.0%} of usable)"
+    lines = [head, f"does NOT fit: estimated peak {est.total / GIB:.2f} GiB; change, in this order:"]
+    steps = suggest_changes(base_model, budget, **overrides)
+    for text, after in steps:
+        lines.append(f"  {text:<70} -> {after.total / GIB:.2f} GiB")
+    if not steps or not steps[-1][1].fits(budget):
+        lines.append("  still too large: use a smaller base model or a GPU with more memory")
+    return "\n".join(lines)

@@ -59,6 +59,7 @@ from alpaca_lora.model import (
     trainable_parameters,
 )
 from alpaca_lora.packing import PackedCollator, attention_kind, batch_tokens, body_kwargs, use_packed_attention
+from alpaca_lora.preflight import preflight_summary
 from alpaca_lora.prompts import get_template
 from alpaca_lora.sampler import epoch_batches, steps_per_epoch
 
@@ -238,6 +239,9 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
 
     per_epoch = steps_per_epoch(len(train_set), cfg.micro_batch_size, cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * per_epoch))
+    if dist.is_main:
+        logger.info(preflight_summary(base_model, cfg, model, report, val_records=len(val_set or []),
+                                      total_steps=total_steps, device=device, dtype=dtype))
     optimizer, scheduler = _optimizer(cfg, trainable(model), total_steps)
 
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,203 @@
+"""The ``alpaca-lora`` command, run as a user runs it: ``python -m alpaca_lora ...`` in a subprocess."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from alpaca_lora import FinetuneConfig, estimate_memory
+from alpaca_lora.cli import main
+from alpaca_lora.cli_flags import field_docs
+from alpaca_lora.hub import export_files
+from alpaca_lora.inspection import inspect_data
+from alpaca_lora.memory import GIB
+from test_push import TOKEN, FakeHub
+
+
+def run_main(*args):
+    """Run ``main`` in this process (for usage checks that need no fresh interpreter)."""
+    return main(["--quiet", *map(str, args)])
+
+
+def cli(*args, env=None, timeout=300):
+    """Run the command in a fresh interpreter; return (exit status, stdout, stderr)."""
+    run = subprocess.run([sys.executable, "-m", "alpaca_lora", *map(str, args)], capture_output=True, text=True,
+                         env={**os.environ, **(env or {})}, timeout=timeout)
+    return run.returncode, run.stdout, run.stderr
+
+
+@pytest.fixture(scope="module")
+def records():
+    return [{"instruction": f"Add {i} and {i + 1}.", "input": f"numbers {i}" if i % 2 else "",
+             "output": str(2 * i + 1)} for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory, records):
+    path = tmp_path_factory.mktemp("data") / "train.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_finetune_help_lists_every_field_with_doc_and_default():
+    code, out, _ = cli("finetune", "--help")
+    assert code == 0
+    flat = " ".join(out.split())
+    docs = field_docs(FinetuneConfig)
+    for f in dataclasses.fields(FinetuneConfig):
+        assert f"--{f.name}" in out, f.name
+        assert " ".join(docs[f.name].replace("``", "").split())[:40] in flat, f.name
+        assert f"(default: {f.default!r})" in flat, f.name
+    for flag in ("--base_model", "--data", "--output_dir", "--config"):
+        assert flag in out
+
+
+def test_unknown_flag_is_a_usage_error_with_close_matches():
+    code, out, err = cli("finetune", "--base_model", "m", "--data", "d.json", "--lora_rank", "8", "--micro-batchsize",
+                         "2")
+    assert code == 2 and out == ""
+    assert "--lora_rank (did you mean --lora_r" in err and "--micro_batch_size" in err
+    assert "Traceback" not in err
+
+
+def test_bad_data_file_fails_in_one_line_naming_the_file(tiny_model_dir, tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text('[{"instruction": "x", "output": "y"},')
+    code, out, err = cli("finetune", "--base_model", tiny_model_dir, "--data", bad, "--output_dir", tmp_path / "o")
+    assert code == 1 and out == ""
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("alpaca-lora finetune: error:") and str(bad) in last and "line 1" in last
+    assert not (tmp_path / "o").exists()  # failed before the model loaded or anything was written
+
+
+@pytest.mark.slow
+def test_finetune_merge_generate_push(tiny_model_dir, data_file, tmp_path):
+    run_cfg = tmp_path / "run.yaml"
+    run_cfg.write_text(yaml.safe_dump({"lora_r": 4, "cutoff_len": 64, "batch_size": 4, "micro_batch_size": 2,
+                                       "val_set_size": 4}))
+    out_dir = tmp_path / "adapter"
+    code, out, err = cli("finetune", "--base_model", tiny_model_dir, "--data", data_file, "--output_dir", out_dir,
+                         "--config", run_cfg, "--lora_r", "8", "--max-steps", "2", "--train_on_inputs")
+    assert code == 0, err[-3000:]
+    result = json.loads(out)
+    assert result["steps"] == 2 and result["records_kept"] == 20
+    saved = json.loads((out_dir / "finetune_config.json").read_text())
+    assert saved["lora_r"] == 8 and saved["cutoff_len"] == 64 and saved["train_on_inputs"] is True  # flag > file
+    # The preflight summary comes before training starts.
+    pre = err[err.index("preflight:"):]
+    assert err.index("preflight:") < err.index("finetune:")
+    assert "4-bit NF4" in pre and "20 kept for training, 0 dropped" in pre and "4 held out" in pre
+    assert "2 optimizer steps of 4 examples (2 micro-batches of 2)" in pre and "GiB estimated peak" in pre
+    trainable = 2 * 8 * ((64 + 64) + (64 + 32) + (64 + 32) + (64 + 64))  # layers x r x (in + out) of q, k, v, o
+    assert f"trainable     {trainable:,} of" in pre
+
+    merged = tmp_path / "merged"
+    code, out, err = cli("merge", out_dir, merged, "--dtype", "float32")
+    assert code == 0, err[-3000:]
+    assert f"-> {merged}" in out and "verification:" in out
+    assert (merged / "model.safetensors").is_file()
+
+    code, out, err = cli("generate", merged, "Add 2 and 3.", "Add 4 and 5.", "--max_new_tokens", "4")
+    assert code == 0, err[-3000:]
+    from alpaca_lora import generate
+
+    assert out.splitlines() == generate(merged, ["Add 2 and 3.", "Add 4 and 5."], max_new_tokens=4)
+
+    hub = FakeHub()
+    try:
+        code, out, err = cli("push", merged, "me/tiny", "--private", "false",
+                             env={"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0",
+                                  "HF_HOME": str(tmp_path / "hf"), "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"})
+    finally:
+        hub.server.shutdown()
+    assert code == 0, err[-3000:]
+    assert sorted(hub.files["me/tiny"]) == export_files(merged)
+    assert hub.repos["me/tiny"]["visibility"] == "public"
+    assert f"uploaded {len(export_files(merged))} file(s)" in out and TOKEN not in out + err
+
+
+def test_push_dry_run_and_missing_folder(tmp_path, capsys):
+    assert run_main("push", tmp_path / "nothing", "me/x", "--dry_run") == 1
+    assert "no model weights" in capsys.readouterr().err
+
+
+def test_inspect_reports_bad_records_lengths_and_mask(tiny_model_dir, records, tmp_path):
+    rows = [*records[:10], {"instruction": "Tell a long story.", "input": "", "output": "word " * 200}]
+    path = tmp_path / "mixed.jsonl"
+    lines = [json.dumps(r) for r in rows]
+    lines.insert(3, '{"instruction": "no output"}')
+    lines.insert(6, "{not json")
+    path.write_text("\n".join(lines) + "\n")
+    code, out, err = cli("inspect", path, "--base-model", tiny_model_dir, "--cutoff-len", "96")
+    assert code == 0, err[-3000:]
+    report = inspect_data(path, tiny_model_dir, cutoff_len=96)
+    assert report.records == 13 and len(report.bad_records) == 2 and report.good_records == 11
+    assert "13 read, 11 good, 2 bad" in out
+    assert f"{path} line 4" in out and f"{path} line 7" in out  # bad records named by file and line
+    lp = report.length_percentiles
+    assert f"p50 {lp['p50']}  p90 {lp['p90']}  p99 {lp['p99']}  max {lp['max']}" in out
+    assert lp["max"] > 96 and report.over_cutoff == 1 and report.truncated == 1 and report.kept == 11
+    assert "11 kept, 1 of them truncated" in out
+    # The example's masked prompt is in [[...]], and only the response + EOS follow it.
+    assert report.example.startswith("[[") and report.example.endswith("<|im_end|>")
+    assert report.example in out and "### Response:" in report.example.split("]]")[0]
+
+
+def test_inspect_bad_file_and_config_fields(tiny_model_dir, data_file, tmp_path, capsys):
+    missing = tmp_path / "missing.json"
+    assert run_main("inspect", missing, "--base_model", tiny_model_dir) == 1
+    err = capsys.readouterr().err
+    assert str(missing) in err and len(err.strip().splitlines()) == 1
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"cutoff_len": 32, "train_on_inputs": True}))
+    assert run_main("inspect", data_file, "--base_model", tiny_model_dir, "--config", cfg) == 0
+    out = capsys.readouterr().out
+    assert "cutoff_len: 32   train_on_inputs: True" in out and "[[" not in out  # nothing masked
+    cfg.write_text(json.dumps({"cutof_len": 32}))
+    assert run_main("inspect", data_file, "--base_model", tiny_model_dir, "--config", cfg) == 2
+    assert "did you mean cutoff_len" in capsys.readouterr().err
+
+
+def test_estimate_fits_or_says_what_to_change(tiny_model_dir, capsys):
+    code, out, err = cli("estimate", "--base-model", tiny_model_dir, "--micro_batch_size", "8",
+                         "--batch_size", "16", "--gpu-memory", "1.5GB", "--compute_dtype", "float32")
+    assert code == 0, err[-3000:]
+    est = estimate_memory(tiny_model_dir, micro_batch_size=8, batch_size=16, compute_dtype="float32")
+    assert f"{est.total / GIB:8.3f} GiB" in out
+    assert "does NOT fit" in out and "loss_chunk_size=256" in out
+    assert run_main("estimate", "--base_model", tiny_model_dir, "--gpu_memory", "24GB") == 0
+    assert "fits: estimated peak" in capsys.readouterr().out
+    assert run_main("estimate", "--base_model", tiny_model_dir, "--gpu_memory", "lots") == 2
+    assert "gpu_memory='lots'" in capsys.readouterr().err
+    assert run_main("estimate", "--base_model", tiny_model_dir, "--quantization", "nf5") == 2
+    assert "did you mean 'nf4'" in capsys.readouterr().err
+
+
+def test_flags_come_from_signatures_and_docstrings():
+    import inspect
+
+    from alpaca_lora import generate, merge
+    from alpaca_lora.cli import build_parser
+    from alpaca_lora.cli_flags import converter, docstring_args
+
+    docs = docstring_args(merge)
+    assert set(docs) == set(inspect.signature(merge).parameters)
+    assert docs["max_shard_size"].startswith("Largest safetensors shard") and "1GiB" in docs["max_shard_size"]
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    gen_flags = set(sub["generate"].known_flags())
+    for name, p in inspect.signature(generate).parameters.items():
+        if p.kind is p.KEYWORD_ONLY and name != "tokenizer":
+            assert f"--{name}" in gen_flags, name
+    assert "--token" not in sub["push"].known_flags()  # a token never goes on a command line
+    hints = inspect.get_annotations(generate, eval_str=True)
+    assert converter(hints["instruction"])("42") == "42" and converter(hints["input"])("null") is None
+    assert converter(hints["top_k"])("null") is None and converter(hints["top_k"])("5") == 5
+    fields = inspect.get_annotations(FinetuneConfig, eval_str=True)
+    assert converter(fields["lora_target_modules"])('["q_proj", "v_proj"]') == ["q_proj", "v_proj"]
+    assert converter(fields["lora_target_modules"])("attention") == "attention"
+    assert converter(fields["val_set_size"])("100") == 100.0
