@@ -71,7 +71,7 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple
         elif hint is str:
             kind = str
         parser.add_argument(f"--{f.name}", dest=f.name, type=kind, default=argparse.SUPPRESS, metavar="V",
-                            help=f"{docs.get(f.name, '')} (default: {f.default!r})")
+                            help=f"{docs.get(f.name, '')} (default: {f.default!r})".replace("%", "%%"))
 
 
 def build_parser() -> argparse.ArgumentParser:
