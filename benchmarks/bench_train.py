@@ -80,7 +80,7 @@ def build_model(shape: str, cache: Path) -> Path:
 def run_one(recipe: str, model_dir: Path, cutoff: int, mb: int, steps: int, warmup: int,
             sets: list[str], tag: str, scratch: Path) -> dict:
     """Run one configuration in a fresh process and return its JSON result."""
-    out = scratch / f"{tag}.json"
+    out = scratch / (tag.replace("/", "_").replace(" ", "_").replace("=", "-") + ".json")
     cmd = [sys.executable, str(HERE / "bench_worker.py"), "--recipe", recipe, "--model-dir", str(model_dir),
            "--data-dir", str(DATA), "--cutoff", str(cutoff), "--micro-batch", str(mb), "--steps", str(steps),
            "--warmup", str(warmup), "--records", str(max(64, mb * (steps + 2))), "--out", str(out)]
@@ -113,10 +113,10 @@ def plan(quick: bool) -> dict:
     """The configurations: headline, ablations and sweeps."""
     if quick:
         return {"steps": 4, "warmup": 1, "headline": ("smollm2-135m", 512, 4),
-                "ablations": [["packing=false"], ["release_cpu_memory=false"]],
+                "ablations": [["packing=false"], ["release_cpu_memory=true"]],
                 "sweep_shape": "tiny", "seq": [128, 512, 1024], "mb": [1, 4, 8], "sweep_steps": 6}
     return {"steps": 8, "warmup": 2, "headline": ("smollm2-135m", 512, 4),
-            "ablations": [["packing=false"], ["packing=false", "group_by_length=true"], ["release_cpu_memory=false"],
+            "ablations": [["packing=false"], ["packing=false", "group_by_length=true"], ["release_cpu_memory=true"],
                           ["gradient_checkpointing=false"], ["loss_chunk_size=256"]],
             "sweep_shape": "smollm2-135m", "seq": [128, 256, 512, 1024], "mb": [1, 2, 4, 8], "sweep_steps": 5}
 

@@ -94,9 +94,9 @@ class FinetuneConfig:
     """Skip malformed data records (and report them) instead of failing on the first one."""
     column_map: dict[str, str] | None = None
     """Map your column names to instruction/input/output, e.g. {"question": "instruction"}."""
-    release_cpu_memory: bool = True
+    release_cpu_memory: bool = False
     """On a Linux CPU, return freed activation memory to the OS at once (glibc mmap threshold 256 KiB):
-    a much lower peak RSS for a few more page faults. Process-wide; ignored on GPUs and other systems."""
+    peak RSS about 23% lower, but steps about 2x slower (page faults). Process-wide; CPU only."""
     loss_chunk_size: int = 1024
     """Label positions per lm_head + cross-entropy chunk; bounds the logits held in memory."""
     device: str = "auto"
