@@ -60,7 +60,7 @@ def step_stats(times: list[float], tokens: list[int], warmup: int) -> dict:
             "step_s": [round(x, 4) for x in times], "step_tokens": tokens}
 
 
-def time_split(full, body, reps: int = 1) -> dict:
+def time_split(full, body, reps: int = 3) -> dict:
     """Median forward+backward time of the whole loss and of the model body alone (same batch)."""
 
     def once(fn) -> float:

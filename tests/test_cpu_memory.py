@@ -13,6 +13,16 @@ RECORDS = [{"instruction": "Say hi", "input": "", "output": "hi there"}] * 4
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
+@pytest.fixture(autouse=True)
+def _restore_malloc():
+    """The setting is process-wide: give later tests glibc's usual ceiling back."""
+    from alpaca_lora import cpu_memory
+
+    yield
+    cpu_memory._run_threshold.clear()
+    cpu_memory._set_mmap_threshold(cpu_memory.MMAP_THRESHOLD_MAX)
+
+
 def test_applies_on_glibc_and_reports_it():
     assert release_freed_memory_to_os() is GLIBC
 
@@ -25,3 +35,18 @@ def test_setup_applies_it_only_when_configured(tiny_model_dir, tmp_path, caplog,
     run.metrics.close()
     applied = any("returned to the OS" in r.getMessage() for r in caplog.records)
     assert applied is (flag and GLIBC)
+
+
+def test_loading_threshold_is_undone_to_the_runs_own_or_the_ceiling(monkeypatch):
+    from alpaca_lora import cpu_memory
+
+    calls: list[int] = []
+    monkeypatch.setattr(cpu_memory, "_set_mmap_threshold", lambda t: calls.append(t) or True)
+    monkeypatch.setattr(cpu_memory, "_run_threshold", [])
+    with cpu_memory.heap_returned_while():
+        assert calls == [cpu_memory.MMAP_THRESHOLD_BYTES]
+    assert calls[-1] == cpu_memory.MMAP_THRESHOLD_MAX  # glibc's own ceiling, not the low loading value
+    cpu_memory.release_freed_memory_to_os(512 * 1024)
+    with pytest.raises(RuntimeError), cpu_memory.heap_returned_while():
+        raise RuntimeError("loading failed")
+    assert calls[-1] == 512 * 1024  # a run that asked for release_cpu_memory keeps its setting

@@ -47,3 +47,64 @@ def test_no_label_tokens_gives_zero_count_and_finite_zero(model):
     ids = torch.randint(0, 300, (1, 8))
     total, n = token_losses_sum(model, ids, torch.ones_like(ids), torch.full_like(ids, -100))
     assert n == 0 and float(total) == 0.0
+
+
+@pytest.mark.parametrize(("bias", "softcap"), [(False, None), (True, None), (False, 30.0)])
+def test_fused_linear_cross_entropy_matches_autograd_loss_and_gradients(bias, softcap):
+    """The gradient made in the forward pass equals autograd's through full logits, for every input."""
+    import torch.nn.functional as F
+
+    from alpaca_lora.loss import linear_cross_entropy_sum
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    target = torch.randint(0, 50, (37,))
+
+    def reference() -> torch.Tensor:
+        logits = head(hidden).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits, target, reduction="sum")
+
+    params = [hidden, *head.parameters()]
+    (reference() * 0.3).backward()
+    expected = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    loss = linear_cross_entropy_sum(head, hidden, target, softcap, chunk_size=8)  # 5 chunks, the last partial
+    (loss * 0.3).backward()
+    assert torch.allclose(loss, reference(), atol=1e-4)
+    for got, want in zip((p.grad for p in params), expected, strict=True):
+        assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_fused_loss_stores_no_logits_for_the_backward_pass():
+    """What the loss keeps for backward is (N, H) gradients, never (N, V) logits."""
+    from alpaca_lora.loss import linear_cross_entropy_sum
+
+    head = torch.nn.Linear(8, 1000, bias=False).requires_grad_(False)
+    hidden = torch.randn(64, 8, requires_grad=True)
+    saved: list[torch.Size] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        linear_cross_entropy_sum(head, hidden, torch.randint(0, 1000, (64,)), chunk_size=16)
+    assert saved and all(s.numel() <= 64 * 8 for s in saved)
+
+
+def test_other_heads_take_the_autograd_path_with_the_same_result():
+    from alpaca_lora.loss import linear_cross_entropy_sum
+
+    class Head(torch.nn.Module):  # not an nn.Linear, like a LoRA-wrapped lm_head
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = torch.nn.Linear(8, 40)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x)
+
+    torch.manual_seed(0)
+    wrapped = Head()
+    hidden, target = torch.randn(10, 8), torch.randint(0, 40, (10,))
+    fused = linear_cross_entropy_sum(wrapped.inner, hidden, target, chunk_size=3)
+    generic = linear_cross_entropy_sum(wrapped, hidden, target, chunk_size=3)
+    assert torch.allclose(fused, generic, atol=1e-5)

@@ -80,3 +80,45 @@ def test_setup_leaves_the_4bit_model_trainable_after_a_no_grad_probe(tiny_model_
     assert layers and all(m.training for m in layers)
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
     run.metrics.close()
+
+
+def test_cpu_load_keeps_no_tensor_inside_the_mapped_weight_file(tiny_model_dir):
+    """An fp32 checkpoint's embedding is a view of the mmap'd file; after loading it must own its memory."""
+    from transformers import AutoModelForCausalLM
+
+    from alpaca_lora.model import _mapped_weight_ranges, copy_file_backed_tensors, load_model
+
+    def pointing_into_files(model: torch.nn.Module) -> int:
+        ranges = _mapped_weight_ranges()
+        return sum(any(a <= t.untyped_storage().data_ptr() < b for a, b in ranges)
+                   for t in [*model.parameters(), *model.buffers()])
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # what from_pretrained alone leaves
+    if not pointing_into_files(plain):
+        pytest.skip("this platform shows no memory-mapped weights (no /proc/self/maps)")
+    embedding = plain.get_input_embeddings().weight.detach().clone()
+    assert copy_file_backed_tensors(plain) > 0 and pointing_into_files(plain) == 0
+    assert torch.equal(plain.get_input_embeddings().weight, embedding)  # same values, own memory
+    assert plain.get_output_embeddings().weight is plain.get_input_embeddings().weight  # still tied
+
+    model, _ = load_model(tiny_model_dir, device="cpu")
+    assert pointing_into_files(model) == 0
+
+
+def test_no_grad_forward_pauses_checkpointing_and_restores_it(tiny_model_dir, tmp_path):
+    """Evaluation runs the layers without checkpointing (no per-layer warning) and training gets it back."""
+    import warnings
+
+    from alpaca_lora import FinetuneConfig
+    from alpaca_lora.train import evaluate, setup
+
+    records = [{"instruction": "Say hi", "input": "", "output": "hi"}] * 8
+    run = setup(tiny_model_dir, records, tmp_path, FinetuneConfig(val_set_size=2, max_steps=1, cutoff_len=96))
+    flags = [m for m in run.model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    assert flags
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert evaluate(run) > 0
+    assert not [w for w in caught if "requires_grad" in str(w.message)]
+    assert all(m.gradient_checkpointing for m in flags)
+    run.metrics.close()

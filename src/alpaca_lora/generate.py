@@ -21,6 +21,7 @@ import torch
 from alpaca_lora import artifacts as art
 from alpaca_lora.data import tokenize_prompt
 from alpaca_lora.errors import ConfigError, ModelError
+from alpaca_lora.model import checkpointing_paused
 from alpaca_lora.prompts import PromptTemplate, get_template
 
 _CACHE_SIZE = 2
@@ -296,6 +297,8 @@ class _EvalMode:
 
     def __enter__(self) -> None:
         if self.only_dropout:
+            self.paused = checkpointing_paused(self.model)
+            self.paused.__enter__()
             for m in self.dropouts:
                 m.eval()
         else:
@@ -305,6 +308,7 @@ class _EvalMode:
         if self.only_dropout:
             for m in self.dropouts:
                 m.train()
+            self.paused.__exit__(*exc)
         else:
             self.model.train(self.was_training)
 

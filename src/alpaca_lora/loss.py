@@ -3,18 +3,27 @@
 The usual path builds logits for every position, ``(B, T, V)`` floats (for a 49k vocabulary,
 micro-batch 8 and 512 tokens that is 800 MB in fp32), and then throws most of them away: prompt
 and padding positions carry no loss. Here the body's hidden states are gathered at the label
-positions first, and lm_head + cross-entropy run over those in chunks, each chunk recomputed in
-the backward pass, so at most ``chunk_size x V`` logits exist at once. The math is the same:
-the sum of token cross-entropies over label positions.
+positions first, and lm_head + cross-entropy run over those in chunks, so at most
+``chunk_size x V`` logits exist at once. The math is the same: the sum of token cross-entropies
+over label positions.
+
+When the head is a plain ``nn.Linear`` (the Llama family's ``lm_head``, tied or not), each chunk's
+gradient is made right away in the forward pass (softmax minus one-hot, turned in place out of the
+logits buffer) and kept as ``(N, H)`` gradients of the hidden states, so the backward pass neither
+recomputes nor stores any logits. Other heads (a LoRA-wrapped or quantized ``lm_head``) take the
+same chunks through autograd, each recomputed in the backward pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from alpaca_lora.model import checkpointing_paused
 
 IGNORE_INDEX = -100
 
@@ -31,6 +40,100 @@ def _chunk_loss(
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return F.cross_entropy(logits, target, reduction="sum")
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against ``target``, chunk by chunk.
+
+    The gradients are made in the forward pass, one chunk at a time, and scaled in the backward.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        target: torch.Tensor,
+        softcap: float | None,
+        chunk_size: int,
+    ) -> torch.Tensor:
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, target.numel(), chunk_size):
+            h, y = hidden[start : start + chunk_size], target[start : start + chunk_size]
+            logits = F.linear(h, weight, bias).float()  # (n, V)
+            squash = None
+            if softcap:
+                squash = torch.tanh(logits.div_(softcap))
+                logits = squash * softcap
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            grad[torch.arange(y.numel(), device=y.device), y] -= 1.0
+            if squash is not None:  # d(c * tanh(x / c)) / dx = 1 - tanh^2
+                grad.mul_(squash.square_().neg_().add_(1.0))
+            g = grad.to(weight.dtype)
+            if grad_h is not None:
+                grad_h[start : start + chunk_size] = g @ weight
+            if grad_w is not None:
+                grad_w += g.t().float() @ h.float()
+            if grad_b is not None:
+                grad_b += grad.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = grad_total.float()
+        return (
+            None if grad_h is None else grad_h * scale.to(grad_h.dtype),
+            None if grad_w is None else (grad_w * scale).to(ctx.dtypes[0]),
+            None if grad_b is None else (grad_b * scale).to(ctx.dtypes[1]),
+            None,
+            None,
+            None,
+        )
+
+
+def linear_cross_entropy_sum(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    target: torch.Tensor,
+    softcap: float | None = None,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Sum of cross-entropies of ``head(hidden)`` against ``target``, never holding more than a chunk of logits.
+
+    Args:
+        head: The output layer (``lm_head``).
+        hidden: ``(N, H)`` hidden states at the label positions.
+        target: ``(N,)`` next-token ids.
+        softcap: Final logit soft-capping (Gemma 2), or None.
+        chunk_size: Rows per chunk.
+
+    Returns:
+        A scalar fp32 tensor; differentiable in ``hidden`` (and in the head's weights if they train).
+
+    """
+    if type(head) is torch.nn.Linear:
+        return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, target, softcap, chunk_size)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    recompute = torch.is_grad_enabled()
+    for start in range(0, target.numel(), chunk_size):
+        hs, ys = hidden[start : start + chunk_size], target[start : start + chunk_size]
+        if recompute:
+            total = total + checkpoint(_chunk_loss, head, softcap, hs, ys, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(head, softcap, hs, ys)
+    return total
 
 
 def token_losses_sum(
@@ -60,7 +163,8 @@ def token_losses_sum(
     body = lm.get_decoder()
     head = lm.get_output_embeddings()
     softcap = getattr(lm.config, "final_logit_softcapping", None)
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, **body_kwargs).last_hidden_state  # (B, T, H)
+    with checkpointing_paused(body) if not torch.is_grad_enabled() else contextlib.nullcontext():
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, **body_kwargs).last_hidden_state  # (B,T,H)
     target = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     keep = target != IGNORE_INDEX
     h = hidden[:, :-1][keep]  # (N, H), only label positions
@@ -68,15 +172,7 @@ def token_losses_sum(
     n = int(y.numel())
     if n == 0:
         return hidden.sum() * 0.0, 0
-    total = hidden.new_zeros((), dtype=torch.float32)
-    recompute = torch.is_grad_enabled()
-    for start in range(0, n, chunk_size):
-        hs, ys = h[start : start + chunk_size], y[start : start + chunk_size]
-        if recompute:
-            total = total + checkpoint(_chunk_loss, head, softcap, hs, ys, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(head, softcap, hs, ys)
-    return total, n
+    return linear_cross_entropy_sum(head, h, y, softcap, chunk_size), n
 
 
 def forward_losses_sum(
