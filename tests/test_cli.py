@@ -165,7 +165,7 @@ def test_inspect_bad_file_and_config_fields(tiny_model_dir, data_file, tmp_path,
 
 def test_estimate_fits_or_says_what_to_change(tiny_model_dir, capsys):
     code, out, err = cli("estimate", "--base-model", tiny_model_dir, "--micro_batch_size", "8",
-                         "--batch_size", "16", "--gpu-memory", "1.5GB", "--compute_dtype", "float32")
+                         "--batch_size", "16", "--gpu-memory", "1.3GB", "--compute_dtype", "float32")
     assert code == 0, err[-3000:]
     est = estimate_memory(tiny_model_dir, micro_batch_size=8, batch_size=16, compute_dtype="float32")
     assert f"{est.total / GIB:8.3f} GiB" in out

@@ -43,6 +43,8 @@ def test_loading_threshold_is_undone_to_the_runs_own_or_the_ceiling(monkeypatch)
     calls: list[int] = []
     monkeypatch.setattr(cpu_memory, "_set_mmap_threshold", lambda t: calls.append(t) or True)
     monkeypatch.setattr(cpu_memory, "_run_threshold", [])
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     with cpu_memory.heap_returned_while():
         assert calls == [cpu_memory.MMAP_THRESHOLD_BYTES]
     assert calls[-1] == cpu_memory.MMAP_THRESHOLD_MAX  # glibc's own ceiling, not the low loading value
@@ -50,3 +52,14 @@ def test_loading_threshold_is_undone_to_the_runs_own_or_the_ceiling(monkeypatch)
     with pytest.raises(RuntimeError), cpu_memory.heap_returned_while():
         raise RuntimeError("loading failed")
     assert calls[-1] == 512 * 1024  # a run that asked for release_cpu_memory keeps its setting
+
+
+def test_a_threshold_the_user_set_for_the_process_is_left_alone(monkeypatch):
+    from alpaca_lora import cpu_memory
+
+    calls: list[int] = []
+    monkeypatch.setattr(cpu_memory, "_set_mmap_threshold", lambda t: calls.append(t) or True)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    with cpu_memory.heap_returned_while():
+        pass
+    assert calls == []

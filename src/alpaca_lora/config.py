@@ -95,8 +95,9 @@ class FinetuneConfig:
     column_map: dict[str, str] | None = None
     """Map your column names to instruction/input/output, e.g. {"question": "instruction"}."""
     release_cpu_memory: bool = False
-    """On a Linux CPU, return freed activation memory to the OS at once (glibc mmap threshold 256 KiB):
-    peak RSS about 23% lower, but steps about 2x slower (page faults). Process-wide; CPU only."""
+    """On a Linux CPU, return freed activation memory to the OS at once (glibc mmap threshold 256 KiB).
+    Steps run about 2x slower (page faults); it lowers the peak only when a long training step, not
+    loading, sets it (no gain in the 135M benchmark). Process-wide; CPU only."""
     loss_chunk_size: int = 1024
     """Label positions per lm_head + cross-entropy chunk; bounds the logits held in memory."""
     device: str = "auto"

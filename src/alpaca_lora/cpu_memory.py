@@ -8,11 +8,12 @@ what ``malloc_trim`` could release, while autograd held only 47 MB. With the thr
 256 KiB, such tensors get their own memory mappings and are unmapped when freed, and the peak RSS
 of that forward pass fell from 1.82 GB to 1.37 GB.
 
-The price is a page fault for every fresh page of every such tensor. In the training benchmark
-(SmolLM2-135M shape, cutoff 512, micro-batch 4) it lowered the peak RSS of a run from 1.96 GB to
-1.51 GB (-23%) but halved the tokens per second (167 -> 87). Thresholds of 2 MB and 8 MB kept the
-speed and saved nothing. So it is off by default: turn it on (``release_cpu_memory=True``) when a
-CPU run is short of memory rather than of time.
+The price is a page fault for every fresh page of every such tensor, about half the tokens per
+second. Since then the peak of a run comes from loading (re-entrant checkpointing and the fused
+loss removed most of the training-step growth), and in the training benchmark (SmolLM2-135M
+shape, cutoff 512, micro-batch 4) this setting no longer lowers it: 1,286 MB against 1,287 MB,
+at 0.5x the speed. So it is off by default; it may still help a long-context CPU run whose
+training step, not its loading, sets the peak.
 
 The setting is process-wide and stays for the life of the process; it is applied only on Linux
 with glibc and only when ``FinetuneConfig.release_cpu_memory`` is True and training runs on the CPU.
@@ -31,6 +32,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import os
 import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -86,9 +88,11 @@ def heap_returned_while(threshold: int = MMAP_THRESHOLD_BYTES) -> Iterator[None]
     """Return freed allocations of ``threshold`` bytes or more to the OS inside the block (Linux glibc).
 
     On leaving, the threshold becomes the one :func:`release_freed_memory_to_os` set for the run,
-    or 32 MB. Elsewhere this does nothing.
+    or 32 MB. Elsewhere this does nothing, and so it does where the user set the threshold for the
+    process (``MALLOC_MMAP_THRESHOLD_`` or a ``glibc.malloc.mmap_threshold`` tunable).
     """
-    applied = _set_mmap_threshold(threshold)
+    user_set = "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", "")
+    applied = not user_set and _set_mmap_threshold(threshold)
     try:
         yield
     finally:

@@ -42,6 +42,40 @@ def _chunk_loss(
     return F.cross_entropy(logits, target, reduction="sum")
 
 
+def _chunk_loss_and_grads(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    softcap: float | None,
+    grad_h: torch.Tensor | None,
+    grad_w: torch.Tensor | None,
+    grad_b: torch.Tensor | None,
+) -> torch.Tensor:
+    """Summed loss of one chunk; its gradients are written into (or added to) the ``grad_*`` buffers."""
+    logits = F.linear(h, weight, bias).float()  # (n, V)
+    squash = None
+    if softcap:
+        squash = torch.tanh(logits.div_(softcap))
+        logits = squash * softcap
+    lse = torch.logsumexp(logits, dim=-1)  # (n,)
+    loss = (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+    if grad_h is None and grad_w is None and grad_b is None:
+        return loss
+    grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+    grad[torch.arange(y.numel(), device=y.device), y] -= 1.0
+    if squash is not None:  # d(c * tanh(x / c)) / dx = 1 - tanh^2
+        grad.mul_(squash.square_().neg_().add_(1.0))
+    g = grad.to(weight.dtype)
+    if grad_h is not None:
+        grad_h.copy_(g @ weight)
+    if grad_w is not None:
+        grad_w += g.t().float() @ h.float()
+    if grad_b is not None:
+        grad_b += grad.sum(0)
+    return loss
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against ``target``, chunk by chunk.
 
@@ -64,27 +98,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, target.numel(), chunk_size):
-            h, y = hidden[start : start + chunk_size], target[start : start + chunk_size]
-            logits = F.linear(h, weight, bias).float()  # (n, V)
-            squash = None
-            if softcap:
-                squash = torch.tanh(logits.div_(softcap))
-                logits = squash * softcap
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            if not (need_h or need_w or need_b):
-                continue
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            grad[torch.arange(y.numel(), device=y.device), y] -= 1.0
-            if squash is not None:  # d(c * tanh(x / c)) / dx = 1 - tanh^2
-                grad.mul_(squash.square_().neg_().add_(1.0))
-            g = grad.to(weight.dtype)
-            if grad_h is not None:
-                grad_h[start : start + chunk_size] = g @ weight
-            if grad_w is not None:
-                grad_w += g.t().float() @ h.float()
-            if grad_b is not None:
-                grad_b += grad.sum(0)
+            rows = slice(start, start + chunk_size)
+            # One chunk per call: its (n, V) buffer is freed before the next chunk allocates one.
+            total += _chunk_loss_and_grads(
+                hidden[rows],
+                weight,
+                bias,
+                target[rows],
+                softcap,
+                None if grad_h is None else grad_h[rows],
+                grad_w,
+                grad_b,
+            )
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total

@@ -111,7 +111,8 @@ def estimate_memory(base_model: str | Path | dict[str, Any], **overrides: Any) -
     else:
         activations = n_layers * tokens * per_layer
     chunk = min(cfg.loss_chunk_size, tokens)
-    logits = chunk * vocab * 4 * 3 + tokens * h * act  # fp32 logits, their grad, softmax; gathered hidden
+    # fp32 logits turned in place into their gradient, plus logsumexp's temporary; gathered hidden
+    logits = chunk * vocab * 4 * 2 + tokens * h * act
     parts = {
         "base_weights": int(base),
         "lora_weights": lora_params * 4,
@@ -119,7 +120,7 @@ def estimate_memory(base_model: str | Path | dict[str, Any], **overrides: Any) -
         "optimizer_state": lora_params * 8,
         "activations": int(activations),
         "logits_and_loss": int(logits),
-        "workspace": int(0.05 * base) + 64 * 1024**2,
+        "workspace": int(0.05 * base) + 40 * 1024**2,
     }
     return MemoryEstimate(parts=parts, total=sum(parts.values()),
                           assumptions={"compute_bytes": act, "tokens_per_micro_batch": tokens,
