@@ -46,19 +46,43 @@ def smol_tokenizer(smol_dir: Path):
     return AutoTokenizer.from_pretrained(smol_dir)
 
 
+# Short records for quick training tests; test_resilience uses the first six.
+SHORT_RECORDS = [
+    {"instruction": "Name the color of the sky.", "input": "", "output": "blue"},
+    {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
+    {"instruction": "What is two plus two?", "input": "", "output": "four"},
+    {"instruction": "Give the opposite.", "input": "hot", "output": "cold"},
+    {"instruction": "Spell the number.", "input": "7", "output": "seven"},
+    {"instruction": "Name a fruit that is yellow.", "input": "", "output": "banana"},
+    {"instruction": "Capital of Italy?", "input": "", "output": "Rome"},
+    {"instruction": "Repeat the word.", "input": "echo", "output": "echo echo"},
+]
+
+
+def save_tiny_llama(folder: Path, tokenizer, seed: int = 0, **overrides) -> Path:
+    """Save a tiny random LlamaForCausalLM (2 layers, hidden 64 unless overridden) with ``tokenizer``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=True, initializer_range=0.3, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(**{**settings, **overrides})).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer) -> Path:
     """A tiny random LlamaForCausalLM (2 layers, hidden 64) saved with SmolLM2's tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smol_tokenizer)
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(
-        vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        tie_word_embeddings=True, initializer_range=0.3, bos_token_id=smol_tokenizer.bos_token_id,
-        eos_token_id=smol_tokenizer.eos_token_id, pad_token_id=smol_tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    smol_tokenizer.save_pretrained(folder)
-    return folder
+
+@pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer) -> Path:
+    """Another tiny base (3 layers, other weights): what an adapter or checkpoint was not trained on."""
+    return save_tiny_llama(tmp_path_factory.mktemp("other-base"), smol_tokenizer, seed=2,
+                           intermediate_size=96, num_hidden_layers=3)

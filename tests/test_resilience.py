@@ -9,15 +9,9 @@ from safetensors.torch import load_file
 
 from alpaca_lora import CheckpointError, TrainingDiverged
 from alpaca_lora.train import finetune
+from conftest import SHORT_RECORDS
 
-RECORDS = [
-    {"instruction": "Name the color of the sky.", "input": "", "output": "blue"},
-    {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
-    {"instruction": "What is two plus two?", "input": "", "output": "four"},
-    {"instruction": "Give the opposite.", "input": "hot", "output": "cold"},
-    {"instruction": "Spell the number.", "input": "7", "output": "seven"},
-    {"instruction": "Name a fruit that is yellow.", "input": "", "output": "banana"},
-]
+RECORDS = SHORT_RECORDS[:6]
 # Gradient accumulation 2 (batch 4 of micro-batches of 2), LoRA dropout on, 6 records: an epoch is
 # 2 steps, so step 3 stops in the middle of the second epoch.
 SETTINGS = dict(batch_size=4, micro_batch_size=2, learning_rate=5e-3, lora_r=4, lora_alpha=8, lora_dropout=0.1,
@@ -93,21 +87,12 @@ def test_resume_with_other_settings_or_data_is_refused(run4, tiny_model_dir, tmp
     assert needle in str(info.value)
 
 
-def test_resume_on_another_base_is_refused(run4, smol_tokenizer, tmp_path):
+def test_resume_on_another_base_is_refused(run4, other_model_dir, tmp_path):
     import shutil
 
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    other = tmp_path / "other-base"
-    torch.manual_seed(1)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=96,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                 tie_word_embeddings=True)).save_pretrained(other)
-    smol_tokenizer.save_pretrained(other)
     shutil.copytree(run4 / "checkpoint-3", tmp_path / "out" / "checkpoint-3")
     with pytest.raises(CheckpointError, match="belongs to another run") as info:
-        finetune(other, RECORDS, tmp_path / "out", max_steps=4, resume_from_checkpoint=True, **SETTINGS)
+        finetune(other_model_dir, RECORDS, tmp_path / "out", max_steps=4, resume_from_checkpoint=True, **SETTINGS)
     assert "intermediate_size" in str(info.value)
 
 

@@ -11,17 +11,9 @@ from alpaca_lora import ConfigError, DataError, FinetuneConfig
 from alpaca_lora.artifacts import pickle_files
 from alpaca_lora.loss import token_losses_sum
 from alpaca_lora.train import finetune
+from conftest import SHORT_RECORDS
 
-RECORDS = [
-    {"instruction": "Name the color of the sky.", "input": "", "output": "blue"},
-    {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
-    {"instruction": "What is two plus two?", "input": "", "output": "four"},
-    {"instruction": "Give the opposite.", "input": "hot", "output": "cold"},
-    {"instruction": "Spell the number.", "input": "7", "output": "seven"},
-    {"instruction": "Name a fruit that is yellow.", "input": "", "output": "banana"},
-    {"instruction": "Capital of Italy?", "input": "", "output": "Rome"},
-    {"instruction": "Repeat the word.", "input": "echo", "output": "echo echo"},
-]
+RECORDS = SHORT_RECORDS
 FAST = dict(batch_size=8, micro_batch_size=4, learning_rate=2e-2, lora_r=8, lora_alpha=16, lora_dropout=0.0,
             val_set_size=0, warmup_ratio=0.0, cutoff_len=64, gradient_checkpointing=False, save_steps=1000)
 
