@@ -143,9 +143,10 @@ def run_baseline(args: argparse.Namespace, out: dict) -> None:
     out.update(step_stats(times, tokens, args.warmup))
     out["final_loss"] = next((r["loss"] for r in reversed(trainer.state.log_history) if "loss" in r), None)
     body = model.get_base_model().model
-    out["split"] = time_split(lambda: model(**probe).loss,
-                              lambda: body(input_ids=probe["input_ids"],
-                                           attention_mask=probe["attention_mask"]).last_hidden_state.float().mean())
+    if args.split:
+        out["split"] = time_split(lambda: model(**probe).loss,
+                                  lambda: body(input_ids=probe["input_ids"],
+                                               attention_mask=probe["attention_mask"]).last_hidden_state.float().mean())
 
 
 def run_ours(args: argparse.Namespace, out: dict) -> None:
@@ -186,11 +187,12 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
         b = {k: v.to(run.device) for k, v in probe_batch.items()}
         extra = {"position_ids": b["position_ids"]} if "position_ids" in b else {}
         body = causal_lm(run.model).get_decoder()
-        out["split"] = time_split(
-            lambda: token_losses_sum(run.model, b["input_ids"], b["attention_mask"], b["labels"],
-                                     chunk_size=cfg.loss_chunk_size, **extra)[0],
-            lambda: body(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                         **extra).last_hidden_state.float().mean())
+        if args.split:
+            out["split"] = time_split(
+                lambda: token_losses_sum(run.model, b["input_ids"], b["attention_mask"], b["labels"],
+                                         chunk_size=cfg.loss_chunk_size, **extra)[0],
+                lambda: body(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                             **extra).last_hidden_state.float().mean())
         save(run)
         run.metrics.close()
 
@@ -209,6 +211,8 @@ def main() -> None:
     p.add_argument("--records", type=int, default=200)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--set", action="append", default=[], help="FinetuneConfig override field=value (alpaca_lora)")
+    p.add_argument("--no-split", dest="split", action="store_false",
+                   help="skip timing the body / lm_head + loss split (saves a few forward+backward passes)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     out = {"recipe": args.recipe, "cutoff": args.cutoff, "micro_batch": args.micro_batch, "steps": args.steps,

@@ -9,8 +9,8 @@ what ``malloc_trim`` could release, while autograd held only 47 MB. With the thr
 of that forward pass fell from 1.82 GB to 1.37 GB.
 
 The price is a page fault for every fresh page of every such tensor, about half the tokens per
-second. Since then the peak of a run comes from loading (re-entrant checkpointing and the fused
-loss removed most of the training-step growth), and in the training benchmark (SmolLM2-135M
+second. Since then the peak of a run comes from loading (the fused loss removed most of the
+training-step growth), and in the training benchmark (SmolLM2-135M
 shape, cutoff 512, micro-batch 4) this setting no longer lowers it: 1,286 MB against 1,287 MB,
 at 0.5x the speed. So it is off by default; it may still help a long-context CPU run whose
 training step, not its loading, sets the peak.

@@ -280,13 +280,13 @@ def attach_lora(model: Any, config: Any) -> Any:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     targets = resolve_target_modules(model, config.lora_target_modules)
-    # Re-entrant checkpointing runs each layer's first forward under no_grad, so nothing of it
-    # reaches autograd; the non-reentrant kind builds and drops the saved tensors of every layer,
-    # which on a CPU left glibc's heap 270 MB larger at the peak (SmolLM2-135M shape, one packed
-    # micro-batch of 666 tokens) at the same speed and the same gradients. FSDP needs the
-    # non-reentrant kind. Gradients are all-reduced by hand (no DDP wrapper), so DDP's limits on
-    # re-entrant checkpointing do not apply.
-    gc_kwargs = {"use_reentrant": not getattr(config, "fsdp", False)}
+    # The non-reentrant kind recomputes a layer only as far as its backward needs: it stops after the
+    # last saved activation, so the MLP's down projection (whose 4-bit backward needs only the weight)
+    # is not recomputed (30 of 60 down_proj calls per micro-batch on the 30-layer SmolLM2-135M shape).
+    # Measured on that shape, 666-token packed
+    # micro-batches, 9 interleaved rounds of 3: 4% less time than the re-entrant kind, the same
+    # gradients, a training-step peak about 100 MB higher, and a whole-run peak within 25 MB.
+    gc_kwargs = {"use_reentrant": False}
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
     # Under FSDP the norms must keep the storage dtype of the 4-bit weights (one dtype per FSDP
     # unit), so skip prepare_model_for_kbit_training, which casts them to fp32.
@@ -299,7 +299,6 @@ def attach_lora(model: Any, config: Any) -> Any:
             p.requires_grad_(False)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-            model.enable_input_require_grads()
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -308,6 +307,10 @@ def attach_lora(model: Any, config: Any) -> Any:
         bias="none",
         task_type="CAUSAL_LM",
     )
+    if getattr(config, "fused_lora", False):
+        from alpaca_lora.lora_layer import register_fused_layers
+
+        register_fused_layers(lora, model, targets)
     torch.manual_seed(config.seed)  # LoRA A is random: make it reproducible
     peft_model = get_peft_model(model, lora)
     n_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -320,8 +323,8 @@ def attach_lora(model: Any, config: Any) -> Any:
 def checkpointing_paused(model: torch.nn.Module) -> Iterator[None]:
     """Run the layers without gradient checkpointing inside the block (for no-grad forwards).
 
-    A no-grad forward (evaluation, generation) has nothing to recompute, and the re-entrant kind
-    warns on every layer when no input requires grad. The layers' own flags are restored on exit.
+    A no-grad forward (evaluation, generation) has nothing to recompute, so the checkpoint wrappers
+    would only add their bookkeeping. The layers' own flags are restored on exit.
     """
     paused = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
     for m in paused:
