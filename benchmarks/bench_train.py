@@ -124,19 +124,20 @@ def pooled(results: list[dict]) -> dict:
 def plan(quick: bool) -> dict:
     """The configurations: headline, ablations and sweeps."""
     if quick:
-        return {"steps": 4, "warmup": 1, "headline": ("smollm2-135m", 512, 4), "repeats": 2,
-                "ablations": [["fused_lora=false"], ["packing=false"]],
+        return {"steps": 5, "warmup": 2, "headline": ("smollm2-135m", 512, 4), "repeats": 2,
+                "ablations": [["cpu_matmul=blas"], ["fused_lora=false"], ["packing=false"]],
                 "sweep_shape": "tiny", "seq": [128, 512, 1024], "mb": [1, 4, 8], "sweep_steps": 6}
     return {"steps": 8, "warmup": 2, "headline": ("smollm2-135m", 512, 4), "repeats": 3,
-            "ablations": [["fused_lora=false"], ["packing=false"], ["packing=false", "group_by_length=true"],
-                          ["release_cpu_memory=true"],
+            "ablations": [["cpu_matmul=blas"], ["fused_lora=false"], ["packing=false"],
+                          ["packing=false", "group_by_length=true"], ["release_cpu_memory=true"],
                           ["gradient_checkpointing=false"], ["loss_chunk_size=256"]],
             "sweep_shape": "smollm2-135m", "seq": [128, 256, 512, 1024], "mb": [1, 2, 4, 8], "sweep_steps": 5}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the headline pair, one ablation, sweeps on the tiny shape")
+    p.add_argument("--quick", action="store_true",
+                   help="the headline pair twice, three ablations, sweeps on the tiny shape")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "alpaca_lora" / "bench-models")
     p.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/bench_<mode>.json)")
     args = p.parse_args()

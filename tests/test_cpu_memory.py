@@ -21,6 +21,7 @@ def _restore_malloc():
     yield
     cpu_memory._run_threshold.clear()
     cpu_memory._set_mmap_threshold(cpu_memory.MMAP_THRESHOLD_MAX)
+    cpu_memory._mallopt(cpu_memory.M_TRIM_THRESHOLD, cpu_memory.TRIM_THRESHOLD_MAX)
 
 
 def test_applies_on_glibc_and_reports_it():
@@ -40,25 +41,43 @@ def test_setup_applies_it_only_when_configured(tiny_model_dir, tmp_path, caplog,
 def test_loading_threshold_is_undone_to_the_runs_own_or_the_ceiling(monkeypatch):
     from alpaca_lora import cpu_memory
 
-    calls: list[int] = []
-    monkeypatch.setattr(cpu_memory, "_set_mmap_threshold", lambda t: calls.append(t) or True)
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(cpu_memory, "_mallopt", lambda p, v: calls.append((p, v)) or True)
+    monkeypatch.setattr(cpu_memory, "_run_threshold", [])
+    for var in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(var, raising=False)
+    with cpu_memory.heap_returned_while():
+        assert calls == [(cpu_memory.M_MMAP_THRESHOLD, cpu_memory.MMAP_THRESHOLD_BYTES)]
+    # glibc's own ceiling, not the low loading value, and a trim threshold that keeps the step's heap
+    assert calls[1:] == [(cpu_memory.M_MMAP_THRESHOLD, cpu_memory.MMAP_THRESHOLD_MAX),
+                         (cpu_memory.M_TRIM_THRESHOLD, cpu_memory.TRIM_THRESHOLD_MAX)]
+    cpu_memory.release_freed_memory_to_os(512 * 1024)
+    calls.clear()
+    with pytest.raises(RuntimeError), cpu_memory.heap_returned_while():
+        raise RuntimeError("loading failed")
+    assert calls[-1] == (cpu_memory.M_MMAP_THRESHOLD, 512 * 1024)  # a release_cpu_memory run keeps its setting
+    assert all(p != cpu_memory.M_TRIM_THRESHOLD for p, _ in calls)
+
+
+def test_a_trim_threshold_the_user_set_is_left_alone(monkeypatch):
+    from alpaca_lora import cpu_memory
+
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(cpu_memory, "_mallopt", lambda p, v: calls.append((p, v)) or True)
     monkeypatch.setattr(cpu_memory, "_run_threshold", [])
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
     with cpu_memory.heap_returned_while():
-        assert calls == [cpu_memory.MMAP_THRESHOLD_BYTES]
-    assert calls[-1] == cpu_memory.MMAP_THRESHOLD_MAX  # glibc's own ceiling, not the low loading value
-    cpu_memory.release_freed_memory_to_os(512 * 1024)
-    with pytest.raises(RuntimeError), cpu_memory.heap_returned_while():
-        raise RuntimeError("loading failed")
-    assert calls[-1] == 512 * 1024  # a run that asked for release_cpu_memory keeps its setting
+        pass
+    assert [p for p, _ in calls] == [cpu_memory.M_MMAP_THRESHOLD] * 2
 
 
 def test_a_threshold_the_user_set_for_the_process_is_left_alone(monkeypatch):
     from alpaca_lora import cpu_memory
 
     calls: list[int] = []
-    monkeypatch.setattr(cpu_memory, "_set_mmap_threshold", lambda t: calls.append(t) or True)
+    monkeypatch.setattr(cpu_memory, "_mallopt", lambda p, v: calls.append(v) or True)
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     with cpu_memory.heap_returned_while():
         pass

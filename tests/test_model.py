@@ -76,7 +76,9 @@ def test_setup_leaves_the_4bit_model_trainable_after_a_no_grad_probe(tiny_model_
     run = setup(tiny_model_dir, records, tmp_path, FinetuneConfig(val_set_size=0, max_steps=1, cutoff_len=96))
     with torch.no_grad():
         batch_loss(run, run.collator([run.train_set[i] for i in range(2)]))
-    layers = [m for m in run.model.modules() if type(m).__name__ == "Linear4bit"]
+    import bitsandbytes as bnb
+
+    layers = [m for m in run.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and all(m.training for m in layers)
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
     run.metrics.close()

@@ -21,6 +21,14 @@ from alpaca_lora.errors import ConfigError
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", None)
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+CPU_MATMULS = ("auto", "onednn", "blas")
+CPU_CHUNK_BYTES = 30 * 1024 * 1024
+"""On the CPU, a chunk's fp32 logits stay below glibc's largest heap-served allocation (32 MB).
+
+Larger buffers get a fresh memory mapping each time, and every one of its pages faults in again:
+on the SmolLM2-135M shape (49,152-token vocabulary), 311 label rows in one 61 MB chunk cost about
+15,000 page faults a micro-batch. Capped at 160 rows, the buffer is reused from the heap.
+"""
 SCHEDULERS = ("linear", "cosine", "constant")
 REPORTERS = ("none", "tensorboard", "wandb")
 
@@ -101,8 +109,13 @@ class FinetuneConfig:
     """On a Linux CPU, return freed activation memory to the OS at once (glibc mmap threshold 256 KiB).
     Steps run about 2x slower (page faults); it lowers the peak only when a long training step, not
     loading, sets it (no gain in the 135M benchmark). Process-wide; CPU only."""
+    cpu_matmul: str = "auto"
+    """fp32 matrix products of the 4-bit layers and the lm_head when training on a CPU: "onednn",
+    "blas" (torch's default, MKL in the x86 wheels) or "auto" (oneDNN where it is measured faster on
+    this CPU, once per process). Same fp32 arithmetic either way; see ``alpaca_lora.cpu_matmul``."""
     loss_chunk_size: int = 1024
-    """Label positions per lm_head + cross-entropy chunk; bounds the logits held in memory."""
+    """Label positions per lm_head + cross-entropy chunk; bounds the logits held in memory. On the CPU a
+    chunk also holds at most 30 MiB of logits (160 rows for a 49k vocabulary; see ``CPU_CHUNK_BYTES``)."""
     device: str = "auto"
     """Where to train: "auto" (CUDA if present, else CPU), "cpu", "cuda" or "cuda:N" (under torchrun
     or accelerate launch, "auto" and "cuda" mean the GPU of the process's LOCAL_RANK)."""
@@ -167,6 +180,8 @@ class FinetuneConfig:
             p.append(_choice("quantization", self.quantization, QUANTIZATIONS))
         if self.compute_dtype not in COMPUTE_DTYPES:
             p.append(_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES))
+        if self.cpu_matmul not in CPU_MATMULS:
+            p.append(_choice("cpu_matmul", self.cpu_matmul, CPU_MATMULS))
         if self.lr_scheduler not in SCHEDULERS:
             p.append(_choice("lr_scheduler", self.lr_scheduler, SCHEDULERS))
         if self.report_to is None:

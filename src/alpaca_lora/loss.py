@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from alpaca_lora.config import CPU_CHUNK_BYTES
+from alpaca_lora.cpu_matmul import linear
 from alpaca_lora.model import checkpointing_paused
 
 IGNORE_INDEX = -100
@@ -51,9 +53,13 @@ def _chunk_loss_and_grads(
     grad_h: torch.Tensor | None,
     grad_w: torch.Tensor | None,
     grad_b: torch.Tensor | None,
+    onednn: bool = False,
 ) -> torch.Tensor:
     """Summed loss of one chunk; its gradients are written into (or added to) the ``grad_*`` buffers."""
-    logits = F.linear(h, weight, bias).float()  # (n, V)
+    logits = linear(h, weight, onednn)
+    if bias is not None:
+        logits += bias
+    logits = logits.float()  # (n, V)
     squash = None
     if softcap:
         squash = torch.tanh(logits.div_(softcap))
@@ -68,7 +74,7 @@ def _chunk_loss_and_grads(
         grad.mul_(squash.square_().neg_().add_(1.0))
     g = grad.to(weight.dtype)
     if grad_h is not None:
-        grad_h.copy_(g @ weight)
+        grad_h.copy_(linear(g, weight.t(), onednn))
     if grad_w is not None:
         grad_w += g.t().float() @ h.float()
     if grad_b is not None:
@@ -91,6 +97,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         target: torch.Tensor,
         softcap: float | None,
         chunk_size: int,
+        onednn: bool,
     ) -> torch.Tensor:
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -109,6 +116,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 None if grad_h is None else grad_h[rows],
                 grad_w,
                 grad_b,
+                onednn,
             )
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
@@ -125,6 +133,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -134,6 +143,7 @@ def linear_cross_entropy_sum(
     target: torch.Tensor,
     softcap: float | None = None,
     chunk_size: int = 1024,
+    onednn: bool = False,
 ) -> torch.Tensor:
     """Sum of cross-entropies of ``head(hidden)`` against ``target``, never holding more than a chunk of logits.
 
@@ -142,14 +152,19 @@ def linear_cross_entropy_sum(
         hidden: ``(N, H)`` hidden states at the label positions.
         target: ``(N,)`` next-token ids.
         softcap: Final logit soft-capping (Gemma 2), or None.
-        chunk_size: Rows per chunk.
+        chunk_size: Rows per chunk (on the CPU at most ``CPU_CHUNK_BYTES`` of fp32 logits).
+        onednn: Run a plain ``nn.Linear`` head's CPU fp32 products through oneDNN
+            (:mod:`alpaca_lora.cpu_matmul`).
 
     Returns:
         A scalar fp32 tensor; differentiable in ``hidden`` (and in the head's weights if they train).
 
     """
+    vocab = getattr(head, "out_features", None)
+    if hidden.device.type == "cpu" and vocab:
+        chunk_size = min(chunk_size, max(1, CPU_CHUNK_BYTES // (4 * vocab)))
     if type(head) is torch.nn.Linear:
-        return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, target, softcap, chunk_size)
+        return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, target, softcap, chunk_size, onednn)
     total = hidden.new_zeros((), dtype=torch.float32)
     recompute = torch.is_grad_enabled()
     for start in range(0, target.numel(), chunk_size):
@@ -167,6 +182,7 @@ def token_losses_sum(
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
     chunk_size: int = 1024,
+    onednn: bool = False,
     **body_kwargs: Any,
 ) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropies over label positions.
@@ -178,6 +194,7 @@ def token_losses_sum(
         labels: ``(B, T)`` target ids, -100 where no loss is taken (same layout as ``input_ids``;
             the shift by one happens here).
         chunk_size: Label positions per lm_head + cross-entropy chunk.
+        onednn: Run the lm_head's CPU fp32 products through oneDNN (:mod:`alpaca_lora.cpu_matmul`).
         **body_kwargs: Passed to the decoder body (e.g. ``position_ids`` for packed batches).
 
     Returns:
@@ -197,7 +214,7 @@ def token_losses_sum(
     n = int(y.numel())
     if n == 0:
         return hidden.sum() * 0.0, 0
-    return linear_cross_entropy_sum(head, h, y, softcap, chunk_size), n
+    return linear_cross_entropy_sum(head, h, y, softcap, chunk_size, onednn), n
 
 
 def forward_losses_sum(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from alpaca_lora.artifacts import resolve_local
-from alpaca_lora.config import FinetuneConfig, check_field_names
+from alpaca_lora.config import CPU_CHUNK_BYTES, FinetuneConfig, check_field_names
 from alpaca_lora.errors import ConfigError, ModelError
 
 GIB = 1024**3
@@ -111,6 +111,8 @@ def estimate_memory(base_model: str | Path | dict[str, Any], **overrides: Any) -
     else:
         activations = n_layers * tokens * per_layer
     chunk = min(cfg.loss_chunk_size, tokens)
+    if cfg.device == "cpu":  # the loss caps a CPU chunk's logits (config.CPU_CHUNK_BYTES)
+        chunk = min(chunk, max(1, CPU_CHUNK_BYTES // (4 * vocab)))
     # fp32 logits turned in place into their gradient, plus logsumexp's temporary; gathered hidden
     logits = chunk * vocab * 4 * 2 + tokens * h * act
     parts = {

@@ -33,6 +33,7 @@ from alpaca_lora.checkpoint import (
 )
 from alpaca_lora.collator import InstructionCollator
 from alpaca_lora.config import FinetuneConfig, check_field_names
+from alpaca_lora.cpu_matmul import resolve_backend, use_onednn_4bit_layers
 from alpaca_lora.cpu_memory import release_freed_memory_to_os
 from alpaca_lora.data import data_fingerprint, load_instructions, prepare_dataset, split_dataset
 from alpaca_lora.distributed import (
@@ -119,6 +120,7 @@ class _Run:
     report: Any
     dist: Dist
     lora_names: list[str] = field(default_factory=list)  # LoRA parameter names, recorded before any FSDP wrapping
+    matmul: str = "blas"  # the CPU fp32 matmul backend (cpu_matmul.resolve_backend)
     step: int = 0
     tokens_seen: int = 0
     runtime_s: float = 0.0
@@ -233,6 +235,9 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
     # from_pretrained returns the model in eval mode; a no-grad forward of a 4-bit layer in eval mode
     # repacks its weights for CPU inference, after which it no longer back-propagates (see evaluate()).
     model = attach_lora(model, cfg).train()
+    matmul = "blas" if cfg.fsdp else resolve_backend(cfg.cpu_matmul, device, dtype)
+    if matmul == "onednn":
+        logger.info("CPU fp32 matmul through oneDNN in %d 4-bit layers and the lm_head", use_onednn_4bit_layers(model))
     n_trainable, total = trainable_parameters(model)
     logger.info("trainable parameters: %d of %d (%.3f%%)", n_trainable, total, 100 * n_trainable / total)
     lora_names = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
@@ -253,7 +258,7 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
                train_set=train_set, val_set=val_set, collator=_collator(cfg, tokenizer, model, dtype),
                optimizer=optimizer,
                scheduler=scheduler, device=device, dtype=dtype, total_steps=total_steps, fingerprint=fingerprint,
-               metrics=None, report=report, dist=dist, lora_names=lora_names)  # type: ignore[arg-type]
+               metrics=None, report=report, dist=dist, lora_names=lora_names, matmul=matmul)  # type: ignore[arg-type]
     resumed_at = _maybe_resume(run)
     run.metrics = MetricsLogger(output_dir / art.METRICS_FILE, cfg.report_to, output_dir, cfg.to_dict(),
                                 keep_until_step=resumed_at, write=dist.is_main)
@@ -473,7 +478,8 @@ def batch_loss(run: _Run, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     batch = {k: v.to(run.device) for k, v in batch.items()}
     with _autocast(run):
         return token_losses_sum(run.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                chunk_size=run.cfg.loss_chunk_size, **body_kwargs(batch))
+                                chunk_size=run.cfg.loss_chunk_size, onednn=run.matmul == "onednn",
+                                **body_kwargs(batch))
 
 
 def _autocast(run: _Run) -> Any:
