@@ -15,8 +15,11 @@ The baseline is transformers ``Trainer`` + peft + bitsandbytes NF4 (double quant
 
 Reported per run: non-padding tokens/s (median over the steps after warm-up), peak RSS (CPU) or
 peak allocated VRAM (CUDA), the loss of both recipes on the same probe batch before training (same
-math, so they must agree) and its label-token count, and the step split between the model body and
-lm_head + loss (first pair only). Results: ``benchmarks/results/bench_<mode>.json`` and ``.png``.
+math, so they must agree) and its label-token count, the step split between the model body and
+lm_head + loss (first pair only), and achieved model FLOP/s (``gpu_metrics.train_flops``). On CUDA
+also MFU (against the GPU's dense bf16 peak) and, for each recipe, the longest single record that
+trains under a 24 GB cap (``torch.cuda.set_per_process_memory_fraction``).
+Results: ``benchmarks/results/bench_<mode>.json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -79,12 +82,14 @@ def build_model(shape: str, cache: Path) -> Path:
 
 
 def run_one(recipe: str, model_dir: Path, cutoff: int, mb: int, steps: int, warmup: int,
-            sets: list[str], tag: str, scratch: Path, split: bool = False) -> dict:
+            sets: list[str], tag: str, scratch: Path, split: bool = False, extra: tuple[str, ...] = (),
+            quiet: bool = False) -> dict:
     """Run one configuration in a fresh process and return its JSON result."""
     out = scratch / (tag.replace("/", "_").replace(" ", "_").replace("=", "-") + ".json")
+    out.unlink(missing_ok=True)
     cmd = [sys.executable, str(HERE / "bench_worker.py"), "--recipe", recipe, "--model-dir", str(model_dir),
            "--data-dir", str(DATA), "--cutoff", str(cutoff), "--micro-batch", str(mb), "--steps", str(steps),
-           "--warmup", str(warmup), "--records", str(max(64, mb * (steps + 2))), "--out", str(out)]
+           "--warmup", str(warmup), "--records", str(max(64, mb * (steps + 2))), "--out", str(out), *extra]
     for s in sets:
         cmd += ["--set", s]
     if not split:
@@ -96,15 +101,38 @@ def run_one(recipe: str, model_dir: Path, cutoff: int, mb: int, steps: int, warm
         raise SystemExit(f"{tag} failed (exit {proc.returncode}):\n{tail}")
     result = json.loads(out.read_text())
     result["tag"] = tag
-    print(f"  {tag:<44} {result['median_tokens_per_s']:8.1f} tok/s  peak {result['peak_rss_mb']:7.0f} MB  "
+    if quiet:
+        return result
+    print(f"  {tag:<44} {result['median_tokens_per_s']:8.1f} tok/s  peak {peak_mb(result):7.0f} MB  "
           f"probe {result['probe_loss']:.6f} ({result['probe_label_tokens']} labels)  "
-          f"{time.perf_counter() - start:5.0f} s", flush=True)
+          f"{result['model_tflops_per_s'] * 1e3:6.1f} GFLOP/s"
+          + (f"  MFU {result['mfu']:.1%}" if result.get("mfu") else "")
+          + f"  {time.perf_counter() - start:5.0f} s", flush=True)
     return result
+
+
+def longest_context(recipe: str, model_dir: Path, scratch: Path, cap_gb: float = 24.0) -> dict:
+    """CUDA: the longest single record (micro-batch 1) whose training step fits under ``cap_gb`` of VRAM."""
+    from gpu_metrics import longest_fitting
+
+    def fits(n: int) -> bool:
+        r = run_one(recipe, model_dir, n, 1, 2, 0, [], f"context/{recipe} {n}", scratch,
+                    extra=("--context-probe", "--vram-cap-gb", str(cap_gb)), quiet=True)
+        print(f"  {recipe} at {n} tokens under {cap_gb:g} GB: {'fits' if r['fits'] else 'out of memory'}", flush=True)
+        return r["fits"]
+
+    return {"cap_gb": cap_gb, **longest_fitting(fits)}
+
+
+def peak_mb(result: dict) -> float:
+    """The peak that the memory target is about: allocated VRAM on a GPU, RSS on a CPU."""
+    return result.get("peak_vram_mb") or result["peak_rss_mb"]
 
 
 def compare(base: dict, ours: dict) -> dict:
     """Ratios of one baseline/alpaca_lora pair measured in the same run."""
     return {"tokens_per_s_ratio": ours["median_tokens_per_s"] / base["median_tokens_per_s"],
+            "peak_ratio": peak_mb(ours) / peak_mb(base),
             "peak_rss_ratio": ours["peak_rss_mb"] / base["peak_rss_mb"],
             "peak_rss_above_start_ratio": (ours["peak_rss_mb"] - ours["rss_start_mb"])
             / (base["peak_rss_mb"] - base["rss_start_mb"]),
@@ -116,8 +144,14 @@ def pooled(results: list[dict]) -> dict:
     """One recipe's repeated runs as one: the median tokens/s over all their timed steps, the highest peak."""
     rates = [n / t for r in results for t, n in zip(r["step_s"][r["warmup"]:], r["step_tokens"][r["warmup"]:],
                                                     strict=True)]
+    flops = [f / t for r in results for t, f in zip(r["step_s"][r["warmup"]:], r["step_flops"][r["warmup"]:],
+                                                    strict=True)]
+    mfus = [r["mfu"] for r in results if r.get("mfu") is not None]
     return {**results[0], "median_tokens_per_s": statistics.median(rates),
+            "model_tflops_per_s": statistics.median(flops) / 1e12,
+            "mfu": statistics.median(flops) / (results[0]["peak_bf16_tflops"] * 1e12) if mfus else None,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+            "peak_vram_mb": max((r.get("peak_vram_mb") or 0.0) for r in results) or None,
             "rss_start_mb": statistics.median(r["rss_start_mb"] for r in results), "repeats": len(results)}
 
 
@@ -169,6 +203,11 @@ def main() -> None:
                           "baseline_tokens_per_s": base["median_tokens_per_s"],
                           "alpaca_lora_tokens_per_s": ours["median_tokens_per_s"],
                           "baseline_peak_rss_mb": base["peak_rss_mb"], "alpaca_lora_peak_rss_mb": ours["peak_rss_mb"],
+                          "baseline_model_tflops_per_s": base["model_tflops_per_s"],
+                          "alpaca_lora_model_tflops_per_s": ours["model_tflops_per_s"],
+                          "baseline_mfu": base["mfu"], "alpaca_lora_mfu": ours["mfu"],
+                          "baseline_peak_vram_mb": base.get("peak_vram_mb"),
+                          "alpaca_lora_peak_vram_mb": ours.get("peak_vram_mb"),
                           "pair_tokens_per_s_ratios": [compare(b, o)["tokens_per_s_ratio"]
                                                        for b, o in zip(bases, ourses, strict=True)],
                           **compare(base, ours)}
@@ -178,6 +217,10 @@ def main() -> None:
         report["runs"].append(r)
         ablations.append({"change": " ".join(sets), **compare(base, r)})
     report["ablations"] = ablations
+    if report["machine"].get("gpu"):
+        print(f"longest context under 24 GB: {shape}, micro-batch 1")
+        report["longest_context"] = {recipe: longest_context(recipe, model_dir, scratch)
+                                     for recipe in ("baseline", "alpaca_lora")}
 
     shape = cfg["sweep_shape"]
     model_dir = build_model(shape, args.cache)
@@ -209,15 +252,22 @@ def main() -> None:
 
 def print_summary(report: dict) -> None:
     h = report["headline"]
+    mem = "VRAM" if h.get("baseline_peak_vram_mb") else "RSS"
     print(f"\nheadline ({h['shape']}, cutoff {h['cutoff']}, micro-batch {h['micro_batch']}, "
           f"{h.get('repeats', 1)} alternating pairs, per-pair tokens/s ratios "
           f"{', '.join(f'x{r:.2f}' for r in h.get('pair_tokens_per_s_ratios', []))}): "
-          f"tokens/s x{h['tokens_per_s_ratio']:.2f}, peak RSS x{h['peak_rss_ratio']:.2f} "
+          f"tokens/s x{h['tokens_per_s_ratio']:.2f}, peak {mem} x{h['peak_ratio']:.2f} "
           f"(above start x{h['peak_rss_above_start_ratio']:.2f}), probe loss diff {h['probe_loss_abs_diff']:.2e}, "
           f"same label tokens: {h['same_label_tokens']}")
+    print(f"model FLOP/s (gpu_metrics.train_flops): baseline {h['baseline_model_tflops_per_s'] * 1e3:.1f} GFLOP/s, "
+          f"alpaca_lora {h['alpaca_lora_model_tflops_per_s'] * 1e3:.1f} GFLOP/s"
+          + (f"; MFU {h['baseline_mfu']:.1%} and {h['alpaca_lora_mfu']:.1%}" if h.get("alpaca_lora_mfu") else ""))
+    for recipe, found in report.get("longest_context", {}).items():
+        print(f"longest context under {found['cap_gb']:g} GB, {recipe}: {found['longest']} tokens"
+              + (" (the longest tried)" if found["capped"] else ""))
     print("ablations (one run each, against the pooled baseline runs):")
     for a in report["ablations"]:
-        print(f"  {a['change']:<40} tokens/s x{a['tokens_per_s_ratio']:.2f}  peak RSS x{a['peak_rss_ratio']:.2f}")
+        print(f"  {a['change']:<40} tokens/s x{a['tokens_per_s_ratio']:.2f}  peak {mem} x{a['peak_ratio']:.2f}")
     med = statistics.median(s["tokens_per_s_ratio"] for axis in report["sweeps"].values() for s in axis)
     print(f"sweeps: median tokens/s ratio x{med:.2f}")
 
@@ -242,10 +292,10 @@ def plot(report: dict, path: Path) -> None:
         ax.set_title(f"{rows[0]['shape']}: throughput")
         ax.legend()
     names = [a["change"] for a in report["ablations"]]
-    base_peak = report["headline"]["baseline_peak_rss_mb"]
-    mem = [base_peak] + [a["peak_rss_ratio"] * base_peak for a in report["ablations"]]
+    base_peak = report["headline"]["baseline_peak_vram_mb"] or report["headline"]["baseline_peak_rss_mb"]
+    mem = [base_peak] + [a["peak_ratio"] * base_peak for a in report["ablations"]]
     axes[2].barh(["baseline"] + [f"alpaca_lora {n}" for n in names], mem)
-    axes[2].set_xlabel("peak RSS (MB)")
+    axes[2].set_xlabel("peak VRAM (MB)" if report["headline"].get("baseline_peak_vram_mb") else "peak RSS (MB)")
     axes[2].set_title(f"{report['headline']['shape']}: peak memory")
     fig.suptitle(f"{report['machine']['cpu']} ({report['machine']['cores']} cores), torch "
                  f"{report['machine']['torch']}", fontsize=9)

@@ -43,12 +43,53 @@ def load_data(args: argparse.Namespace):
     from alpaca_lora.data import prepare_dataset
     from alpaca_lora.sampler import epoch_batches
 
-    parts = [load_instructions(Path(args.data_dir) / name) for name in args.data_files.split(",")]
-    records = concatenate_datasets(parts).shuffle(seed=0).select(range(args.records))
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    if args.context_probe:
+        records = long_records(tokenizer, args.cutoff, args.records)
+    else:
+        parts = [load_instructions(Path(args.data_dir) / name) for name in args.data_files.split(",")]
+        records = concatenate_datasets(parts).shuffle(seed=0).select(range(args.records))
     tokenized, _ = prepare_dataset(records, tokenizer, template="alpaca", cutoff_len=args.cutoff)
     batches = epoch_batches(list(tokenized["length"]), args.micro_batch, 42, 0)
     return records, tokenized, tokenizer, batches
+
+
+def long_records(tokenizer, length: int, count: int):
+    """``count`` records whose answer runs past ``length`` tokens (truncated there), for the context probe."""
+    from datasets import Dataset
+
+    sentence = "The quick brown fox jumps over the lazy dog while the cat watches from the warm windowsill. "
+    repeats = length // max(1, len(tokenizer(sentence)["input_ids"])) + 2
+    record = {"instruction": "Copy the text.", "input": "", "output": sentence * repeats}
+    return Dataset.from_list([record] * count)
+
+
+def step_flops(args: argparse.Namespace, tokenized, batches: list[list[int]]) -> list[float]:
+    """Model FLOPs of each micro-batch (``gpu_metrics.train_flops``): the same for both recipes."""
+    from gpu_metrics import train_flops
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(args.model_dir)
+    flops = []
+    for batch in batches:
+        rows = [tokenized[i] for i in batch]
+        labels = sum(sum(1 for y in r["labels"][1:] if y != -100) for r in rows)
+        flops.append(train_flops(config, [len(r["input_ids"]) for r in rows], labels, 16, LORA_TARGETS))
+    return flops
+
+
+def flops_stats(out: dict, flops: list[float]) -> None:
+    """Median achieved model TFLOP/s over the timed steps, and MFU on a GPU with a known peak."""
+    from gpu_metrics import peak_bf16_flops
+
+    times, warmup = out["step_s"], out["warmup"]
+    out["step_flops"] = flops[: len(times)]
+    rates = [f / t for f, t in zip(flops[warmup:], times[warmup:], strict=False)]
+    out["model_tflops_per_s"] = statistics.median(rates) / 1e12 if rates else None
+    if out["device"] == "cuda" and rates:
+        peak = peak_bf16_flops(torch.cuda.get_device_name(0))
+        out["peak_bf16_tflops"] = peak / 1e12 if peak else None
+        out["mfu"] = statistics.median(rates) / peak if peak else None
 
 
 def step_stats(times: list[float], tokens: list[int], warmup: int) -> dict:
@@ -141,6 +182,7 @@ def run_baseline(args: argparse.Namespace, out: dict) -> None:
     out["peak_rss_mb"] = rss_mb("VmHWM")
     tokens = [sum(len(tokenized[i]["input_ids"]) for i in b) for b in batches[: len(times)]]
     out.update(step_stats(times, tokens, args.warmup))
+    flops_stats(out, step_flops(args, tokenized, batches))
     out["final_loss"] = next((r["loss"] for r in reversed(trainer.state.log_history) if "loss" in r), None)
     body = model.get_base_model().model
     if args.split:
@@ -183,6 +225,7 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
         times = [b - a for a, b in zip(elapsed, elapsed[1:], strict=False)]
         tokens = [b - a for a, b in zip(seen, seen[1:], strict=False)]
         out.update(step_stats(times, tokens, args.warmup))
+        flops_stats(out, step_flops(args, tokenized, batches))
         out["final_loss"] = rows[-1]["loss"]
         b = {k: v.to(run.device) for k, v in probe_batch.items()}
         extra = {"position_ids": b["position_ids"]} if "position_ids" in b else {}
@@ -213,6 +256,10 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="FinetuneConfig override field=value (alpaca_lora)")
     p.add_argument("--no-split", dest="split", action="store_false",
                    help="skip timing the body / lm_head + loss split (saves a few forward+backward passes)")
+    p.add_argument("--context-probe", action="store_true",
+                   help="train on records of exactly --cutoff tokens and report whether the step fits")
+    p.add_argument("--vram-cap-gb", type=float, default=None,
+                   help="CUDA: cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     out = {"recipe": args.recipe, "cutoff": args.cutoff, "micro_batch": args.micro_batch, "steps": args.steps,
@@ -220,8 +267,18 @@ def main() -> None:
            "rss_start_mb": rss_mb("VmRSS")}
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        if args.vram_cap_gb:
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.vram_cap_gb * 1e9 / total))
+            out["vram_cap_gb"] = args.vram_cap_gb
     start = time.perf_counter()
-    (run_baseline if args.recipe == "baseline" else run_ours)(args, out)
+    try:
+        (run_baseline if args.recipe == "baseline" else run_ours)(args, out)
+        out["fits"] = True
+    except torch.OutOfMemoryError as exc:
+        if not args.context_probe:
+            raise
+        out.update(fits=False, error=str(exc).splitlines()[0])
     out["wall_s"] = time.perf_counter() - start
     if args.device == "cuda":
         out["peak_vram_mb"] = torch.cuda.max_memory_allocated() / 2**20

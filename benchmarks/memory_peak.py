@@ -6,7 +6,8 @@ high-water mark) is read from ``/proc/self/status``:
 1. ``baseline``: RSS after importing torch, transformers, peft, bitsandbytes and alpaca_lora (the
    interpreter and libraries; on a GPU this part lives in host memory, not device memory);
 2. the base is loaded with ``load_model`` (4-bit NF4 + double quantization by default, fp32 compute)
-   and LoRA attached with ``attach_lora``, exactly as ``finetune`` does;
+   and LoRA attached with ``attach_lora``, exactly as ``finetune`` does (with ``cpu_matmul="auto"``,
+   the 4-bit layers' products go through oneDNN where it measured faster);
 3. tensors left memory-mapped from the weights file are copied and the heap trimmed (see
    ``_release_file_mapping``), then the high-water mark is reset (``echo 5 > /proc/self/clear_refs``),
    so the one-off peak of reading the fp32 safetensors file while quantizing it is left out: on a
@@ -25,8 +26,8 @@ default settings glibc keeps freed per-layer buffers cached and the same SmolLM2
 about 1.9x higher (1712 MB instead of 891 MB at 4 x 256 tokens, two steps each): that is what
 ``top`` shows for a CPU run, but no GPU allocator behaves that way.
 
-On the CPU bitsandbytes dequantizes each 4-bit weight to a temporary fp32 matrix in every forward
-and backward; that matrix is freed after use, so it adds one weight matrix at a time.
+On the CPU each 4-bit weight is dequantized to a temporary fp32 matrix in every forward and
+backward; that matrix is freed after use, so it adds one weight matrix at a time.
 
 Usage::
 
@@ -93,6 +94,7 @@ def measure(base_model: str, micro_batch: int, cutoff_len: int, gradient_checkpo
     import transformers  # noqa: F401
 
     from alpaca_lora import FinetuneConfig, estimate_memory
+    from alpaca_lora.cpu_matmul import resolve_backend, use_onednn_4bit_layers
     from alpaca_lora.loss import token_losses_sum
     from alpaca_lora.model import attach_lora, load_model
 
@@ -105,6 +107,9 @@ def measure(base_model: str, micro_batch: int, cutoff_len: int, gradient_checkpo
     cfg = FinetuneConfig(**overrides)
     model, _ = load_model(base_model, cfg.quantization, cfg.compute_dtype, device="cpu")
     model = attach_lora(model, cfg)
+    onednn = resolve_backend(cfg.cpu_matmul, torch.device("cpu"), torch.float32) == "onednn"
+    if onednn:  # the 4-bit layers' products go where finetune() sends them
+        use_onednn_4bit_layers(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     for p in params:  # AdamW's state as after its first step, so one measured step sees all of it
@@ -118,7 +123,8 @@ def measure(base_model: str, micro_batch: int, cutoff_len: int, gradient_checkpo
     mask = torch.ones_like(ids)
     model.train()
     for _ in range(steps):
-        loss_sum, n = token_losses_sum(model, ids, mask, ids.clone(), chunk_size=cfg.loss_chunk_size)
+        loss_sum, n = token_losses_sum(model, ids, mask, ids.clone(), chunk_size=cfg.loss_chunk_size,
+                                       onednn=onednn)
         (loss_sum / n).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -103,9 +103,12 @@ def estimate_memory(base_model: str | Path | dict[str, Any], **overrides: Any) -
     targets = _targets(cfg.lora_target_modules)
     lora_params = n_layers * cfg.lora_r * sum(a + b for name, (a, b) in shapes.items() if name in targets)
     tokens = cfg.micro_batch_size * cfg.cutoff_len
-    # Tensors kept for backward per token per layer: norms, q/k/v/o inputs and outputs, attention
-    # output, MLP gate/up/act/product; LoRA dropout keeps a masked copy of each adapted input.
-    per_layer = (8 * h + 2 * kv * hd + 4 * i) * act + (len(targets) * h * act if cfg.lora_dropout > 0 else 0)
+    # Tensors kept for backward per token per layer: the inputs of the two norms, sdpa's query, key,
+    # value and output, the MLP's gate, up and activation (frozen 4-bit layers keep only their
+    # weights), and each LoRA layer's input: with dropout its own masked copy plus a one-byte mask.
+    lora_inputs = sum(shapes[t][0] for t in targets if t in shapes)
+    per_layer = (2 * h + 2 * heads * hd + 2 * kv * hd + 3 * i) * act
+    per_layer += lora_inputs * (act + 1 if cfg.lora_dropout > 0 else act)
     if cfg.gradient_checkpointing:
         activations = n_layers * tokens * h * act + tokens * per_layer
     else:

@@ -78,7 +78,7 @@ def packed_sdpa_attention(
     """Causal sdpa over each packed record separately; plain sdpa when no boundaries are given.
 
     Args:
-        module: The attention module (supplies ``num_key_value_groups`` and ``training``).
+        module: The attention module (supplies ``training``).
         query: ``(1, H, N, D)``.
         key: ``(1, H_kv, N, D)``.
         value: ``(1, H_kv, N, D)``.
@@ -95,14 +95,12 @@ def packed_sdpa_attention(
     if cu_seq_lens_q is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)  # (1, H, N, D)
-        value = value.repeat_interleave(groups, dim=1)
+    # sdpa shares each key/value head among its query heads itself: no (1, H, N, D) copies of them.
+    gqa = query.shape[1] != key.shape[1]
     bounds = cu_seq_lens_q.tolist()
     p = dropout if module.training else 0.0
     pieces = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=p,
-                                             is_causal=True, scale=scaling)
+                                             is_causal=True, scale=scaling, enable_gqa=gqa)
               for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None  # (1, N, H, D)
 
