@@ -105,7 +105,7 @@ def run_one(recipe: str, model_dir: Path, cutoff: int, mb: int, steps: int, warm
         return result
     print(f"  {tag:<44} {result['median_tokens_per_s']:8.1f} tok/s  peak {peak_mb(result):7.0f} MB  "
           f"probe {result['probe_loss']:.6f} ({result['probe_label_tokens']} labels)  "
-          f"{result['model_tflops_per_s'] * 1e3:6.1f} GFLOP/s"
+          + (f"{result['model_tflops_per_s'] * 1e3:6.1f} GFLOP/s" if result.get("model_tflops_per_s") else "")
           + (f"  MFU {result['mfu']:.1%}" if result.get("mfu") else "")
           + f"  {time.perf_counter() - start:5.0f} s", flush=True)
     return result
@@ -159,7 +159,8 @@ def plan(quick: bool) -> dict:
     """The configurations: headline, ablations and sweeps."""
     if quick:
         return {"steps": 5, "warmup": 2, "headline": ("smollm2-135m", 512, 4), "repeats": 2,
-                "ablations": [["cpu_matmul=blas"], ["fused_lora=false"], ["packing=false"]],
+                "ablations": [["cpu_matmul=blas"], ["fused_lora=false"], ["packing=false"],
+                              ["packing=false", "group_by_length=true"]],
                 "sweep_shape": "tiny", "seq": [128, 512, 1024], "mb": [1, 4, 8], "sweep_steps": 6}
     return {"steps": 8, "warmup": 2, "headline": ("smollm2-135m", 512, 4), "repeats": 3,
             "ablations": [["cpu_matmul=blas"], ["fused_lora=false"], ["packing=false"],
@@ -171,7 +172,7 @@ def plan(quick: bool) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="the headline pair twice, three ablations, sweeps on the tiny shape")
+                   help="the headline pair twice, four ablations, sweeps on the tiny shape")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "alpaca_lora" / "bench-models")
     p.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/bench_<mode>.json)")
     args = p.parse_args()
