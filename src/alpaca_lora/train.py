@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +22,10 @@ from tqdm.auto import tqdm
 from alpaca_lora import artifacts as art
 from alpaca_lora.checkpoint import (
     WRITE_ERRORS,
-    RngState,
     capture_rng,
     disk_full,
     latest_checkpoint,
-    load_checkpoint,
     remove_incomplete,
-    save_checkpoint,
 )
 from alpaca_lora.collator import InstructionCollator
 from alpaca_lora.config import FinetuneConfig, check_field_names
@@ -48,7 +44,7 @@ from alpaca_lora.distributed import (
     trainable,
     wrap_fsdp,
 )
-from alpaca_lora.errors import CheckpointError, ConfigError, ModelError, TrainingDiverged, TrainingInterrupted
+from alpaca_lora.errors import CheckpointError, ConfigError, ModelError
 from alpaca_lora.interrupt import StopRequest, stop_requests
 from alpaca_lora.loss import forward_losses_sum, token_losses_sum
 from alpaca_lora.metrics import MetricsLogger, plot_losses
@@ -59,18 +55,14 @@ from alpaca_lora.model import (
     resolve_compute_dtype,
     trainable_parameters,
 )
+from alpaca_lora.optim import build_optimizer
 from alpaca_lora.packing import PackedCollator, attention_kind, batch_tokens, body_kwargs, use_packed_attention
 from alpaca_lora.preflight import preflight_summary
 from alpaca_lora.prompts import get_template
+from alpaca_lora.run_checkpoints import maybe_resume, save_run_checkpoint, stop_diverged, stop_interrupted
 from alpaca_lora.sampler import epoch_batches, steps_per_epoch
 
 logger = logging.getLogger(__name__)
-
-# Fields that may change between a checkpoint and its resume without changing what was trained.
-_RESUMABLE_CHANGES = {"num_epochs", "max_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                      "resume_from_checkpoint", "report_to", "device", "packing",
-                      "release_cpu_memory", "ddp_timeout"}
-
 
 @dataclass
 class FinetuneResult:
@@ -247,7 +239,7 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
     if dist.is_main:
         logger.info(preflight_summary(base_model, cfg, model, report, val_records=len(val_set or []),
                                       total_steps=total_steps, device=device, dtype=dtype))
-    optimizer, scheduler = _optimizer(cfg, trainable(model), total_steps)
+    optimizer, scheduler = build_optimizer(cfg, trainable(model), total_steps)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     for junk in remove_incomplete(output_dir):  # left by a save that was killed
@@ -259,7 +251,7 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
                optimizer=optimizer,
                scheduler=scheduler, device=device, dtype=dtype, total_steps=total_steps, fingerprint=fingerprint,
                metrics=None, report=report, dist=dist, lora_names=lora_names, matmul=matmul)  # type: ignore[arg-type]
-    resumed_at = _maybe_resume(run)
+    resumed_at = maybe_resume(run)
     run.metrics = MetricsLogger(output_dir / art.METRICS_FILE, cfg.report_to, output_dir, cfg.to_dict(),
                                 keep_until_step=resumed_at, write=dist.is_main)
     return run
@@ -272,12 +264,6 @@ def _collator(cfg: FinetuneConfig, tokenizer: Any, model: Any, dtype: torch.dtyp
     return InstructionCollator(tokenizer)
 
 
-def _optimizer(cfg: FinetuneConfig, params: list[torch.nn.Parameter], total_steps: int) -> tuple[Any, Any]:
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    warmup = int(cfg.warmup_ratio * total_steps)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _LrSchedule(cfg.lr_scheduler, warmup, total_steps))
-
-
 def distribute(run: _Run) -> None:
     """Make the ranks agree: rank 0's initial LoRA weights everywhere, then FSDP sharding if asked.
 
@@ -287,59 +273,7 @@ def distribute(run: _Run) -> None:
     run.dist.broadcast_parameters(trainable(run.model))
     if run.cfg.fsdp:
         run.model = wrap_fsdp(run.model, run.dist)
-        run.optimizer, run.scheduler = _optimizer(run.cfg, trainable(run.model), run.total_steps)
-
-
-class _LrSchedule:
-    """Linear warm-up, then linear decay, cosine decay or constant (a multiplier of the peak lr)."""
-
-    def __init__(self, kind: str, warmup: int, total: int) -> None:
-        self.kind, self.warmup, self.total = kind, warmup, total
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / (self.warmup + 1)
-        if self.kind == "constant":
-            return 1.0
-        progress = (step - self.warmup) / max(1, self.total - self.warmup)
-        if self.kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return max(0.0, 1.0 - progress)
-
-
-def _maybe_resume(run: _Run) -> int | None:
-    target = run.cfg.resume_from_checkpoint
-    if not target:
-        return None
-    folder = latest_checkpoint(run.output_dir) if target is True else Path(target)
-    if folder is None:
-        raise CheckpointError(
-            f"resume_from_checkpoint=True but {run.output_dir} holds no complete checkpoint; "
-            "start without resume_from_checkpoint or pass the path of a checkpoint folder"
-        )
-    state = art.read_json(Path(folder) / "trainer_state.json") if Path(folder).is_dir() else None
-    if state is None:
-        raise CheckpointError(f"checkpoint {folder} does not exist; pass a checkpoint-N folder of this run")
-    _check_compatible(state, run, Path(folder))
-    state = load_checkpoint(Path(folder), run.model, run.optimizer, run.scheduler)
-    run.step = state["step"]
-    logger.info("resumed from %s at step %d", folder, run.step)
-    return run.step
-
-
-def _check_compatible(state: dict[str, Any], run: _Run, folder: Path) -> None:
-    saved, now = state.get("config", {}), run.cfg.to_dict()
-    changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now
-               if k not in _RESUMABLE_CHANGES and k in saved and saved[k] != now[k]]
-    if changed:
-        raise CheckpointError(f"checkpoint {folder} was written with a different config ({'; '.join(changed)}); "
-                              "resume with the same settings or start a new output_dir")
-    diffs = art.fingerprints_match(state.get("fingerprint", {}).get("base_model", {}),
-                                   run.fingerprint["base_model"])
-    if state.get("fingerprint", {}).get("data", {}).get("sha256") != run.fingerprint["data"]["sha256"]:
-        diffs.append("the training data differs from the data the checkpoint was trained on")
-    if diffs:
-        raise CheckpointError(f"checkpoint {folder} belongs to another run: {'; '.join(diffs)}")
+        run.optimizer, run.scheduler = build_optimizer(run.cfg, trainable(run.model), run.total_steps)
 
 
 # ---- fit -------------------------------------------------------------------------------------------
@@ -370,7 +304,7 @@ def fit(run: _Run, stop: StopRequest | None = None) -> None:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # train_step did not apply it
             run.tokens_seen = tokens_before
             bar.close()
-            _stop_diverged(run, loss, grad_norm, rng)
+            stop_diverged(run, loss, grad_norm, rng)
         run.step += 1
         run.recent_losses = (run.recent_losses + [loss])[-max(1, cfg.logging_steps):]
         bar.update(1)
@@ -384,13 +318,13 @@ def fit(run: _Run, stop: StopRequest | None = None) -> None:
             run.last_eval_loss = evaluate(run)
             run.metrics.log({"step": run.step, "eval_loss": run.last_eval_loss})
         if (run.step % cfg.save_steps == 0 if cfg.save_steps else epoch_end) and run.step < run.total_steps:
-            _save_checkpoint(run)
+            save_run_checkpoint(run)
         if stop is not None and stop.aborted:
             raise KeyboardInterrupt  # a second Ctrl-C whose exception Python dropped
         signaled = stop is not None and run.dist.sum([float(stop.signal is not None)])[0] > 0
         if signaled and run.step < run.total_steps:
             bar.close()
-            _stop_interrupted(run, stop)
+            stop_interrupted(run, stop)
     bar.close()
     run.runtime_s = time.perf_counter() - start
 
@@ -486,59 +420,6 @@ def _autocast(run: _Run) -> Any:
     if run.dtype == torch.float32:
         return torch.autocast(run.device.type, enabled=False)
     return torch.autocast(run.device.type, dtype=run.dtype)
-
-
-def _save_checkpoint(run: _Run, rng: RngState | None = None) -> Path | None:
-    """Rank 0 writes ``checkpoint-N`` (every rank resumes from it; FSDP runs write none yet)."""
-    if run.cfg.fsdp:
-        logger.warning("step %d: no checkpoint written, FSDP runs do not write resumable checkpoints yet", run.step)
-        return None
-    state = {"step": run.step, "tokens_seen": run.tokens_seen, "total_steps": run.total_steps,
-             "config": run.cfg.to_dict(), "fingerprint": run.fingerprint}
-    folder = None
-    with run.dist.guard(f"checkpoint at step {run.step}"):
-        if run.dist.is_main:
-            folder = save_checkpoint(run.output_dir, run.step, run.model, run.optimizer, run.scheduler, state,
-                                     keep=run.cfg.save_total_limit, rng=rng)
-    run.saved_checkpoint = folder
-    return folder
-
-
-def _stop_diverged(run: _Run, loss: float, grad_norm: float, rng: RngState) -> None:
-    """Log the bad step visibly, save the last good state (``rng`` from before the step) and raise."""
-    step = run.step + 1
-    run.metrics.log({"step": step, "loss": loss, "grad_norm": grad_norm, "diverged": True})
-    folder = run.saved_checkpoint
-    if run.step > 0 and (folder is None or folder.name != f"checkpoint-{run.step}"):
-        folder = _save_checkpoint(run, rng)
-    kept = (f"the last good state (step {run.step}) is in {folder}" if run.step > 0 else
-            "no step had completed (a NaN at once points at the base model's weights or at compute_dtype)")
-    what = f"the training loss became {loss}" if not math.isfinite(loss) else f"the gradient norm became {grad_norm}"
-    raise TrainingDiverged(
-        f"{what} at step {step}; that update was not applied and {kept}. Likely fixes: a lower learning_rate "
-        f"(now {run.cfg.learning_rate}), gradient clipping with max_grad_norm=1.0 (now {run.cfg.max_grad_norm}), "
-        "a longer warmup_ratio, compute_dtype='bfloat16' or 'float32' instead of float16, or a look at the "
-        "records of that step for very long or garbled text. Start a new output_dir with the fix (a resume "
-        "keeps the settings of the run).",
-        step=step, checkpoint=folder if run.step > 0 else None)
-
-
-def _stop_interrupted(run: _Run, stop: StopRequest) -> None:
-    """Save a checkpoint at this step boundary and raise TrainingInterrupted saying how to resume.
-
-    In a multi-process run every rank stops at the same step (the request is summed over ranks);
-    a rank that did not receive the signal itself reports SIGTERM.
-    """
-    sig = stop.signal or signal.SIGTERM
-    folder = run.saved_checkpoint
-    if folder is None or folder.name != f"checkpoint-{run.step}":
-        folder = _save_checkpoint(run)
-    raise TrainingInterrupted(
-        f"training stopped by {sig.name} after step {run.step} of {run.total_steps}; the state is saved in "
-        f"{folder}. Resume with the same base model, data and settings plus resume_from_checkpoint=True "
-        f"(Python: finetune(..., resume_from_checkpoint=True); command line: alpaca-lora finetune ... "
-        f"--output_dir {run.output_dir} --resume_from_checkpoint true)",
-        signal_name=sig.name, signal_number=int(sig), step=run.step, checkpoint=folder)
 
 
 def _seed_everything(seed: int) -> None:
