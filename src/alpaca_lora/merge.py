@@ -383,7 +383,8 @@ def _model_card(plan: _Plan, report: dict[str, Any]) -> str:
     metrics = {k: results[k] for k in ("train_loss", "eval_loss", "steps", "tokens_seen") if k in results}
     verified = "not run" if check is None else (
         f"max abs logit difference merged vs base + adapter {check['max_abs_logit_diff']:.2e} in fp32 (tolerance "
-        f"{check['tolerance']:.2e}); the adapter moves the logits by up to {check['adapter_effect_max_abs_logit_diff']:.3g}")
+        f"{check['tolerance']:.2e}); the adapter moves the logits by up to "
+        f"{check['adapter_effect_max_abs_logit_diff']:.3g}")
     return "\n".join([
         "---", "library_name: transformers", "tags: [alpaca-lora, lora, merged, text-generation]",
         *([f"base_model: {plan.base_name}"] if hub_id else []), "---", "",
