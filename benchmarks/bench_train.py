@@ -146,10 +146,10 @@ def pooled(results: list[dict]) -> dict:
                                                     strict=True)]
     flops = [f / t for r in results for t, f in zip(r["step_s"][r["warmup"]:], r["step_flops"][r["warmup"]:],
                                                     strict=True)]
-    mfus = [r["mfu"] for r in results if r.get("mfu") is not None]
+    peak = results[0].get("peak_bf16_tflops")
     return {**results[0], "median_tokens_per_s": statistics.median(rates),
             "model_tflops_per_s": statistics.median(flops) / 1e12,
-            "mfu": statistics.median(flops) / (results[0]["peak_bf16_tflops"] * 1e12) if mfus else None,
+            "mfu": statistics.median(flops) / (peak * 1e12) if peak else None,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
             "peak_vram_mb": max((r.get("peak_vram_mb") or 0.0) for r in results) or None,
             "rss_start_mb": statistics.median(r["rss_start_mb"] for r in results), "repeats": len(results)}

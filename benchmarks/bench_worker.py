@@ -83,19 +83,20 @@ def tokens_of(tokenized, batches: list[list[int]]) -> list[int]:
     return [sum(len(tokenized[i]["input_ids"]) for i in b) for b in batches]
 
 
-def flops_stats(out: dict, flops: list[float], batch_tokens: list[int]) -> None:
+def flops_stats(out: dict, args: argparse.Namespace, tokenized, batches: list[list[int]]) -> None:
     """Median achieved model TFLOP/s over the timed steps, and MFU on a GPU with a known peak.
 
-    ``flops`` and ``batch_tokens`` describe the shared micro-batch order; a run that trained other
-    micro-batches (``group_by_length``) gets no FLOP figures rather than wrong ones.
+    ``batches`` is the shared micro-batch order; a run that trained other micro-batches
+    (``group_by_length``) gets no FLOP figures rather than wrong ones.
     """
     from gpu_metrics import peak_bf16_flops
 
     times, warmup = out["step_s"], out["warmup"]
-    if out["step_tokens"] != batch_tokens[: len(times)]:
+    if out["step_tokens"] != tokens_of(tokenized, batches[: len(times)]):
         out.update(step_flops=None, model_tflops_per_s=None)
         return
-    out["step_flops"] = flops[: len(times)]
+    flops = step_flops(args, tokenized, batches[: len(times)])
+    out["step_flops"] = flops
     rates = [f / t for f, t in zip(flops[warmup:], times[warmup:], strict=False)]
     out["model_tflops_per_s"] = statistics.median(rates) / 1e12 if rates else None
     if out["device"] == "cuda" and rates:
@@ -192,9 +193,9 @@ def run_baseline(args: argparse.Namespace, out: dict) -> None:
         trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=collator, callbacks=[Timer()])
         trainer.train()
     out["peak_rss_mb"] = rss_mb("VmHWM")
-    tokens = tokens_of(tokenized, batches)[: len(times)]
+    tokens = tokens_of(tokenized, batches[: len(times)])
     out.update(step_stats(times, tokens, args.warmup))
-    flops_stats(out, step_flops(args, tokenized, batches), tokens_of(tokenized, batches))
+    flops_stats(out, args, tokenized, batches)
     out["final_loss"] = next((r["loss"] for r in reversed(trainer.state.log_history) if "loss" in r), None)
     body = model.get_base_model().model
     if args.split:
@@ -237,7 +238,7 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
         times = [b - a for a, b in zip(elapsed, elapsed[1:], strict=False)]
         tokens = [b - a for a, b in zip(seen, seen[1:], strict=False)]
         out.update(step_stats(times, tokens, args.warmup))
-        flops_stats(out, step_flops(args, tokenized, batches), tokens_of(tokenized, batches))
+        flops_stats(out, args, tokenized, batches)
         out["final_loss"] = rows[-1]["loss"]
         b = {k: v.to(run.device) for k, v in probe_batch.items()}
         extra = {"position_ids": b["position_ids"]} if "position_ids" in b else {}

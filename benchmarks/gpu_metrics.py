@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from alpaca_lora.memory import projection_shapes
+
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' datasheets, matched
 # against ``torch.cuda.get_device_name()``; the first matching key wins, so longer names come first.
 PEAK_BF16_TFLOPS: dict[str, float] = {
@@ -34,9 +36,6 @@ PEAK_BF16_TFLOPS: dict[str, float] = {
     "RTX 4090": 165.2,
 }
 
-LINEAR_SHAPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 def peak_bf16_flops(device_name: str) -> float | None:
     """The dense bf16 peak in FLOP/s of a GPU named like ``torch.cuda.get_device_name()``, or None if unknown."""
     for key, tflops in PEAK_BF16_TFLOPS.items():
@@ -45,21 +44,12 @@ def peak_bf16_flops(device_name: str) -> float | None:
     return None
 
 
-def _shapes(config: Any) -> dict[str, tuple[int, int]]:
-    h, i = config.hidden_size, config.intermediate_size
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    hd = getattr(config, "head_dim", None) or h // heads
-    return {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-
 def flop_parts(config: Any, lengths: Sequence[int], label_tokens: int, lora_r: int = 0,
                lora_targets: Sequence[str] = (), causal: bool = True) -> dict[str, float]:
     """Forward FLOPs of a Llama-shaped model over records of ``lengths`` tokens, each attending only to itself.
 
     Args:
-        config: A transformers ``LlamaConfig`` (or any object with its size fields).
+        config: A transformers ``LlamaConfig``.
         lengths: Token count of each record (packed or padded, padding excluded).
         label_tokens: Positions that go through lm_head (the label positions).
         lora_r: LoRA rank (0: no adapters).
@@ -71,7 +61,7 @@ def flop_parts(config: Any, lengths: Sequence[int], label_tokens: int, lora_r: i
         projections), ``lora``, ``attention`` (scores and values) and ``lm_head``.
 
     """
-    shapes = _shapes(config)
+    shapes = projection_shapes(config.to_dict())
     tokens = sum(lengths)
     layers = config.num_hidden_layers
     linear = layers * sum(a * b for a, b in shapes.values())

@@ -10,15 +10,22 @@ import pytest
 WORKER = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_worker.py"
 
 
-@pytest.mark.slow
-def test_baseline_and_alpaca_lora_agree_on_the_probe_batch(tiny_model_dir, shared_data, tmp_path):
+def _run_both(model_dir, data_dir, tmp_path, *args: str) -> dict[str, dict]:
+    """Run bench_worker.py for both recipes with ``args``; return each recipe's JSON result."""
     results = {}
     for recipe in ("baseline", "alpaca_lora"):
         out = tmp_path / f"{recipe}.json"
-        subprocess.run([sys.executable, str(WORKER), "--recipe", recipe, "--model-dir", str(tiny_model_dir),
-                        "--data-dir", str(shared_data), "--cutoff", "256", "--micro-batch", "4", "--steps", "2",
-                        "--records", "24", "--out", str(out)], check=True, capture_output=True, timeout=300)
+        subprocess.run([sys.executable, str(WORKER), "--recipe", recipe, "--model-dir", str(model_dir),
+                        "--data-dir", str(data_dir), *args, "--out", str(out)],
+                       check=True, capture_output=True, timeout=300)
         results[recipe] = json.loads(out.read_text())
+    return results
+
+
+@pytest.mark.slow
+def test_baseline_and_alpaca_lora_agree_on_the_probe_batch(tiny_model_dir, shared_data, tmp_path):
+    results = _run_both(tiny_model_dir, shared_data, tmp_path, "--cutoff", "256", "--micro-batch", "4",
+                        "--steps", "2", "--records", "24")
     base, ours = results["baseline"], results["alpaca_lora"]
     print({k: (base[k], ours[k]) for k in ("probe_loss", "probe_label_tokens", "median_tokens_per_s", "peak_rss_mb")})
     assert base["probe_label_tokens"] == ours["probe_label_tokens"] > 0
@@ -107,14 +114,9 @@ def test_gpu_peaks_are_looked_up_by_device_name():
 
 @pytest.mark.slow
 def test_context_probe_trains_one_record_of_exactly_the_cutoff(tiny_model_dir, shared_data, tmp_path):
-    results = {}
-    for recipe in ("baseline", "alpaca_lora"):
-        out = tmp_path / f"{recipe}.json"
-        subprocess.run([sys.executable, str(WORKER), "--recipe", recipe, "--model-dir", str(tiny_model_dir),
-                        "--data-dir", str(shared_data), "--cutoff", "300", "--micro-batch", "1", "--steps", "2",
-                        "--warmup", "0", "--records", "2", "--context-probe", "--vram-cap-gb", "24", "--no-split",
-                        "--out", str(out)], check=True, capture_output=True, timeout=300)
-        results[recipe] = json.loads(out.read_text())
+    results = _run_both(tiny_model_dir, shared_data, tmp_path, "--cutoff", "300", "--micro-batch", "1",
+                        "--steps", "2", "--warmup", "0", "--records", "2", "--context-probe", "--vram-cap-gb", "24",
+                        "--no-split")
     for r in results.values():
         assert r["fits"] is True and r["step_tokens"] == [300, 300]
         assert r["model_tflops_per_s"] > 0 and len(r["step_flops"]) == 2 and "mfu" not in r  # no GPU, no MFU

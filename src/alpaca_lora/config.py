@@ -29,6 +29,12 @@ Larger buffers get a fresh memory mapping each time, and every one of its pages 
 on the SmolLM2-135M shape (49,152-token vocabulary), 311 label rows in one 61 MB chunk cost about
 15,000 page faults a micro-batch. Capped at 160 rows, the buffer is reused from the heap.
 """
+
+
+def cpu_chunk_rows(chunk_size: int, vocab: int) -> int:
+    """``chunk_size`` label rows, fewer if their fp32 logits would pass ``CPU_CHUNK_BYTES`` (CPU runs)."""
+    return min(chunk_size, max(1, CPU_CHUNK_BYTES // (4 * vocab)))
+
 SCHEDULERS = ("linear", "cosine", "constant")
 REPORTERS = ("none", "tensorboard", "wandb")
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from alpaca_lora.config import CPU_CHUNK_BYTES
+from alpaca_lora.config import cpu_chunk_rows
 from alpaca_lora.cpu_matmul import linear
 from alpaca_lora.model import checkpointing_paused
 
@@ -162,7 +162,7 @@ def linear_cross_entropy_sum(
     """
     vocab = getattr(head, "out_features", None)
     if hidden.device.type == "cpu" and vocab:
-        chunk_size = min(chunk_size, max(1, CPU_CHUNK_BYTES // (4 * vocab)))
+        chunk_size = cpu_chunk_rows(chunk_size, vocab)
     if type(head) is torch.nn.Linear:
         return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, target, softcap, chunk_size, onednn)
     total = hidden.new_zeros((), dtype=torch.float32)

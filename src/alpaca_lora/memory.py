@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from alpaca_lora.artifacts import resolve_local
-from alpaca_lora.config import CPU_CHUNK_BYTES, FinetuneConfig, check_field_names
+from alpaca_lora.config import FinetuneConfig, check_field_names, cpu_chunk_rows
 from alpaca_lora.errors import ConfigError, ModelError
 
 GIB = 1024**3
@@ -48,6 +48,15 @@ class MemoryEstimate:
         rows = [f"{k.ljust(width)}  {v / GIB:8.3f} GiB" for k, v in self.parts.items()]
         rows.append(f"{'total'.ljust(width)}  {self.total / GIB:8.3f} GiB")
         return "\n".join(rows)
+
+
+def projection_shapes(mc: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """``(in_features, out_features)`` of each Llama projection, from a ``config.json`` dict."""
+    h, i, heads = mc["hidden_size"], mc["intermediate_size"], mc["num_attention_heads"]
+    kv = mc.get("num_key_value_heads") or heads
+    hd = mc.get("head_dim") or h // heads
+    return {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
 def _model_config(base_model: str | Path | dict[str, Any]) -> dict[str, Any]:
@@ -87,8 +96,7 @@ def estimate_memory(base_model: str | Path | dict[str, Any], **overrides: Any) -
     # "auto" computes in bf16 on a GPU and in fp32 on a CPU (DESIGN mistake 9).
     act = 4 if cfg.compute_dtype == "auto" and cfg.device == "cpu" else _DTYPE_BYTES.get(cfg.compute_dtype, 2)
 
-    shapes = {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
-              "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    shapes = projection_shapes(mc)
     linear = n_layers * sum(a * b for a, b in shapes.values())
     other = vocab * h * (1 if tied else 2) + n_layers * 2 * h + h
     if cfg.quantization in ("nf4", "fp4"):
@@ -114,8 +122,8 @@ def estimate_memory(base_model: str | Path | dict[str, Any], **overrides: Any) -
     else:
         activations = n_layers * tokens * per_layer
     chunk = min(cfg.loss_chunk_size, tokens)
-    if cfg.device == "cpu":  # the loss caps a CPU chunk's logits (config.CPU_CHUNK_BYTES)
-        chunk = min(chunk, max(1, CPU_CHUNK_BYTES // (4 * vocab)))
+    if cfg.device == "cpu":  # the loss caps a CPU chunk's logits
+        chunk = cpu_chunk_rows(chunk, vocab)
     # fp32 logits turned in place into their gradient, plus logsumexp's temporary; gathered hidden
     logits = chunk * vocab * 4 * 2 + tokens * h * act
     parts = {
