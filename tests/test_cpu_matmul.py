@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alpaca_lora import FinetuneConfig, cpu_matmul
-from alpaca_lora.cpu_matmul import CpuLinear4bit, linear, resolve_backend, use_onednn_4bit_layers
+from alpaca_lora import FinetuneConfig, cpu_linear4bit, cpu_matmul
+from alpaca_lora.cpu_linear4bit import CpuLinear4bit, use_onednn_4bit_layers
+from alpaca_lora.cpu_matmul import linear, resolve_backend
 from alpaca_lora.errors import ConfigError
 from alpaca_lora.train import batch_loss, setup
 
@@ -60,7 +61,7 @@ def test_other_dtypes_take_the_bitsandbytes_forward(monkeypatch):
     _, fast = _quantized_pair()
     use_onednn_4bit_layers(torch.nn.Sequential(fast))
     called = []
-    monkeypatch.setattr(cpu_matmul._FrozenLinear4bit, "apply", lambda *a: called.append(a))
+    monkeypatch.setattr(cpu_linear4bit._FrozenLinear4bit, "apply", lambda *a: called.append(a))
     fast.compute_dtype = torch.bfloat16
     out = fast(torch.randn(2, 64, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and called == []

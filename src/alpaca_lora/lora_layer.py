@@ -22,19 +22,24 @@ The layers here compute the same function, in one autograd node per adapter:
 The adapter's parameters and state-dict keys are peft's own (these classes subclass peft's layers
 and only replace ``forward``), so saving, loading and merging are unchanged. Anything the fast
 path does not cover (merged or disabled adapters, several active adapters, DoRA and other
-variants, LoRA bias, mixed-adapter batches, dtype casts, ``fan_in_fan_out``, FSDP's views into its
-flat parameter) falls back to peft's forward. ``FinetuneConfig.fused_lora=False`` keeps peft's
-layers throughout.
+variants, LoRA bias, mixed-adapter batches, ``fan_in_fan_out``, FSDP's views into its flat
+parameter) falls back to peft's forward. Reduced precision follows peft's dtype rule (see
+:func:`lora_compute_dtype`) on every device, autocast on the CPU included.
+``FinetuneConfig.fused_lora=False`` keeps peft's layers throughout.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import bitsandbytes as bnb
 import torch
-from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
-from peft.tuners.lora.layer import Linear as PeftLinear
+
+from alpaca_lora.bnb_import import import_bitsandbytes
+
+bnb = import_bitsandbytes()  # before peft's bnb layers import it
+
+from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit  # noqa: E402
+from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: E402
 
 _BITS = 16  # random bits per mask element
 _LEVELS = 1 << _BITS
@@ -65,8 +70,26 @@ def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.de
     return dropped, _LEVELS / (_LEVELS - dropped_levels)
 
 
+def lora_compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the low-rank products run in: autocast's for ``x``'s device when it is on, else the adapter's.
+
+    This is peft's rule (under autocast its ``nn.Linear`` adapters run in the autocast dtype; without it
+    the input is cast to the adapter weight's dtype), made explicit so the hand-written backward pass
+    uses the same dtype as the forward pass: autocast is off while autograd runs a backward.
+    """
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
 class _LoraUpdate(torch.autograd.Function):
-    """``base_out + c * ((x with dropped elements zeroed) @ A^T) @ B^T`` with hand-written gradients."""
+    """``base_out + c * ((x with dropped elements zeroed) @ A^T) @ B^T`` with hand-written gradients.
+
+    Dtype policy: the products run in ``dtype`` (see :func:`lora_compute_dtype`), the output keeps
+    ``base_out``'s dtype, and every gradient is returned in its own input's dtype (fp32 for the
+    adapter weights, whose ``.grad`` then accumulates in fp32 across micro-batches).
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -77,36 +100,43 @@ class _LoraUpdate(torch.autograd.Function):
         weight_b: torch.Tensor,
         coef: float,
         dropped: torch.Tensor | None,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
+        dtype = dtype or weight_a.dtype
         in_features = x.shape[-1]
-        x2 = x.reshape(-1, in_features)
-        xk = x2 if dropped is None else x2.masked_fill(dropped.view(-1, in_features), 0.0)
-        u = xk @ weight_a.t()
-        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), u, weight_b.t(), alpha=coef)
-        ctx.coef = coef
-        ctx.x_shape = x.shape
+        with torch.autocast(x.device.type, enabled=False):  # the casts below are the whole policy
+            x2 = x.reshape(-1, in_features).to(dtype)  # (N, in)
+            xk = x2 if dropped is None else x2.masked_fill(dropped.view(-1, in_features), 0.0)
+            u = xk @ weight_a.to(dtype).t()  # (N, r)
+            base2 = base_out.reshape(-1, base_out.shape[-1])  # (N, out)
+            if base2.dtype == dtype:
+                out = torch.addmm(base2, u, weight_b.to(dtype).t(), alpha=coef)
+            else:  # e.g. an fp32 base output under bf16 autocast: add in the wider dtype, as peft does
+                out = torch.add(base2, u @ weight_b.to(dtype).t(), alpha=coef)
+        ctx.coef, ctx.dtype = coef, dtype
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.save_for_backward(xk, u, weight_a, weight_b, dropped)
-        return out.view(base_out.shape)
+        return out.view(base_out.shape).to(base_out.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         xk, u, weight_a, weight_b, dropped = ctx.saved_tensors
-        coef = ctx.coef
-        dy = grad_out.reshape(-1, grad_out.shape[-1])
+        coef, dtype = ctx.coef, ctx.dtype
+        dy = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)  # (N, out)
         need_base, need_x, need_a, need_b = ctx.needs_input_grad[:4]
         grad_x = grad_a = grad_b = None
         if need_b:
-            grad_b = (dy.t() @ u).mul_(coef)
+            grad_b = (dy.t() @ u).mul_(coef).to(weight_b.dtype)  # (out, r)
         if need_x or need_a:
-            du = (dy @ weight_b).mul_(coef)
+            du = (dy @ weight_b.to(dtype)).mul_(coef)  # (N, r)
             if need_a:
-                grad_a = du.t() @ xk
+                grad_a = (du.t() @ xk).to(weight_a.dtype)  # (r, in)
             if need_x:
-                grad_x = du @ weight_a
+                grad_x = du @ weight_a.to(dtype)  # (N, in)
                 if dropped is not None:
                     grad_x.masked_fill_(dropped.view(grad_x.shape), 0.0)
-                grad_x = grad_x.view(ctx.x_shape)
-        return (grad_out if need_base else None), grad_x, grad_a, grad_b, None, None
+                grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+        return (grad_out if need_base else None), grad_x, grad_a, grad_b, None, None, None
 
 
 class FusedLoraForward:
@@ -127,7 +157,7 @@ class FusedLoraForward:
         if self.training and p > 0:  # type: ignore[attr-defined]
             dropped, scale = dropout_mask(x.shape, p, x.device)
             coef *= scale
-        return _LoraUpdate.apply(base_out, x, lora_a, lora_b, coef, dropped)
+        return _LoraUpdate.apply(base_out, x, lora_a, lora_b, coef, dropped, lora_compute_dtype(x, lora_a))
 
     def _fast_path_adapter(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         """The one adapter the fused path can compute for this call, or None to use peft's forward."""
@@ -139,14 +169,14 @@ class FusedLoraForward:
         adapter = active[0]
         if adapter in self.lora_variant or self.lora_bias.get(adapter, False):  # type: ignore[attr-defined]
             return None
-        if getattr(self, "fan_in_fan_out", False) or torch.is_autocast_enabled():
+        if getattr(self, "fan_in_fan_out", False):
             return None
         dropout = self.lora_dropout[adapter]  # type: ignore[attr-defined]
         if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)):
             return None
         weight_a = self.lora_A[adapter].weight  # type: ignore[attr-defined]
         weight_b = self.lora_B[adapter].weight  # type: ignore[attr-defined]
-        if x.dtype != weight_a.dtype or weight_b.dtype != x.dtype:
+        if weight_b.dtype != weight_a.dtype or not x.is_floating_point():
             return None
         if weight_a._is_view() or weight_b._is_view():  # FSDP's views into its flat parameter
             return None

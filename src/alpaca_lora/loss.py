@@ -55,10 +55,14 @@ def _chunk_loss_and_grads(
     grad_b: torch.Tensor | None,
     onednn: bool = False,
 ) -> torch.Tensor:
-    """Summed loss of one chunk; its gradients are written into (or added to) the ``grad_*`` buffers."""
-    logits = linear(h, weight, onednn)
+    """Summed loss of one chunk; its gradients are written into (or added to) the ``grad_*`` buffers.
+
+    The two products with the head run in ``weight``'s dtype (the compute dtype: the caller casts it
+    once per call); the softmax, the loss and the weight gradient are fp32.
+    """
+    logits = linear(h.to(weight.dtype), weight, onednn)
     if bias is not None:
-        logits += bias
+        logits += bias.to(weight.dtype)
     logits = logits.float()  # (n, V)
     squash = None
     if softcap:
@@ -72,11 +76,10 @@ def _chunk_loss_and_grads(
     grad[torch.arange(y.numel(), device=y.device), y] -= 1.0
     if squash is not None:  # d(c * tanh(x / c)) / dx = 1 - tanh^2
         grad.mul_(squash.square_().neg_().add_(1.0))
-    g = grad.to(weight.dtype)
     if grad_h is not None:
-        grad_h.copy_(linear(g, weight.t(), onednn))
+        grad_h.copy_(linear(grad.to(weight.dtype), weight.t(), onednn))
     if grad_w is not None:
-        grad_w += g.t().float() @ h.float()
+        grad_w += grad.t() @ h.float()  # (V, H), fp32
     if grad_b is not None:
         grad_b += grad.sum(0)
     return loss
@@ -86,6 +89,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against ``target``, chunk by chunk.
 
     The gradients are made in the forward pass, one chunk at a time, and scaled in the backward.
+    Dtype policy: the head's products run in the autocast dtype when autocast is on for the device
+    (else in the weight's dtype); the loss is an fp32 sum; each gradient keeps its input's dtype.
     """
 
     @staticmethod
@@ -104,20 +109,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, target.numel(), chunk_size):
-            rows = slice(start, start + chunk_size)
-            # One chunk per call: its (n, V) buffer is freed before the next chunk allocates one.
-            total += _chunk_loss_and_grads(
-                hidden[rows],
-                weight,
-                bias,
-                target[rows],
-                softcap,
-                None if grad_h is None else grad_h[rows],
-                grad_w,
-                grad_b,
-                onednn,
-            )
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        with torch.autocast(device, enabled=False):  # the casts here are the whole policy
+            w = weight.to(dtype)  # (V, H), cast once for all chunks
+            for start in range(0, target.numel(), chunk_size):
+                rows = slice(start, start + chunk_size)
+                # One chunk per call: its (n, V) buffer is freed before the next chunk allocates one.
+                total += _chunk_loss_and_grads(
+                    hidden[rows],
+                    w,
+                    bias,
+                    target[rows],
+                    softcap,
+                    None if grad_h is None else grad_h[rows],
+                    grad_w,
+                    grad_b,
+                    onednn,
+                )
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
