@@ -90,7 +90,10 @@ class FinetuneConfig:
     quantization: str | None = "nf4"
     """Base weight format: "nf4" (QLoRA, double quantization), "fp4", "int8" or None (full precision)."""
     compute_dtype: str = "auto"
-    """Compute dtype: "auto" (bf16 on CUDA with bf16, fp16 on older CUDA, fp32 on CPUs without bf16)."""
+    """Compute dtype: "auto" (bf16 on CUDA with bf16, fp16 on older CUDA; on a CPU bf16 with AMX, else fp32)."""
+    loss_scaling: bool = True
+    """Dynamic loss scaling when the compute dtype is float16, so small gradients do not flush to zero
+    (steps whose scaled gradients overflow are skipped and the scale halves); no effect in bf16 or fp32."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: much less memory, about 30% more compute."""
     seed: int = 42

@@ -44,6 +44,8 @@ def maybe_resume(run: _Run) -> int | None:
         raise CheckpointError(f"checkpoint {folder} does not exist; pass a checkpoint-N folder of this run")
     check_compatible(state, run, Path(folder))
     state = load_checkpoint(Path(folder), run.model, run.optimizer, run.scheduler)
+    if "loss_scale" in state:  # written by every checkpoint since fp16 loss scaling
+        run.scaler.load_state_dict(state["loss_scale"])
     run.step = state["step"]
     logger.info("resumed from %s at step %d", folder, run.step)
     return run.step
@@ -71,7 +73,7 @@ def save_run_checkpoint(run: _Run, rng: RngState | None = None) -> Path | None:
         logger.warning("step %d: no checkpoint written, FSDP runs do not write resumable checkpoints yet", run.step)
         return None
     state = {"step": run.step, "tokens_seen": run.tokens_seen, "total_steps": run.total_steps,
-             "config": run.cfg.to_dict(), "fingerprint": run.fingerprint}
+             "config": run.cfg.to_dict(), "fingerprint": run.fingerprint, "loss_scale": run.scaler.state_dict()}
     folder = None
     with run.dist.guard(f"checkpoint at step {run.step}"):
         if run.dist.is_main:
@@ -91,6 +93,8 @@ def stop_diverged(run: _Run, loss: float, grad_norm: float, rng: RngState) -> No
     kept = (f"the last good state (step {run.step}) is in {folder}" if run.step > 0 else
             "no step had completed (a NaN at once points at the base model's weights or at compute_dtype)")
     what = f"the training loss became {loss}" if not math.isfinite(loss) else f"the gradient norm became {grad_norm}"
+    if math.isfinite(loss) and run.scaler.exhausted():
+        what += f" with the fp16 loss scale already down to {run.scaler.scale:g}"
     raise TrainingDiverged(
         f"{what} at step {step}; that update was not applied and {kept}. Likely fixes: a lower learning_rate "
         f"(now {run.cfg.learning_rate}), gradient clipping with max_grad_norm=1.0 (now {run.cfg.max_grad_norm}), "

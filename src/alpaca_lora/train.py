@@ -29,7 +29,7 @@ from alpaca_lora.checkpoint import (
 )
 from alpaca_lora.collator import InstructionCollator
 from alpaca_lora.config import FinetuneConfig, check_field_names
-from alpaca_lora.cpu_matmul import resolve_backend, use_onednn_4bit_layers
+from alpaca_lora.cpu_matmul import resolve_backend
 from alpaca_lora.cpu_memory import release_freed_memory_to_os
 from alpaca_lora.data import data_fingerprint, load_instructions, prepare_dataset, split_dataset
 from alpaca_lora.distributed import (
@@ -47,6 +47,7 @@ from alpaca_lora.distributed import (
 from alpaca_lora.errors import CheckpointError, ConfigError, ModelError
 from alpaca_lora.interrupt import StopRequest, stop_requests
 from alpaca_lora.loss import forward_losses_sum, token_losses_sum
+from alpaca_lora.loss_scale import LossScaler
 from alpaca_lora.metrics import MetricsLogger, plot_losses
 from alpaca_lora.model import (
     attach_lora,
@@ -113,6 +114,7 @@ class _Run:
     dist: Dist
     lora_names: list[str] = field(default_factory=list)  # LoRA parameter names, recorded before any FSDP wrapping
     matmul: str = "blas"  # the CPU fp32 matmul backend (cpu_matmul.resolve_backend)
+    scaler: LossScaler = field(default_factory=LossScaler)  # fp16 dynamic loss scaling (disabled otherwise)
     step: int = 0
     tokens_seen: int = 0
     runtime_s: float = 0.0
@@ -229,6 +231,8 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
     model = attach_lora(model, cfg).train()
     matmul = "blas" if cfg.fsdp else resolve_backend(cfg.cpu_matmul, device, dtype)
     if matmul == "onednn":
+        from alpaca_lora.cpu_linear4bit import use_onednn_4bit_layers
+
         logger.info("CPU fp32 matmul through oneDNN in %d 4-bit layers and the lm_head", use_onednn_4bit_layers(model))
     n_trainable, total = trainable_parameters(model)
     logger.info("trainable parameters: %d of %d (%.3f%%)", n_trainable, total, 100 * n_trainable / total)
@@ -250,7 +254,8 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
                train_set=train_set, val_set=val_set, collator=_collator(cfg, tokenizer, model, dtype),
                optimizer=optimizer,
                scheduler=scheduler, device=device, dtype=dtype, total_steps=total_steps, fingerprint=fingerprint,
-               metrics=None, report=report, dist=dist, lora_names=lora_names, matmul=matmul)  # type: ignore[arg-type]
+               metrics=None, report=report, dist=dist, lora_names=lora_names, matmul=matmul,  # type: ignore[arg-type]
+               scaler=LossScaler(enabled=dtype == torch.float16 and cfg.loss_scaling))
     resumed_at = maybe_resume(run)
     run.metrics = MetricsLogger(output_dir / art.METRICS_FILE, cfg.report_to, output_dir, cfg.to_dict(),
                                 keep_until_step=resumed_at, write=dist.is_main)
@@ -301,19 +306,25 @@ def fit(run: _Run, stop: StopRequest | None = None) -> None:
         accum = cfg.gradient_accumulation_steps
         rng, tokens_before = capture_rng(), run.tokens_seen
         loss, grad_norm = train_step(run, epoch_cache[epoch][k * accum : (k + 1) * accum])
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # train_step did not apply it
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))  # train_step did not apply it
+        if skipped:
             run.tokens_seen = tokens_before
-            bar.close()
-            stop_diverged(run, loss, grad_norm, rng)
+            if not (math.isfinite(loss) and run.scaler.enabled and not run.scaler.exhausted()):
+                bar.close()
+                stop_diverged(run, loss, grad_norm, rng)
+            # else an fp16 overflow of the scaled gradients: the scale was halved, the next step retries
         run.step += 1
         run.recent_losses = (run.recent_losses + [loss])[-max(1, cfg.logging_steps):]
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         epoch_end = run.step % per_epoch == 0 or run.step == run.total_steps
-        if run.step % cfg.logging_steps == 0 or run.step == run.total_steps:
-            run.metrics.log({"step": run.step, "epoch": round(run.step / per_epoch, 4), "loss": loss,
-                             "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                             "tokens_seen": run.tokens_seen, "elapsed_s": round(time.perf_counter() - start, 3)})
+        if run.step % cfg.logging_steps == 0 or run.step == run.total_steps or skipped:
+            record = {"step": run.step, "epoch": round(run.step / per_epoch, 4), "loss": loss,
+                      "lr": run.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                      "tokens_seen": run.tokens_seen, "elapsed_s": round(time.perf_counter() - start, 3)}
+            if run.scaler.enabled:
+                record.update(loss_scale=run.scaler.scale, skipped=skipped)
+            run.metrics.log(record)
         if run.val_set is not None and (run.step % cfg.eval_steps == 0 if cfg.eval_steps else epoch_end):
             run.last_eval_loss = evaluate(run)
             run.metrics.log({"step": run.step, "eval_loss": run.last_eval_loss})
@@ -335,7 +346,9 @@ def train_step(run: _Run, micro_batches: list[list[int]]) -> tuple[float, float]
     With several processes each rank trains on its share of ``micro_batches`` and the gradients
     are summed over ranks, so every rank ends the step with the single-process gradient. A
     non-finite loss or gradient norm is returned without updating anything (weights, optimizer
-    moments, scheduler), so the model stays at its last good state.
+    moments, scheduler), so the model stays at its last good state. In fp16 the loss is multiplied
+    by the loss scale before ``backward`` and the gradients divided by it before clipping; an
+    overflow there (a finite loss with a non-finite norm) halves the scale (:mod:`alpaca_lora.loss_scale`).
     """
     model, cfg, dist = run.model, run.cfg, run.dist
     model.train()
@@ -349,21 +362,23 @@ def train_step(run: _Run, micro_batches: list[list[int]]) -> tuple[float, float]
     n_tokens, n_seen = dist.sum(local)
     # FSDP averages gradients over ranks; divide by n_tokens / world_size so the result is their sum.
     denominator = max(1.0, n_tokens) / (dist.world_size if cfg.fsdp else 1)
-    total = 0.0
+    total, scale = 0.0, run.scaler.scale  # scale is 1.0 (an exact no-op) unless fp16 loss scaling is on
     with dist.guard(f"training step {run.step + 1}"):
         for batch, counts in batches:
             loss_sum = _loss_sum(run, batch)
-            (loss_sum / denominator if counts else loss_sum * 0.0).backward()
+            (loss_sum * scale / denominator if counts else loss_sum * 0.0).backward()
             total += float(loss_sum.detach()) if counts else 0.0
     params = trainable(model)
     (total,) = dist.sum([total])
     if not cfg.fsdp:
         dist.sum_gradients(params)
+    run.scaler.unscale(params)
     norm = clip_grad_norm(model, params, cfg.max_grad_norm, cfg.fsdp)
     loss, grad_norm = total / max(1.0, n_tokens), float(norm)
     if math.isfinite(loss) and math.isfinite(grad_norm):
         run.optimizer.step()
         run.scheduler.step()
+    run.scaler.update(overflow=math.isfinite(loss) and not math.isfinite(grad_norm))
     run.optimizer.zero_grad(set_to_none=True)
     run.tokens_seen += int(n_seen)
     return loss, grad_norm
