@@ -295,7 +295,9 @@ def _merged_tensor(plan: _Plan, name: str) -> torch.Tensor:
 
 
 def _roundtrip_4bit(w: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    import bitsandbytes.functional as bnbf
+    from alpaca_lora.bnb_import import import_bitsandbytes
+
+    bnbf = import_bitsandbytes().functional
 
     q, state = bnbf.quantize_4bit(w.to(plan.quant_dtype).contiguous(), blocksize=64, compress_statistics=True,
                                   quant_type=plan.quant_type, quant_storage=torch.uint8)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from alpaca_lora.bnb_import import import_bitsandbytes
 from alpaca_lora.cpu_memory import heap_returned_while
 from alpaca_lora.errors import ConfigError, ModelError
 
@@ -36,26 +37,38 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """Whether bf16 training is fast on this CPU: only with AMX tiles (``amx_bf16``).
-
-    AVX2 CPUs emulate bf16 (30-40x slower than fp32). AVX512-BF16 alone is not enough either: on
-    a Zen 4 EPYC that advertises it, a bf16 fine-tuning step measured about 10x slower than fp32
-    (attention backward and elementwise ops have no fast bf16 kernels there), although a bare
-    bf16 matmul was 2.6x faster.
-    """
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this CPU (Linux ``/proc/cpuinfo``; empty elsewhere)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return "amx_bf16" in flags
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
+    """Whether bf16 training is faster than fp32 on this CPU: only with AMX tiles (``amx_bf16``).
+
+    Measured (docs/precision.md): with AMX (Xeon Sapphire Rapids) bf16 products run 5-8x faster
+    than fp32 and a training step is faster; with AVX512-BF16 alone (AMD Zen 4 and 5) a bf16
+    training step is slower than fp32, and AVX2-only CPUs emulate bf16.
+
+    Args:
+        flags: CPU flags to judge; None reads this machine's (:func:`cpu_flags`).
+
+    """
+    return "amx_bf16" in (cpu_flags() if flags is None else flags)
 
 
 def resolve_compute_dtype(compute_dtype: str, device: torch.device) -> torch.dtype:
     """Resolve "auto" to a concrete compute dtype for ``device``.
 
-    "auto" is bf16 on a CUDA GPU that supports it, fp16 on an older GPU, and fp32 on a CPU
-    without native bf16, where bf16 runs 30-40x slower than fp32 (DESIGN mistake 9).
+    "auto" is bf16 on a CUDA GPU that supports it, fp16 on an older GPU (with loss scaling), bf16 on
+    a CPU with AMX and fp32 on other CPUs, where bf16 is slower than fp32 (see
+    :func:`cpu_has_native_bf16`).
     """
     if compute_dtype != "auto":
         if compute_dtype not in _DTYPES:
@@ -151,6 +164,8 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    if quantization is not None:
+        import_bitsandbytes()  # transformers would import it, printing a notice about an optional package
     dev = resolve_device(device)
     dtype = resolve_compute_dtype(compute_dtype, dev)
     tokenizer = load_tokenizer(base_model)
