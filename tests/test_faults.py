@@ -29,7 +29,8 @@ RECORDS = [{"instruction": f"Spell the number {i}.", "input": "" if i % 2 else "
 # steps and resumed with fewer follows exactly the run that went straight to the smaller count.
 SETTINGS = dict(batch_size=4, micro_batch_size=2, learning_rate=5e-3, lr_scheduler="constant", warmup_ratio=0.0,
                 lora_r=4, lora_alpha=8, lora_dropout=0.1, val_set_size=0, cutoff_len=64,
-                gradient_checkpointing=False, logging_steps=1, save_total_limit=2)
+                gradient_checkpointing=False, logging_steps=1, save_total_limit=2,
+                cpu_matmul="blas")  # "auto" times the backends per process: a loaded machine may pick either
 TIMEOUT = 300
 
 

@@ -46,15 +46,34 @@ def test_unknown_target_lists_existing_modules(tiny_model_dir):
     assert "query_key_value" in str(info.value)
 
 
-def test_cpu_auto_dtype_is_fp32_without_native_bf16(monkeypatch):
+@pytest.mark.parametrize("amx", [False, True])
+def test_cpu_auto_dtype_follows_amx(monkeypatch, amx):
+    """Both branches of the AMX check, forced: bf16 with AMX tiles, fp32 without."""
     from alpaca_lora import model as model_module
 
-    model_module.cpu_has_native_bf16.cache_clear()
-    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: False)
-    assert resolve_compute_dtype("auto", torch.device("cpu")) == torch.float32
+    flags = frozenset({"avx512f", "avx512_bf16"} | ({"amx_bf16"} if amx else set()))
+    monkeypatch.setattr(model_module, "cpu_flags", lambda: flags)
+    assert model_module.cpu_has_native_bf16() is amx
+    assert resolve_compute_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if amx else torch.float32)
     assert resolve_compute_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ConfigError):
         resolve_compute_dtype("float8", torch.device("cpu"))
+
+
+def test_cpu_flags_are_read_from_the_flags_line():
+    from alpaca_lora.model import cpu_flags, cpu_has_native_bf16
+
+    assert cpu_has_native_bf16(frozenset({"avx2", "amx_bf16", "amx_tile"}))
+    assert not cpu_has_native_bf16(frozenset({"avx2", "avx512_bf16"}))  # AVX512-BF16 alone: fp32 is faster
+    flags = cpu_flags()
+    assert isinstance(flags, frozenset) and ("fpu" in flags or not flags)  # every x86 Linux CPU has fpu
+
+
+@pytest.mark.parametrize(("bf16", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_cuda_auto_dtype_follows_bf16_support(monkeypatch, bf16, expected):
+    """Both branches of the GPU check, forced: bf16 on Ampere and newer, fp16 (loss-scaled) before."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert resolve_compute_dtype("auto", torch.device("cuda")) == expected
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

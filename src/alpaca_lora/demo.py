@@ -46,6 +46,9 @@ class DemoConfig:
     """Skip scoring the base model (saves about a minute)."""
     base_model: str | None = None
     """Base model folder; None uses the embedded SmolLM2-135M."""
+    compute_dtype: str = "auto"
+    """Compute dtype of training and generation: "auto" (bf16 on GPUs and AMX CPUs, else fp32), "float32",
+    "bfloat16" or "float16"."""
 
     def steps(self) -> int:
         """Resolve the number of optimizer steps from ``max_steps`` or ``budget``."""
@@ -78,12 +81,12 @@ class DemoReport:
 class _Answerer:
     """Answer task batches with greedy generation from a model folder."""
 
-    def __init__(self, model_dir: Path, template: str) -> None:
-        self.model_dir, self.template = str(model_dir), template
+    def __init__(self, model_dir: Path, template: str, compute_dtype: str) -> None:
+        self.model_dir, self.template, self.compute_dtype = str(model_dir), template, compute_dtype
 
     def __call__(self, instructions: list[str], inputs: list[str]) -> list[str]:
         return generate(self.model_dir, instructions, inputs, template=self.template, max_new_tokens=24,
-                        batch_size=16)
+                        batch_size=16, compute_dtype=self.compute_dtype)
 
 
 def run_demo(config: DemoConfig | None = None, *, log: Any = print) -> DemoReport:
@@ -108,7 +111,7 @@ def run_demo(config: DemoConfig | None = None, *, log: Any = print) -> DemoRepor
     if not cfg.skip_base_eval:
         log("[2/5] scoring the base model on the held-out tasks")
         t = time.perf_counter()
-        before, _ = evaluate_tasks(_Answerer(base, template), test)
+        before, _ = evaluate_tasks(_Answerer(base, template, cfg.compute_dtype), test)
         timings["base_eval"] = time.perf_counter() - t
 
     log(f"[3/5] fine-tuning: 4-bit NF4 base + LoRA (r 16 on every linear layer), {steps} steps of 16 examples")
@@ -118,7 +121,7 @@ def run_demo(config: DemoConfig | None = None, *, log: Any = print) -> DemoRepor
         base, records, out / "adapter", template=template, max_steps=steps, batch_size=16, micro_batch_size=8,
         learning_rate=cfg.learning_rate, cutoff_len=128, val_set_size=32, eval_steps=max(1, steps // 4),
         gradient_checkpointing=False, lora_dropout=0.0, lora_target_modules="all-linear", group_by_length=False,
-        save_steps=max(1, steps // 2), warmup_ratio=0.05, seed=cfg.seed,
+        save_steps=max(1, steps // 2), warmup_ratio=0.05, seed=cfg.seed, compute_dtype=cfg.compute_dtype,
     )
     timings["finetune"] = time.perf_counter() - t
 
@@ -129,7 +132,7 @@ def run_demo(config: DemoConfig | None = None, *, log: Any = print) -> DemoRepor
 
     log("[5/5] scoring the merged model on the held-out tasks")
     t = time.perf_counter()
-    after, predictions = evaluate_tasks(_Answerer(merged, template), test)
+    after, predictions = evaluate_tasks(_Answerer(merged, template, cfg.compute_dtype), test)
     timings["tuned_eval"] = time.perf_counter() - t
     samples = [{"kind": r["kind"], "instruction": r["instruction"], "input": r["input"], "expected": r["output"],
                 "answer": p} for r, p in list(zip(test, predictions, strict=True))[:: max(1, len(test) // 6)][:6]]
