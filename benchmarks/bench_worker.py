@@ -120,6 +120,8 @@ def time_split(full, body, reps: int = 3) -> dict:
     def once(fn) -> float:
         start = time.perf_counter()
         fn().backward()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # CUDA runs asynchronously: time the work, not its launch
         return time.perf_counter() - start
 
     once(body)  # warm-up of the body-only graph; training has warmed up the full one
@@ -141,6 +143,13 @@ def dropout_train(model) -> None:
             m.train()
 
 
+def compute_dtype(args: argparse.Namespace) -> torch.dtype:
+    """The baseline's compute dtype: ``--compute-dtype``, or for "auto" bf16 on CUDA and fp32 on the CPU."""
+    if args.compute_dtype == "auto":
+        return torch.bfloat16 if args.device == "cuda" else torch.float32
+    return getattr(torch, args.compute_dtype)
+
+
 def run_baseline(args: argparse.Namespace, out: dict) -> None:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import (
@@ -155,7 +164,7 @@ def run_baseline(args: argparse.Namespace, out: dict) -> None:
     _, tokenized, tokenizer, batches = load_data(args)
     order = [i for b in batches for i in b]
     train = tokenized.select(order).remove_columns(["length"])
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = compute_dtype(args)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, quantization_config=quant, dtype=dtype,
@@ -188,7 +197,8 @@ def run_baseline(args: argparse.Namespace, out: dict) -> None:
         targs = TrainingArguments(output_dir=tmp, per_device_train_batch_size=args.micro_batch,
                                   gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=3e-4,
                                   logging_steps=1, save_strategy="no", report_to=[], use_cpu=args.device == "cpu",
-                                  bf16=dtype == torch.bfloat16, train_sampling_strategy="sequential",
+                                  bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+                                  train_sampling_strategy="sequential",
                                   dataloader_num_workers=0, disable_tqdm=True)
         trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=collator, callbacks=[Timer()])
         trainer.train()
@@ -210,7 +220,8 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
     from alpaca_lora.train import batch_loss, fit, save, setup
 
     records, tokenized, _, batches = load_data(args)
-    overrides = {}
+    # The baseline's dtype: fp32 on a CPU (DESIGN: compare the same math), whatever "auto" picks there.
+    overrides = {"compute_dtype": str(compute_dtype(args)).removeprefix("torch.")}
     for item in args.set:
         key, value = item.split("=", 1)
         try:
@@ -266,6 +277,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--records", type=int, default=200)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compute-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="both recipes' compute dtype (auto: bf16 on CUDA and fp32 on the CPU, for both)")
     p.add_argument("--set", action="append", default=[], help="FinetuneConfig override field=value (alpaca_lora)")
     p.add_argument("--no-split", dest="split", action="store_false",
                    help="skip timing the body / lm_head + loss split (saves a few forward+backward passes)")
@@ -275,9 +288,9 @@ def main() -> None:
                    help="CUDA: cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    out = {"recipe": args.recipe, "cutoff": args.cutoff, "micro_batch": args.micro_batch, "steps": args.steps,
-           "warmup": args.warmup, "device": args.device, "torch_threads": torch.get_num_threads(),
-           "rss_start_mb": rss_mb("VmRSS")}
+    out = {"recipe": args.recipe, "compute_dtype": args.compute_dtype, "cutoff": args.cutoff,
+           "micro_batch": args.micro_batch, "steps": args.steps, "warmup": args.warmup, "device": args.device,
+           "torch_threads": torch.get_num_threads(), "rss_start_mb": rss_mb("VmRSS")}
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         if args.vram_cap_gb:

@@ -93,7 +93,7 @@ def test_training_loss_and_gradients_do_not_depend_on_the_backend(tiny_model_dir
     results = {}
     for backend in ("onednn", "blas"):
         cfg = FinetuneConfig(val_set_size=0, max_steps=1, micro_batch_size=4, batch_size=4, cutoff_len=64,
-                             lora_dropout=0.0, cpu_matmul=backend, device="cpu")
+                             lora_dropout=0.0, cpu_matmul=backend, device="cpu", compute_dtype="float32")
         run = setup(tiny_model_dir, RECORDS, tmp_path / backend, cfg)
         run.metrics.close()
         assert run.matmul == backend

@@ -39,7 +39,7 @@ RECORDS = [{"instruction": f"Item {i}: repeat the word.", "input": w, "output": 
 # the second step of every epoch leaves rank 1 with no micro-batch at all.
 CONFIG = dict(batch_size=8, micro_batch_size=2, learning_rate=2e-2, lora_r=8, lora_alpha=16, lora_dropout=0.0,
               val_set_size=2, warmup_ratio=0.0, cutoff_len=64, gradient_checkpointing=False, max_steps=6,
-              save_steps=2, eval_steps=3, device="cpu")
+              save_steps=2, eval_steps=3, device="cpu", compute_dtype="float32")  # other dtypes: the test below
 # Measured: losses agree to ~5e-8 relative; adapters to 2.3e-4 (DDP) and 2.0e-4 (FSDP) of weights up
 # to 0.16 after 6 AdamW steps at lr 2e-2: gradients differ only by float summation order, which
 # Adam's normalisation amplifies for near-zero gradient entries. A dropped or doubled micro-batch
@@ -186,6 +186,25 @@ def test_two_processes_match_one_process_with_the_same_global_batch(ddp, single)
     assert info["eval_loss"] == pytest.approx(result.eval_loss, rel=LOSS_RTOL)
     assert info["tokens_seen"] == result.tokens_seen  # summed over ranks: the records a single process saw
     assert diff < WEIGHT_ATOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_two_processes_match_one_process_in_every_precision(tiny_model_dir, tmp_path, dtype):
+    """The precision matrix's row for scale-out: fp32, bf16 and fp16 (with its loss scale) in 1 and 2 processes."""
+    config = {**CONFIG, "compute_dtype": dtype, "val_set_size": 0, "max_steps": 4, "save_steps": 100}
+    one = finetune(tiny_model_dir, RECORDS, tmp_path / "one", **config)
+    (tmp_path / "two").mkdir()
+    rc, log, _ = _launch(tmp_path / "two", tiny_model_dir, config)
+    assert rc == 0, log[-4000:]
+    losses = (_losses(one.adapter_dir), _losses(tmp_path / "two" / "out"))
+    diff = _max_diff(load_file(str(one.adapter_dir / "adapter_model.safetensors")),
+                     load_file(str(tmp_path / "two" / "out" / "adapter_model.safetensors")))
+    rows = [json.loads(line) for line in (tmp_path / "two" / "out" / "metrics.jsonl").read_text().splitlines()]
+    print(f"1 vs 2 processes [{dtype}]: losses {losses[0]} vs {losses[1]}; max abs adapter diff {diff:.2e}")
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=LOSS_RTOL)
+    assert diff < WEIGHT_ATOL
+    assert all(("loss_scale" in r) is (dtype == "float16") for r in rows if "loss" in r)
 
 
 @pytest.mark.slow

@@ -46,15 +46,18 @@ def test_unknown_target_lists_existing_modules(tiny_model_dir):
     assert "query_key_value" in str(info.value)
 
 
-@pytest.mark.parametrize("amx", [False, True])
-def test_cpu_auto_dtype_follows_amx(monkeypatch, amx):
-    """Both branches of the AMX check, forced: bf16 with AMX tiles, fp32 without."""
+@pytest.mark.parametrize(("flags", "expected"), [
+    ({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, torch.bfloat16),  # Xeon with AMX
+    ({"avx2", "avx512f", "avx512_bf16"}, torch.bfloat16),  # EPYC Zen 4/5: AVX512-BF16, no AMX
+    ({"avx2", "fma"}, torch.float32),  # bf16 would be emulated
+])
+def test_cpu_auto_dtype_follows_native_bf16(monkeypatch, flags, expected):
+    """Each branch of the CPU check, forced: bf16 with native bf16 products, fp32 without."""
     from alpaca_lora import model as model_module
 
-    flags = frozenset({"avx512f", "avx512_bf16"} | ({"amx_bf16"} if amx else set()))
-    monkeypatch.setattr(model_module, "cpu_flags", lambda: flags)
-    assert model_module.cpu_has_native_bf16() is amx
-    assert resolve_compute_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if amx else torch.float32)
+    monkeypatch.setattr(model_module, "cpu_flags", lambda: frozenset(flags))
+    assert model_module.cpu_has_native_bf16() is (expected == torch.bfloat16)
+    assert resolve_compute_dtype("auto", torch.device("cpu")) == expected
     assert resolve_compute_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ConfigError):
         resolve_compute_dtype("float8", torch.device("cpu"))
@@ -64,7 +67,8 @@ def test_cpu_flags_are_read_from_the_flags_line():
     from alpaca_lora.model import cpu_flags, cpu_has_native_bf16
 
     assert cpu_has_native_bf16(frozenset({"avx2", "amx_bf16", "amx_tile"}))
-    assert not cpu_has_native_bf16(frozenset({"avx2", "avx512_bf16"}))  # AVX512-BF16 alone: fp32 is faster
+    assert cpu_has_native_bf16(frozenset({"avx2", "avx512_bf16"}))
+    assert not cpu_has_native_bf16(frozenset({"avx2", "avx512f", "avx512_vnni"}))
     flags = cpu_flags()
     assert isinstance(flags, frozenset) and ("fpu" in flags or not flags)  # every x86 Linux CPU has fpu
 

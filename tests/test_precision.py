@@ -30,6 +30,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # (bf16 keeps 8 bits of mantissa, fp16 11, fp32 24: a rounding step of 2^-8, 2^-11 and 2^-24.)
 LOGIT_ATOL = {"float32": 1e-5, "bfloat16": 6e-2, "float16": 1e-2}  # outputs of one forward
 GRAD_RTOL = {"float32": 1e-4, "bfloat16": 6e-2, "float16": 1e-2}  # max |a - b| / max |b| of a gradient
+EXPORT_RTOL = {"bfloat16": 5e-2, "float16": 1e-2}  # logits of a merged export cast to bf16 / fp16
 LOSS_RTOL = {"float32": 1e-6, "bfloat16": 1e-2, "float16": 2e-3}  # a summed token loss
 UNDERFLOW_INIT = 1e-5  # init std of the base whose fp16 gradients underflow (see the test)
 FAST = dict(batch_size=4, micro_batch_size=4, learning_rate=2e-2, lora_r=8, lora_alpha=16, lora_dropout=0.0,
@@ -269,6 +270,11 @@ def test_merged_equals_unmerged(trained, tmp_path, dtype):
     print(f"merged vs unmerged [{dtype}]: {report}")
     assert report["max_abs_logit_diff"] <= report["tolerance"]
     assert report["adapter_effect_max_abs_logit_diff"] > 10 * report["tolerance"]  # the adapter matters
+    if dtype != "float32":  # exported in the training dtype: logits of the cast weights stay close
+        cast = json.loads((merge(trained[dtype], tmp_path / "cast", dtype=dtype) / "merge_report.json").read_text())
+        cast_err = cast["verification"]["export_dtype_max_abs_logit_diff"] / cast["verification"]["max_abs_logit"]
+        print(f"merged {dtype} export vs unmerged: max abs logit diff / max logit {cast_err:.2e}")
+        assert cast_err <= EXPORT_RTOL[dtype]
 
 
 def test_batched_generation_equals_one_by_one(trained, dtype):
@@ -288,12 +294,12 @@ def test_batched_generation_equals_one_by_one(trained, dtype):
 
 
 @pytest.mark.parametrize("amx", [True, False])
-def test_auto_dtype_on_a_cpu_with_and_without_amx_trains(tiny_model_dir, tmp_path, monkeypatch, amx):
-    """compute_dtype="auto" with the AMX check forced each way: bf16 with AMX, fp32 without; both learn."""
+def test_auto_dtype_on_a_cpu_with_and_without_native_bf16_trains(tiny_model_dir, tmp_path, monkeypatch, amx):
+    """compute_dtype="auto" with the CPU check forced each way: bf16 with AMX, fp32 on AVX2 alone; both learn."""
     from alpaca_lora import model as model_module
     from alpaca_lora.train import fit, setup
 
-    flags = frozenset({"avx512f", "avx512_bf16"} | ({"amx_bf16", "amx_tile"} if amx else set()))
+    flags = frozenset({"avx2", "fma"} | ({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"} if amx else set()))
     monkeypatch.setattr(model_module, "cpu_flags", lambda: flags)
     cfg = FinetuneConfig(**{**FAST, "batch_size": 8}, max_steps=20, compute_dtype="auto")
     run = setup(tiny_model_dir, SHORT_RECORDS, tmp_path, cfg)

@@ -170,7 +170,8 @@ def test_reloaded_adapter_reproduces_the_trained_model(tiny_model_dir, tmp_path)
     from alpaca_lora.model import load_model
 
     records = RECORDS * 2
-    result = finetune(tiny_model_dir, records, tmp_path, max_steps=6, **{**FAST, "val_set_size": 4})
+    result = finetune(tiny_model_dir, records, tmp_path, max_steps=6,
+                      **{**FAST, "val_set_size": 4, "compute_dtype": "float32"})  # reloaded in fp32 below
     base, tok = load_model(tiny_model_dir, "nf4", "float32", device="cpu")
     model = PeftModel.from_pretrained(base, tmp_path)
     model.train()  # same 4-bit code path as training (no dropout: lora_dropout=0)

@@ -90,7 +90,8 @@ class FinetuneConfig:
     quantization: str | None = "nf4"
     """Base weight format: "nf4" (QLoRA, double quantization), "fp4", "int8" or None (full precision)."""
     compute_dtype: str = "auto"
-    """Compute dtype: "auto" (bf16 on CUDA with bf16, fp16 on older CUDA; on a CPU bf16 with AMX, else fp32)."""
+    """Compute dtype: "auto" (bf16 on CUDA with bf16, fp16 on older CUDA; on a CPU bf16 with AMX or AVX-512 BF16,
+    else fp32), "float32", "bfloat16" or "float16"."""
     loss_scaling: bool = True
     """Dynamic loss scaling when the compute dtype is float16, so small gradients do not flush to zero
     (steps whose scaled gradients overflow are skipped and the scale halves); no effect in bf16 or fp32."""

@@ -47,8 +47,8 @@ class DemoConfig:
     base_model: str | None = None
     """Base model folder; None uses the embedded SmolLM2-135M."""
     compute_dtype: str = "auto"
-    """Compute dtype of training and generation: "auto" (bf16 on GPUs and AMX CPUs, else fp32), "float32",
-    "bfloat16" or "float16"."""
+    """Compute dtype of training and generation: "auto" (bf16 on GPUs and on CPUs with native bf16, else
+    fp32), "float32", "bfloat16" or "float16"."""
 
     def steps(self) -> int:
         """Resolve the number of optimizer steps from ``max_steps`` or ``budget``."""

@@ -17,6 +17,7 @@ from typing import Any
 from alpaca_lora.artifacts import resolve_local
 from alpaca_lora.config import FinetuneConfig, check_field_names, cpu_chunk_rows
 from alpaca_lora.errors import ConfigError, ModelError
+from alpaca_lora.model import cpu_has_native_bf16
 
 GIB = 1024**3
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -76,8 +77,9 @@ def estimate_memory(base_model: str | Path | dict[str, Any], **overrides: Any) -
             ``intermediate_size``, ``num_hidden_layers``, ``num_attention_heads``,
             ``num_key_value_heads``, ``vocab_size``, ``tie_word_embeddings``).
         **overrides: ``FinetuneConfig`` fields (micro_batch_size, cutoff_len, lora_r, quantization,
-            gradient_checkpointing, ...). ``compute_dtype="auto"`` is taken as bf16 (a GPU), or as
-            fp32 with ``device="cpu"``. Every position of a micro-batch is assumed to carry a label
+            gradient_checkpointing, ...). ``compute_dtype="auto"`` is taken as bf16 (a GPU), or with
+            ``device="cpu"`` as what this CPU would use (bf16 with native bf16 products, else fp32).
+            Every position of a micro-batch is assumed to carry a label
             (the worst case for the label-only loss chunk).
 
     Returns:
@@ -93,8 +95,11 @@ def estimate_memory(base_model: str | Path | dict[str, Any], **overrides: Any) -
     hd = mc.get("head_dim") or h // heads
     vocab = mc["vocab_size"]
     tied = mc.get("tie_word_embeddings", False)
-    # "auto" computes in bf16 on a GPU and in fp32 on a CPU (DESIGN mistake 9).
-    act = 4 if cfg.compute_dtype == "auto" and cfg.device == "cpu" else _DTYPE_BYTES.get(cfg.compute_dtype, 2)
+    # "auto" computes in bf16 on a GPU, and on a CPU in bf16 only with native bf16 products.
+    if cfg.compute_dtype == "auto":
+        act = 4 if cfg.device == "cpu" and not cpu_has_native_bf16() else 2
+    else:
+        act = _DTYPE_BYTES.get(cfg.compute_dtype, 2)
 
     shapes = projection_shapes(mc)
     linear = n_layers * sum(a * b for a, b in shapes.values())
