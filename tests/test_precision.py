@@ -277,6 +277,23 @@ def test_merged_equals_unmerged(trained, tmp_path, dtype):
         assert cast_err <= EXPORT_RTOL[dtype]
 
 
+def test_dequantized_merge_rounds_in_the_dtype_training_ran_in(tiny_model_dir, tmp_path, monkeypatch):
+    """"auto" trained in bf16 on one CPU; a merge on a CPU where "auto" is fp32 still quantizes from bf16."""
+    from alpaca_lora import model as model_module
+    from alpaca_lora.merge import _plan, _plan_dequantized
+
+    monkeypatch.setattr(model_module, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    result = finetune(tiny_model_dir, SHORT_RECORDS[:4], tmp_path / "adapter", max_steps=2, **FAST)
+    assert result.compute_dtype == "bfloat16"
+    assert json.loads((tmp_path / "adapter" / "train_results.json").read_text())["compute_dtype"] == "bfloat16"
+    monkeypatch.setattr(model_module, "cpu_flags", lambda: frozenset({"avx2"}))  # another machine
+    plan = _plan(tmp_path / "adapter", None, False)
+    _plan_dequantized(plan)
+    assert plan.quant_dtype == torch.bfloat16
+    merged = merge(tmp_path / "adapter", tmp_path / "merged", dtype="float32", merge_into="dequantized")
+    assert json.loads((merged / "merge_report.json").read_text())["verification"]["passed"]
+
+
 def test_batched_generation_equals_one_by_one(trained, dtype):
     instructions = ["Hi.", "Name the color of the sky.", "Write a long explanation of why the sky looks blue.",
                     "Give the opposite."]

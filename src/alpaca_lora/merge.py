@@ -266,8 +266,13 @@ def _plan_dequantized(plan: _Plan) -> None:
         raise ConfigError(f"merge_into='dequantized' needs an adapter trained on a 4-bit (nf4/fp4) base, but "
                           f"{cfg_file} records quantization={cfg.get('quantization')!r}; use merge_into='original'")
     plan.quant_type = cfg["quantization"]
-    # Training quantized the weights after casting them to the compute dtype; do the same.
-    plan.quant_dtype = resolve_compute_dtype(cfg.get("compute_dtype", "auto"), resolve_device("auto"))
+    # Training quantized the weights after casting them to the compute dtype; do the same. "auto" differs
+    # between machines (bf16 or fp32 on a CPU), so the dtype the run recorded comes first.
+    results_file = plan.adapter_dir / art.RESULTS_FILE
+    results = art.read_json(results_file) if results_file.is_file() else {}
+    trained_in = results.get("compute_dtype") if isinstance(results, dict) else None
+    plan.quant_dtype = resolve_compute_dtype(trained_in if trained_in in ("float32", "bfloat16", "float16")
+                                             else cfg.get("compute_dtype", "auto"), resolve_device("auto"))
     model = skeleton(plan.base_dir)
     head = model.get_output_embeddings()
     linear = (n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head)

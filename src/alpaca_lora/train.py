@@ -78,6 +78,7 @@ class FinetuneResult:
         runtime_s: Wall time of the training loop alone, in seconds.
         records_kept: Training records after dropping those with no trainable label.
         records_dropped: Records dropped, by reason.
+        compute_dtype: The dtype training computed in ("auto" resolved on the training machine).
 
     """
 
@@ -89,6 +90,7 @@ class FinetuneResult:
     runtime_s: float
     records_kept: int = 0
     records_dropped: dict[str, int] = field(default_factory=dict)
+    compute_dtype: str = ""
 
 
 @dataclass
@@ -459,7 +461,8 @@ def save(run: _Run) -> FinetuneResult:
     train_loss = float(np.mean(run.recent_losses)) if run.recent_losses else float("nan")
     result = FinetuneResult(adapter_dir=out, train_loss=train_loss, eval_loss=eval_loss, steps=run.step,
                             tokens_seen=run.tokens_seen, runtime_s=run.runtime_s, records_kept=run.report.kept,
-                            records_dropped=dict(run.report.drop_reasons))
+                            records_dropped=dict(run.report.drop_reasons),
+                            compute_dtype=str(run.dtype).removeprefix("torch."))
     state = full_state_dict(run.model) if run.cfg.fsdp else None  # a collective: all ranks gather
     with run.dist.guard("save"):
         if run.dist.is_main:
