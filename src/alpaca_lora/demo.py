@@ -20,7 +20,7 @@ from alpaca_lora.merge import merge
 from alpaca_lora.tasks import TaskScore, evaluate_tasks, format_score_table, train_test_tasks
 from alpaca_lora.train import finetune
 
-# Budgets: optimizer steps of 16 examples. "standard" trains in 4-6 minutes on 2 CPU cores (the whole demo 5-6).
+# Budgets: optimizer steps of 16 examples. "standard" trains in 4-7 minutes on 2 CPU cores (the whole demo 5-7).
 BUDGETS = {"quick": 30, "standard": 110, "long": 250}
 
 
@@ -31,7 +31,7 @@ class DemoConfig:
     output_dir: str = "alpaca-lora-demo"
     """Folder for the adapter (``adapter/``), the merged model (``merged/``) and ``demo_report.json``."""
     budget: str = "standard"
-    """Training length: "quick" (a smoke run), "standard" (4-6 minutes of training on 2 cores) or "long"."""
+    """Training length: "quick" (a smoke run), "standard" (4-7 minutes of training on 2 cores) or "long"."""
     max_steps: int | None = None
     """Optimizer steps; overrides ``budget``."""
     n_train: int = 2400
