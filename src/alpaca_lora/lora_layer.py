@@ -23,8 +23,8 @@ The adapter's parameters and state-dict keys are peft's own (these classes subcl
 and only replace ``forward``), so saving, loading and merging are unchanged. Anything the fast
 path does not cover (merged or disabled adapters, several active adapters, DoRA and other
 variants, LoRA bias, mixed-adapter batches, ``fan_in_fan_out``, FSDP's views into its flat
-parameter) falls back to peft's forward. Reduced precision follows peft's dtype rule (see
-:func:`lora_compute_dtype`) on every device, autocast on the CPU included.
+parameter) falls back to peft's forward. Reduced precision follows peft's dtype rule (the
+autocast dtype under autocast, else the adapter's) on every device, autocast on the CPU included.
 ``FinetuneConfig.fused_lora=False`` keeps peft's layers throughout.
 """
 
@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from alpaca_lora.bnb_import import import_bitsandbytes
+from alpaca_lora.model import active_compute_dtype
 
 bnb = import_bitsandbytes()  # before peft's bnb layers import it
 
@@ -70,23 +71,11 @@ def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.de
     return dropped, _LEVELS / (_LEVELS - dropped_levels)
 
 
-def lora_compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype the low-rank products run in: autocast's for ``x``'s device when it is on, else the adapter's.
-
-    This is peft's rule (under autocast its ``nn.Linear`` adapters run in the autocast dtype; without it
-    the input is cast to the adapter weight's dtype), made explicit so the hand-written backward pass
-    uses the same dtype as the forward pass: autocast is off while autograd runs a backward.
-    """
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return weight.dtype
-
-
 class _LoraUpdate(torch.autograd.Function):
     """``base_out + c * ((x with dropped elements zeroed) @ A^T) @ B^T`` with hand-written gradients.
 
-    Dtype policy: the products run in ``dtype`` (see :func:`lora_compute_dtype`), the output keeps
+    Dtype policy: the products run in ``dtype`` (peft's rule: the autocast dtype when autocast is on,
+    else the adapter's; :func:`~alpaca_lora.model.active_compute_dtype`), the output keeps
     ``base_out``'s dtype, and every gradient is returned in its own input's dtype (fp32 for the
     adapter weights, whose ``.grad`` then accumulates in fp32 across micro-batches).
     """
@@ -157,7 +146,8 @@ class FusedLoraForward:
         if self.training and p > 0:  # type: ignore[attr-defined]
             dropped, scale = dropout_mask(x.shape, p, x.device)
             coef *= scale
-        return _LoraUpdate.apply(base_out, x, lora_a, lora_b, coef, dropped, lora_compute_dtype(x, lora_a))
+        dtype = active_compute_dtype(x.device.type, lora_a.dtype)
+        return _LoraUpdate.apply(base_out, x, lora_a, lora_b, coef, dropped, dtype)
 
     def _fast_path_adapter(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         """The one adapter the fused path can compute for this call, or None to use peft's forward."""

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from alpaca_lora.config import cpu_chunk_rows
 from alpaca_lora.cpu_matmul import linear
-from alpaca_lora.model import checkpointing_paused
+from alpaca_lora.model import active_compute_dtype, checkpointing_paused
 
 IGNORE_INDEX = -100
 
@@ -110,7 +110,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        dtype = active_compute_dtype(device, weight.dtype)
         with torch.autocast(device, enabled=False):  # the casts here are the whole policy
             w = weight.to(dtype)  # (V, H), cast once for all chunks
             for start in range(0, target.numel(), chunk_size):

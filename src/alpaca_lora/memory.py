@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from alpaca_lora.artifacts import resolve_local
 from alpaca_lora.config import FinetuneConfig, check_field_names, cpu_chunk_rows
 from alpaca_lora.errors import ConfigError, ModelError
-from alpaca_lora.model import cpu_has_native_bf16
+from alpaca_lora.model import resolve_compute_dtype
 
 GIB = 1024**3
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass
@@ -95,11 +96,9 @@ def estimate_memory(base_model: str | Path | dict[str, Any], **overrides: Any) -
     hd = mc.get("head_dim") or h // heads
     vocab = mc["vocab_size"]
     tied = mc.get("tie_word_embeddings", False)
-    # "auto" computes in bf16 on a GPU, and on a CPU in bf16 only with native bf16 products.
-    if cfg.compute_dtype == "auto":
-        act = 4 if cfg.device == "cpu" and not cpu_has_native_bf16() else 2
-    else:
-        act = _DTYPE_BYTES.get(cfg.compute_dtype, 2)
+    # "auto" is taken as a GPU's bf16/fp16 unless device="cpu" says where it will run.
+    gpu_auto = cfg.compute_dtype == "auto" and cfg.device != "cpu"
+    act = 2 if gpu_auto else resolve_compute_dtype(cfg.compute_dtype, torch.device("cpu")).itemsize
 
     shapes = projection_shapes(mc)
     linear = n_layers * sum(a * b for a, b in shapes.values())

@@ -69,6 +69,16 @@ def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
     return any(f in flags for f in BF16_CPU_FLAGS)
 
 
+def active_compute_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
+    """The dtype a hand-written autograd function computes in: autocast's when it is on, else ``default``.
+
+    Read in the forward pass and kept for the backward pass, which autograd runs with autocast off.
+    """
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return default
+
+
 def resolve_compute_dtype(compute_dtype: str, device: torch.device) -> torch.dtype:
     """Resolve "auto" to a concrete compute dtype for ``device``.
 
