@@ -25,6 +25,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from alpaca_lora import files
 from alpaca_lora.errors import ModelError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -47,14 +48,9 @@ def write_json(path: Path, data: Any) -> Path:
     return path
 
 
-def read_json(path: Path) -> Any:
-    """Read a JSON file, raising ModelError naming the file when it is missing or corrupt."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"{path} is missing; is {Path(path).parent} a folder written by alpaca_lora?") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{path} is not valid JSON ({exc}); the folder is damaged, re-run the export") from None
+def read_json(path: Path, expect: type | tuple[type, ...] = dict) -> Any:
+    """Read a JSON file of the output folder that must hold ``expect`` (a ModelError naming the file if not)."""
+    return files.read_json(path, expect=expect, fix="the folder is damaged; re-run the export or training")
 
 
 def safetensors_shapes(folder: Path) -> dict[str, list[int]]:

@@ -65,3 +65,22 @@ class TrainingInterrupted(AlpacaLoraError):
 
 class DistributedError(AlpacaLoraError, RuntimeError):
     """Another process of a multi-process run failed; this one stops too (the message names the rank)."""
+
+
+SHOWN_CHARS = 120
+"""Most characters of a user's value an error message quotes (a gigantic value must not make a gigantic message)."""
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters, saying how long it was, for quoting input in messages.
+
+    A value that cannot be represented (a broken ``__repr__``, a structure nested past the recursion
+    limit) is shown by its type name.
+    """
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - any failure of a user object's __repr__
+        return f"<{type(value).__name__}>"
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text):,} characters)"
