@@ -11,6 +11,7 @@ only after the new one is in place. Hidden leftovers of a killed save are ignore
 from __future__ import annotations
 
 import errno
+import math
 import os
 import random
 import shutil
@@ -21,10 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from alpaca_lora.artifacts import ADAPTER_WEIGHTS, CHECKPOINT_PREFIX, read_json, write_json
-from alpaca_lora.errors import CheckpointError
+from alpaca_lora.artifacts import ADAPTER_WEIGHTS, CHECKPOINT_PREFIX, write_json
+from alpaca_lora.errors import CheckpointError, shown
+from alpaca_lora.files import load_safetensors, non_finite, read_json
 
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 OPTIMIZER_TENSORS = "optimizer.safetensors"
@@ -94,12 +96,16 @@ def save_checkpoint(
     """
     output_dir = Path(output_dir)
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tensors, meta = _flatten_optimizer(optimizer.state_dict())
+    bad = non_finite({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}) + non_finite(tensors)
+    if bad:  # training stops before this can happen; a checkpoint must never hold a state that is not good
+        raise CheckpointError(f"refusing to write {final}: {', '.join(bad[:3])} hold NaN or infinite values; "
+                              f"the last good checkpoint is {latest_checkpoint(output_dir)}")
     rng_tensors, rng_meta = rng if rng is not None else capture_rng()
     tmp = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{_TMP_TAG}", dir=output_dir))
         model.save_pretrained(tmp, safe_serialization=True)
-        tensors, meta = _flatten_optimizer(optimizer.state_dict())
         save_file(tensors, str(tmp / OPTIMIZER_TENSORS))
         write_json(tmp / OPTIMIZER_META, meta)
         write_json(tmp / SCHEDULER_FILE, _jsonable(scheduler.state_dict()))
@@ -173,11 +179,30 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def read_state(folder: Path) -> dict[str, Any]:
+    """Read and check ``trainer_state.json`` of a checkpoint (a CheckpointError naming the file if damaged)."""
+    path = Path(folder) / STATE_FILE
+    fix = "resume from an earlier checkpoint-N folder or start again"
+    state = read_json(path, error=CheckpointError, fix=fix)
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path}: step={shown(step, 40)} is not a step count; the file is damaged, {fix}")
+    for key in ("config", "fingerprint", "loss_scale"):
+        if key in state and not isinstance(state[key], dict):
+            raise CheckpointError(f"{path}: {key!r} is {shown(state[key], 40)}, not a JSON object; the file is "
+                                  f"damaged, {fix}")
+    return state
+
+
 def load_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
     """Restore adapter, optimizer, scheduler and RNG state from ``folder``; return its trainer state.
 
+    Every file is checked before anything is restored: a damaged, hand-edited or non-finite
+    checkpoint leaves the model, optimizer and scheduler as they were.
+
     Raises:
-        CheckpointError: ``folder`` is incomplete, damaged or holds weights this model lacks.
+        CheckpointError: ``folder`` is incomplete, damaged, holds NaN/infinite values or state that
+            does not fit this model, optimizer or scheduler.
 
     """
     from peft import set_peft_model_state_dict
@@ -185,24 +210,134 @@ def load_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, 
     folder = Path(folder)
     if not (folder / STATE_FILE).is_file():
         raise CheckpointError(f"{folder} is not a complete checkpoint (no {STATE_FILE}); pick another one")
+    fix = "resume from an earlier checkpoint-N folder or start again"
+    state = read_state(folder)
+    weights = load_safetensors(folder / ADAPTER_WEIGHTS, error=CheckpointError)
+    moments = load_safetensors(folder / OPTIMIZER_TENSORS, error=CheckpointError)
+    meta = read_json(folder / OPTIMIZER_META, error=CheckpointError, fix=fix)
+    scheduler_state = read_json(folder / SCHEDULER_FILE, error=CheckpointError, fix=fix)
+    rng = load_safetensors(folder / RNG_TENSORS, error=CheckpointError), read_json(folder / RNG_META,
+                                                                                   error=CheckpointError, fix=fix)
+    bad = non_finite(weights) + non_finite(moments)
+    if bad:
+        raise CheckpointError(f"checkpoint {folder} holds NaN or infinite values ({', '.join(bad[:3])}"
+                              f"{' ...' if len(bad) > 3 else ''}): it is not a good state; {fix}")
+    optimizer_state = _checked_optimizer_state(folder, moments, meta, optimizer)
+    scheduler_state = _check_scheduler_state(folder, scheduler_state, scheduler)
+    _check_rng_state(folder, *rng)
+    current = {k: v.detach().clone() for k, v in get_adapter_state(model).items()}
     try:
-        state = read_json(folder / STATE_FILE)
-        weights = load_file(str(folder / ADAPTER_WEIGHTS))
-        optimizer_state = _unflatten_optimizer(load_file(str(folder / OPTIMIZER_TENSORS)),
-                                               read_json(folder / OPTIMIZER_META))
-        scheduler_state = read_json(folder / SCHEDULER_FILE)
-        rng = load_file(str(folder / RNG_TENSORS)), read_json(folder / RNG_META)
-    except Exception as exc:  # safetensors, OS and JSON errors: the folder is damaged
-        raise CheckpointError(f"checkpoint {folder} is damaged ({type(exc).__name__}: {exc}); resume from an "
-                              "earlier checkpoint-N folder or start again") from None
-    result = set_peft_model_state_dict(model, weights)
+        result = set_peft_model_state_dict(model, weights)
+    except RuntimeError as exc:  # a tensor of another shape than the model's
+        set_peft_model_state_dict(model, current)
+        raise CheckpointError(f"checkpoint {folder} holds adapter weights that do not fit this model "
+                              f"({shown(str(exc), 300)}); resume with the same lora_r and targets") from None
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
+        set_peft_model_state_dict(model, current)
         raise CheckpointError(f"checkpoint {folder} holds adapter weights this model lacks: {unexpected[:5]}")
     optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(scheduler_state)
     _set_rng_state(*rng)
     return state
+
+
+def get_adapter_state(model: Any) -> dict[str, torch.Tensor]:
+    """The adapter weights of a peft model, as ``set_peft_model_state_dict`` takes them back."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model)
+
+
+def _checked_optimizer_state(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                             optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Rebuild the optimizer state and check it fits ``optimizer``'s parameters, shape by shape."""
+    where = f"checkpoint {folder}: the optimizer state"
+    fix = "the checkpoint is damaged or from another run; resume from an earlier checkpoint-N folder or start again"
+    groups = meta.get("param_groups")
+    ours = optimizer.state_dict()["param_groups"]
+    if not (isinstance(groups, list) and len(groups) == len(ours) and all(isinstance(g, dict) for g in groups)
+            and [len(g.get("params", [])) if isinstance(g.get("params"), list) else -1 for g in groups]
+            == [len(g["params"]) for g in ours]):
+        raise CheckpointError(f"{where} has parameter groups that do not match this run's; {fix}")
+    for g, o in zip(groups, ours, strict=True):
+        for key, value in g.items():
+            mine = list(o[key]) if isinstance(o.get(key), tuple) else o.get(key)
+            items = list(zip(value, mine, strict=False)) if isinstance(value, list) and isinstance(mine, list) else []
+            if key != "params" and key in o and (not _same_kind(value, mine) or (isinstance(value, list) and (
+                    len(value) != len(mine) or not all(_same_kind(a, b) for a, b in items)))):
+                raise CheckpointError(f"{where}: {key}={shown(value, 40)} where this run has {shown(o[key], 40)}; "
+                                      f"{fix}")
+    scalars = meta.get("scalars", {})
+    if not isinstance(scalars, dict) or not all(isinstance(v, dict) for v in scalars.values()):
+        raise CheckpointError(f"{where} is damaged ({OPTIMIZER_META}); {fix}")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    try:
+        state = _unflatten_optimizer(tensors, {"scalars": scalars, "param_groups": groups})
+    except (ValueError, TypeError, AttributeError):
+        raise CheckpointError(f"{where} has tensors named in no known way; {fix}") from None
+    for idx, values in state["state"].items():
+        if not 0 <= idx < len(params):
+            raise CheckpointError(f"{where} names parameter {idx}, but this run has {len(params)}; {fix}")
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[idx].shape:
+                raise CheckpointError(f"{where}: {key} of parameter {idx} has shape {list(value.shape)}, the "
+                                      f"parameter {list(params[idx].shape)}; {fix}")
+    return state
+
+
+def _check_scheduler_state(folder: Path, saved: dict[str, Any], scheduler: Any) -> dict[str, Any]:
+    """Return the scheduler state to load: all of this run's keys, each of the type this run's scheduler holds.
+
+    A scheduler's ``load_state_dict`` sets every key it is given as an attribute, so a hand-edited file
+    could replace any of them; keys this scheduler does not have (from another torch version) are dropped.
+    """
+    ours = _jsonable(scheduler.state_dict())
+    missing = [k for k in ours if k not in saved]
+    if missing:
+        raise CheckpointError(f"checkpoint {folder}: the scheduler state lacks {missing[:5]}; the checkpoint is "
+                              "damaged or from another torch version. Resume from an earlier checkpoint-N folder or "
+                              "start again")
+    kept = {k: v for k, v in saved.items() if k in ours}
+    for key, value in kept.items():
+        mine = ours[key]
+        pairs = list(zip(value, mine, strict=False)) if isinstance(value, list) and isinstance(mine, list) else []
+        if not _same_kind(value, mine) or (isinstance(value, list) and (
+                len(value) != len(mine) or not all(_same_kind(a, b) for a, b in pairs))):
+            raise CheckpointError(f"checkpoint {folder}: the scheduler state has {key}={shown(value, 60)} where this "
+                                  f"run's scheduler has {shown(mine, 60)}; the checkpoint is damaged or from another "
+                                  "run. Resume from an earlier checkpoint-N folder or start again")
+    return kept
+
+
+def _same_kind(a: Any, b: Any) -> bool:
+    """Same JSON kind: numbers match numbers (finite ones), other values match their own type."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isfinite(a)
+    return type(a) is type(b)
+
+
+def _check_rng_state(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Check the RNG state has the shapes Python, NumPy and torch will accept, before any is set."""
+    fix = "the checkpoint is damaged; resume from an earlier checkpoint-N folder or start again"
+    cpu, keys = tensors.get("torch_cpu"), tensors.get("numpy_keys")
+    ok = (isinstance(cpu, torch.Tensor) and cpu.dtype == torch.uint8 and cpu.shape == torch.get_rng_state().shape
+          and isinstance(keys, torch.Tensor) and keys.shape == (624,)
+          and bool(((keys >= 0) & (keys < 2**32)).all()))
+    ok = ok and all(k in ("torch_cpu", "numpy_keys") or (k.startswith("torch_cuda_") and t.dtype == torch.uint8
+                                                          and t.dim() == 1) for k, t in tensors.items())
+    py, np_meta = meta.get("python"), meta.get("numpy")
+    ok = ok and isinstance(py, list) and len(py) == 3 and isinstance(py[1], list) and len(py[1]) == 625 \
+        and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32 for x in py[1][:624]) \
+        and isinstance(py[1][624], int) and 0 <= py[1][624] <= 624 \
+        and isinstance(np_meta, list) and len(np_meta) == 4 and np_meta[0] == "MT19937" \
+        and isinstance(np_meta[1], int) and 0 <= np_meta[1] <= 624 and isinstance(np_meta[2], int) \
+        and isinstance(np_meta[3], (int, float))
+    if not ok:
+        raise CheckpointError(f"checkpoint {folder}: the random-number state ({RNG_TENSORS}, {RNG_META}) is "
+                              f"damaged; {fix}")
 
 
 # ---- optimizer state <-> safetensors + JSON ---------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alpaca_lora import artifacts as art
-from alpaca_lora.checkpoint import RngState, latest_checkpoint, load_checkpoint, save_checkpoint
+from alpaca_lora.checkpoint import RngState, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from alpaca_lora.errors import CheckpointError, TrainingDiverged, TrainingInterrupted
 from alpaca_lora.interrupt import StopRequest
 
@@ -39,9 +39,9 @@ def maybe_resume(run: _Run) -> int | None:
             f"resume_from_checkpoint=True but {run.output_dir} holds no complete checkpoint; "
             "start without resume_from_checkpoint or pass the path of a checkpoint folder"
         )
-    state = art.read_json(Path(folder) / "trainer_state.json") if Path(folder).is_dir() else None
-    if state is None:
+    if not Path(folder).is_dir():
         raise CheckpointError(f"checkpoint {folder} does not exist; pass a checkpoint-N folder of this run")
+    state = read_state(Path(folder))
     check_compatible(state, run, Path(folder))
     state = load_checkpoint(Path(folder), run.model, run.optimizer, run.scheduler)
     if "loss_scale" in state:  # written by every checkpoint since fp16 loss scaling
@@ -102,6 +102,27 @@ def stop_diverged(run: _Run, loss: float, grad_norm: float, rng: RngState) -> No
         "records of that step for very long or garbled text. Start a new output_dir with the fix (a resume "
         "keeps the settings of the run).",
         step=step, checkpoint=folder if run.step > 0 else None)
+
+
+def stop_broken_weights(run: _Run, loss: float, grad_norm: float, names: list[str]) -> None:
+    """Stop after an update that made LoRA weights non-finite, saving nothing of the broken state.
+
+    Unlike a non-finite loss or gradient, this is found after the optimizer stepped: the weights and
+    moments in memory are damaged and no checkpoint of them is written. The error names the newest
+    checkpoint on disk, which was finite when written.
+    """
+    step = run.step + 1
+    run.metrics.log({"step": step, "loss": loss, "grad_norm": grad_norm, "diverged": True,
+                     "non_finite_weights": len(names)})
+    folder = latest_checkpoint(run.output_dir)
+    kept = (f"the last good state is {folder}" if folder is not None else
+            "no checkpoint had been written, so nothing of this run is kept")
+    listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    raise TrainingDiverged(
+        f"the update of step {step} made LoRA weights NaN or infinite ({listed}) although its loss ({loss:.4g}) "
+        f"and gradient norm ({grad_norm:.4g}) were finite; {kept}. The learning_rate ({run.cfg.learning_rate}) or "
+        f"weight_decay ({run.cfg.weight_decay}) is far too large: lower it and start a new output_dir.",
+        step=step, checkpoint=folder)
 
 
 def stop_interrupted(run: _Run, stop: StopRequest) -> None:

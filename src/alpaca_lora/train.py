@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from alpaca_lora.distributed import (
     wrap_fsdp,
 )
 from alpaca_lora.errors import CheckpointError, ConfigError, ModelError
+from alpaca_lora.files import non_finite
 from alpaca_lora.interrupt import StopRequest, stop_requests
 from alpaca_lora.loss import forward_losses_sum, token_losses_sum
 from alpaca_lora.loss_scale import LossScaler
@@ -60,7 +62,13 @@ from alpaca_lora.optim import build_optimizer
 from alpaca_lora.packing import PackedCollator, attention_kind, batch_tokens, body_kwargs, use_packed_attention
 from alpaca_lora.preflight import preflight_summary
 from alpaca_lora.prompts import get_template
-from alpaca_lora.run_checkpoints import maybe_resume, save_run_checkpoint, stop_diverged, stop_interrupted
+from alpaca_lora.run_checkpoints import (
+    maybe_resume,
+    save_run_checkpoint,
+    stop_broken_weights,
+    stop_diverged,
+    stop_interrupted,
+)
 from alpaca_lora.sampler import epoch_batches, steps_per_epoch
 
 logger = logging.getLogger(__name__)
@@ -210,6 +218,7 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
     if cfg.fsdp and cfg.resume_from_checkpoint:
         raise ConfigError("resume_from_checkpoint with fsdp=True: FSDP runs write no resumable checkpoints yet; "
                           "start without resume_from_checkpoint, or resume without FSDP")
+    check_output_dir(output_dir)  # a bad output_dir fails now, not after the model has loaded
     _seed_everything(cfg.seed)
     template = get_template(cfg.template)
     device = dist.device
@@ -264,6 +273,19 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
     return run
 
 
+def check_output_dir(output_dir: Path) -> None:
+    """Raise ConfigError unless ``output_dir`` is a folder, or can be made one, that this process can write."""
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is" if existing == output_dir else f"is inside {existing}, which is"
+        raise ConfigError(f"output_dir={str(output_dir)!r} {what} a file, not a folder; choose another output_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir={str(output_dir)!r}: {existing} is not writable by this user; "
+                          "choose another output_dir")
+
+
 def _collator(cfg: FinetuneConfig, tokenizer: Any, model: Any, dtype: torch.dtype) -> Any:
     if cfg.packing and not cfg.fsdp:  # the FSDP forward takes no packing keywords
         use_packed_attention(model)
@@ -307,7 +329,10 @@ def fit(run: _Run, stop: StopRequest | None = None) -> None:
             epoch_cache = {epoch: epoch_batches(lengths, cfg.micro_batch_size, cfg.seed, epoch, cfg.group_by_length)}
         accum = cfg.gradient_accumulation_steps
         rng, tokens_before = capture_rng(), run.tokens_seen
-        loss, grad_norm = train_step(run, epoch_cache[epoch][k * accum : (k + 1) * accum])
+        loss, grad_norm, broken = train_step(run, epoch_cache[epoch][k * accum : (k + 1) * accum])
+        if broken:  # the update made weights NaN/inf: nothing of this state may be saved or called good
+            bar.close()
+            stop_broken_weights(run, loss, grad_norm, broken)
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))  # train_step did not apply it
         if skipped:
             run.tokens_seen = tokens_before
@@ -342,8 +367,13 @@ def fit(run: _Run, stop: StopRequest | None = None) -> None:
     run.runtime_s = time.perf_counter() - start
 
 
-def train_step(run: _Run, micro_batches: list[list[int]]) -> tuple[float, float]:
-    """One optimizer step over ``micro_batches`` (the step's global list); returns (mean token loss, grad norm).
+def train_step(run: _Run, micro_batches: list[list[int]]) -> tuple[float, float, list[str]]:
+    """One optimizer step over ``micro_batches`` (the step's global list).
+
+    Returns ``(mean token loss, grad norm, names of LoRA weights the update made non-finite)``; the
+    last is empty unless a finite gradient still pushed a weight to NaN or infinity (an absurd
+    learning rate or weight decay), which the caller must treat as a divergence with no good state
+    in memory.
 
     With several processes each rank trains on its share of ``micro_batches`` and the gradients
     are summed over ranks, so every rank ends the step with the single-process gradient. A
@@ -377,13 +407,32 @@ def train_step(run: _Run, micro_batches: list[list[int]]) -> tuple[float, float]
     run.scaler.unscale(params)
     norm = clip_grad_norm(model, params, cfg.max_grad_norm, cfg.fsdp)
     loss, grad_norm = total / max(1.0, n_tokens), float(norm)
+    broken: list[str] = []
     if math.isfinite(loss) and math.isfinite(grad_norm):
         run.optimizer.step()
         run.scheduler.step()
+        broken = non_finite_weights(run)
     run.scaler.update(overflow=math.isfinite(loss) and not math.isfinite(grad_norm))
     run.optimizer.zero_grad(set_to_none=True)
     run.tokens_seen += int(n_seen)
-    return loss, grad_norm
+    return loss, grad_norm, broken
+
+
+def non_finite_weights(run: _Run) -> list[str]:
+    """Names of the trainable weights holding a NaN or an infinity after an update (empty when all are finite).
+
+    One flag per tensor and a single host sync; names are looked up only on the rare bad path. Under
+    FSDP each rank holds a shard, so the ranks add their verdicts; otherwise every rank holds the same
+    weights and no collective is needed.
+    """
+    params = trainable(run.model)
+    bad = float(torch.stack([torch.isfinite(p).all().logical_not() for p in params]).any()) if params else 0.0
+    if run.cfg.fsdp:
+        (bad,) = run.dist.sum([bad])
+    if not bad:
+        return []
+    names = [n for n, p in run.model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    return names or ["(a weight shard of another process)"]
 
 
 def _loss_sum(run: _Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -489,5 +538,10 @@ def _check_adapter(folder: Path, expected: int) -> None:
     if not saved or len(saved) != expected:
         raise ModelError(f"{folder / art.ADAPTER_WEIGHTS} holds {len(saved)} tensors, expected {expected}; "
                          "the adapter was not saved correctly, please report this with your peft version")
+    bad = non_finite(saved)
+    if bad:  # every step checks its weights, so this is a last line of defence, never a normal outcome
+        (folder / art.ADAPTER_WEIGHTS).unlink()
+        raise ModelError(f"the trained adapter holds NaN or infinite values ({bad[:3]}...), so it was not kept; "
+                         f"resume from the last checkpoint in {folder} with a lower learning_rate")
 
 
