@@ -13,8 +13,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alpaca_lora.config import (
+    COMPUTE_DTYPES,
+    INT_MAX,
+    SEED_MAX,
+    bool_problem,
+    choice_problem,
+    int_problem,
+    keyword_checked,
+    number_problem,
+)
 from alpaca_lora.embedded import default_base_model
-from alpaca_lora.errors import ConfigError
+from alpaca_lora.errors import ConfigError, shown
 from alpaca_lora.generate import generate
 from alpaca_lora.merge import merge
 from alpaca_lora.tasks import TaskScore, evaluate_tasks, format_score_table, train_test_tasks
@@ -24,6 +34,7 @@ from alpaca_lora.train import finetune
 BUDGETS = {"quick": 30, "standard": 110, "long": 250}
 
 
+@keyword_checked
 @dataclass
 class DemoConfig:
     """Settings of the demo run."""
@@ -50,15 +61,39 @@ class DemoConfig:
     """Compute dtype of training and generation: "auto" (bf16 on GPUs and on CPUs with native bf16, else
     fp32), "float32", "bfloat16" or "float16"."""
 
+    def __post_init__(self) -> None:
+        if isinstance(self.base_model, Path):
+            self.base_model = str(self.base_model)
+        if isinstance(self.output_dir, Path):
+            self.output_dir = str(self.output_dir)
+        problems = self.problems()
+        if problems:
+            raise ConfigError("invalid DemoConfig:\n  - " + "\n  - ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Return every invalid field as a message naming the field, value, allowed values and fix."""
+        p = [
+            int_problem("max_steps", self.max_steps, 1, INT_MAX, optional=True, example=30),
+            int_problem("n_train", self.n_train, 1, 1_000_000, example=2400),
+            int_problem("n_test", self.n_test, 1, 100_000, example=80),
+            int_problem("seed", self.seed, 0, SEED_MAX, example=0),
+            number_problem("learning_rate", self.learning_rate, lambda v: v > 0, "> 0", example=1e-3),
+            bool_problem("skip_base_eval", self.skip_base_eval),
+        ]
+        if not (isinstance(self.budget, str) and self.budget in BUDGETS):
+            p.append(choice_problem("budget", self.budget, tuple(sorted(BUDGETS))))
+        if not (isinstance(self.compute_dtype, str) and self.compute_dtype in COMPUTE_DTYPES):
+            p.append(choice_problem("compute_dtype", self.compute_dtype, COMPUTE_DTYPES))
+        if not (isinstance(self.output_dir, str) and self.output_dir.strip()):
+            p.append(f"output_dir={shown(self.output_dir)}: must be a folder path, e.g. 'alpaca-lora-demo'")
+        if not (self.base_model is None or (isinstance(self.base_model, str) and self.base_model.strip())):
+            p.append(f"base_model={shown(self.base_model)}: must be a model folder path, or None for the embedded "
+                     "SmolLM2-135M")
+        return [x for x in p if x]
+
     def steps(self) -> int:
-        """Resolve the number of optimizer steps from ``max_steps`` or ``budget``."""
-        if self.max_steps is not None:
-            if self.max_steps < 1:
-                raise ConfigError(f"max_steps={self.max_steps}: must be >= 1")
-            return self.max_steps
-        if self.budget not in BUDGETS:
-            raise ConfigError(f"budget={self.budget!r}: must be one of {sorted(BUDGETS)}")
-        return BUDGETS[self.budget]
+        """Resolve the number of optimizer steps from ``max_steps`` or ``budget`` (both checked at construction)."""
+        return self.max_steps if self.max_steps is not None else BUDGETS[self.budget]
 
 
 @dataclass
