@@ -7,7 +7,11 @@ cannot drift apart. ``--config run.yaml`` (or .json) supplies ``FinetuneConfig``
 override it. Exit codes: 0 success, 2 usage error (unknown flag or config key, with close matches;
 a bad value), 1 failure with a one-line cause (``--debug`` shows the traceback), 130 / 143 when a
 first Ctrl-C / SIGTERM stopped training after saving a checkpoint (128 + the signal number, as a
-shell reports a job ended by that signal; the message says how to resume).
+shell reports a job ended by that signal; the message says how to resume). A ``ConfigError`` raised
+by the library (a bad value found by the function the command calls) is a usage error too.
+
+The library modules (torch, transformers) are imported inside :func:`main`, so a Ctrl-C during those
+seconds of imports ends the command with status 130 and one line, like any other Ctrl-C.
 """
 
 from __future__ import annotations
@@ -23,14 +27,7 @@ from typing import Any
 
 from alpaca_lora.cli_flags import ArgumentParser, add_dataclass_flags, add_flag, add_signature_flags, docstring_args
 from alpaca_lora.config import FinetuneConfig
-from alpaca_lora.demo import BUDGETS, DemoConfig, format_report, run_demo
 from alpaca_lora.errors import AlpacaLoraError, ConfigError, TrainingInterrupted
-from alpaca_lora.generate import generate
-from alpaca_lora.hub import push_to_hub
-from alpaca_lora.inspection import format_inspection, inspect_data
-from alpaca_lora.memory import estimate_memory, format_fit, parse_memory_size
-from alpaca_lora.merge import merge
-from alpaca_lora.train import finetune
 
 _CONFIG_HELP = "a JSON or YAML file of FinetuneConfig fields; flags override it"
 
@@ -40,7 +37,15 @@ class _Usage(Exception):
 
 
 def build_parser() -> ArgumentParser:
-    """Build the argument parser with every subcommand."""
+    """Build the argument parser with every subcommand (this imports the library: torch, transformers)."""
+    from alpaca_lora.demo import BUDGETS, DemoConfig
+    from alpaca_lora.generate import generate
+    from alpaca_lora.hub import push_to_hub
+    from alpaca_lora.inspection import inspect_data
+    from alpaca_lora.memory import estimate_memory
+    from alpaca_lora.merge import merge
+    from alpaca_lora.train import finetune
+
     parser = ArgumentParser(prog="alpaca-lora", description="LoRA/QLoRA instruction tuning of Llama-family models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("--quiet", action="store_true", help="print results only, no progress log")
@@ -97,21 +102,26 @@ def _given(args: argparse.Namespace, names: list[str] | set[str]) -> dict[str, A
 def _config(args: argparse.Namespace) -> FinetuneConfig:
     """The ``--config`` file (or the defaults) with the FinetuneConfig flags applied on top."""
     try:
-        cfg = FinetuneConfig.from_file(args.config) if getattr(args, "config", None) else FinetuneConfig()
+        config = getattr(args, "config", None)
+        cfg = FinetuneConfig.from_file(config) if config is not None else FinetuneConfig()
         return cfg.replace(**_given(args, {f.name for f in dataclasses.fields(FinetuneConfig)}))
     except ConfigError as exc:
         raise _Usage(str(exc)) from None
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    from alpaca_lora.train import finetune
+
     cfg = _config(args)
-    result = finetune(args.base_model, args.data, Path(args.output_dir), config=cfg)
+    result = finetune(args.base_model, args.data, config=cfg, **_given(args, {"output_dir"}))  # else its default
     if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch, process 0 reports
         print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(result).items()}, indent=2))
     return 0
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    from alpaca_lora.merge import merge
+
     kwargs = _given(args, {"base_model", "dtype", "max_shard_size", "merge_into", "allow_base_mismatch", "verify"})
     out = merge(args.adapter_dir, args.output_dir, **kwargs)
     report = json.loads((out / "merge_report.json").read_text(encoding="utf-8"))
@@ -125,6 +135,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from alpaca_lora.generate import generate
+
     kwargs = {k: v for k, v in vars(args).items()
               if k not in ("command", "debug", "quiet", "model_or_dir", "instruction")}
     instructions = args.instruction
@@ -143,6 +155,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
+    from alpaca_lora.hub import push_to_hub
+
     kwargs = _given(args, {"private", "dry_run", "commit_message"})
     files = push_to_hub(args.folder, args.repo_id, **kwargs)
     verb = "would upload" if kwargs.get("dry_run") else "uploaded"
@@ -153,8 +167,10 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from alpaca_lora.inspection import format_inspection, inspect_data
+
     names = {"cutoff_len", "template", "train_on_inputs", "add_eos_token", "column_map"}
-    kwargs = {k: v for k, v in _config(args).to_dict().items() if k in names} if args.config else {}
+    kwargs = {k: v for k, v in _config(args).to_dict().items() if k in names} if args.config is not None else {}
     kwargs.update(_given(args, names))
     report = inspect_data(args.data, getattr(args, "base_model", None), **kwargs)
     print(format_inspection(report))
@@ -163,6 +179,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
     from alpaca_lora.embedded import default_base_model
+    from alpaca_lora.memory import estimate_memory, format_fit, parse_memory_size
 
     cfg = _config(args)
     base = getattr(args, "base_model", None) or default_base_model()
@@ -183,6 +200,8 @@ _COMMANDS = {"finetune": _cmd_finetune, "merge": _cmd_merge, "generate": _cmd_ge
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from alpaca_lora.demo import DemoConfig, format_report, run_demo
+
     cfg = DemoConfig(**_given(args, {f.name for f in dataclasses.fields(DemoConfig)}))
     print(format_report(run_demo(cfg)))
     return 0
@@ -193,7 +212,20 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``alpaca-lora`` command."""
+    """Entry point of the ``alpaca-lora`` command; returns the exit status.
+
+    Args:
+        argv: The arguments after the program name; None reads ``sys.argv``.
+
+    """
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # also while the library is imported, before any command runs
+        print("alpaca-lora: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -217,9 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as exc:  # a checkpoint was saved; 128 + the signal number, as a shell reports
         print(f"alpaca-lora {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("alpaca-lora: interrupted", file=sys.stderr)
-        return 130
+    except ConfigError as exc:  # a bad value the called function found: a usage error, as the flags' own
+        if args.debug:
+            raise
+        print(f"{command_parser.prog}: error: {_one_line(exc)} (see {command_parser.prog} --help)", file=sys.stderr)
+        return 2
     except Exception as exc:
         if args.debug:
             raise

@@ -25,6 +25,8 @@ import typing
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from alpaca_lora.errors import shown
+
 _ARGS_HEADERS = ("Args:", "Arguments:", "Parameters:")
 
 
@@ -79,15 +81,31 @@ def parse_bool(text: str) -> bool:
     if text.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(
-        f"expected true or false, got {text!r} (put positional arguments before boolean flags)"
+        f"expected true or false, got {shown(text)} (put positional arguments before boolean flags)"
     )
+
+
+def parse_int(text: str) -> int:
+    """Parse an int flag value; the error quotes at most a bounded part of the text."""
+    try:
+        return int(text)
+    except ValueError:  # also an int longer than Python converts (sys.get_int_max_str_digits)
+        raise argparse.ArgumentTypeError(f"invalid int value: {shown(text)}; give a whole number") from None
+
+
+def parse_float(text: str) -> float:
+    """Parse a float flag value (``nan`` and ``inf`` parse; the config then refuses them)."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {shown(text)}; give a number, e.g. 3e-4") from None
 
 
 def parse_json_or_text(text: str) -> Any:
     """Parse a flag value as JSON (numbers, true/false/null, lists, objects), else keep the text."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, an over-long int, or nested past Python's stack
         return text
 
 
@@ -123,7 +141,7 @@ def converter(hint: Any) -> Callable[[str], Any]:
     their types (a list such as ``'["q_proj", "v_proj"]'``, an object, ``null``, a number) and the
     text otherwise.
     """
-    simple = {bool: parse_bool, int: int, float: float, str: str}
+    simple = {bool: parse_bool, int: parse_int, float: parse_float, str: str}
     if hint in simple:
         return simple[hint]
     if hint is Any or getattr(hint, "__name__", "") in ("Path", "PurePath"):
@@ -213,12 +231,22 @@ def add_signature_flags(parser: argparse.ArgumentParser, func: Callable[..., Any
     return names
 
 
+MAX_ERROR_CHARS = 1000
+"""Longest usage-error message printed: argparse quotes the offending argument whole."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose unknown-flag error names the closest known flags (exit status 2)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)  # "--micro" must not silently mean --micro_batch_size
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        """Exit with status 2 and the message, cut to ``MAX_ERROR_CHARS`` (a megabyte argument is quoted whole)."""
+        if len(message) > MAX_ERROR_CHARS:
+            message = f"{message[:MAX_ERROR_CHARS]}... ({len(message):,} characters)"
+        super().error(message)
 
     def known_flags(self) -> list[str]:
         """Every option string this parser accepts."""
@@ -233,13 +261,16 @@ class ArgumentParser(argparse.ArgumentParser):
             flag = extra.split("=", 1)[0]
             if not flag.startswith("-"):
                 if not after_flag:  # else it is the unknown flag's value
-                    problems.append(f"unexpected argument {extra!r}")
+                    problems.append(f"unexpected argument {shown(extra, 80)}")
                 after_flag = False
                 continue
             after_flag = "=" not in extra
-            close = difflib.get_close_matches(flag.replace("-", "_").strip("_"),
-                                              [k.replace("-", "_").strip("_") for k in known], n=3, cutoff=0.6)
+            name = flag.replace("-", "_").strip("_")
+            close = difflib.get_close_matches(name, [k.replace("-", "_").strip("_") for k in known], n=3,
+                                              cutoff=0.6) if len(name) <= 100 else []
             hint = f" (did you mean {', '.join('--' + c for c in dict.fromkeys(close))}?)" if close else ""
-            problems.append(f"unknown flag {flag}{hint}")
+            problems.append(f"unknown flag {flag if len(flag) <= 80 else shown(flag, 80)}{hint}")
+        more = f" and {len(problems) - 10:,} more" if len(problems) > 10 else ""
         self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {'; '.join(problems)}. See {self.prog} --help for every flag.\n")
+        self.exit(2, f"{self.prog}: error: {'; '.join(problems[:10])}{more}. See {self.prog} --help for every "
+                  "flag.\n")
