@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,9 +24,9 @@ from typing import Any
 import datasets
 import numpy as np
 
-from alpaca_lora.errors import ConfigError, DataError
+from alpaca_lora.errors import ConfigError, DataError, shown
 from alpaca_lora.prompts import PromptTemplate, get_template
-from alpaca_lora.records import FIELDS, load_instructions, read_records
+from alpaca_lora.records import FIELDS, load_instructions, read_records, unencodable_at
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +70,9 @@ def split_dataset(
 
     """
     v = val_set_size
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (v >= 1 and v != int(v)):
-        raise ConfigError(f"val_set_size={v!r}: must be 0 (no validation), a fraction in (0, 1) or a count")
+    if (isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v))
+            or v < 0 or (v >= 1 and v != int(v))):
+        raise ConfigError(f"val_set_size={shown(v)}: must be 0 (no validation), a fraction in (0, 1) or a count")
     if v == 0:
         return ds, None
     n = len(ds)
@@ -78,7 +80,7 @@ def split_dataset(
     if n_val > n - 1:
         clamped = max(n - 1, 0)
         warnings.warn(
-            f"val_set_size={v!r} asks for {n_val} validation record(s) but the data has {n}; clamped to "
+            f"val_set_size={shown(v)} asks for {n_val} validation record(s) but the data has {n}; clamped to "
             f"{clamped} to leave at least one record for training"
             + ("" if clamped else " (no validation set)"),
             stacklevel=2,
@@ -152,7 +154,7 @@ def _encode(
     ``status`` is "ok", "truncated" (the response was cut) or :data:`DROP_PROMPT_FULL`.
     """
     if isinstance(cutoff_len, bool) or not isinstance(cutoff_len, int) or cutoff_len < 1:
-        raise ConfigError(f"cutoff_len={cutoff_len!r}: must be a positive int (tokens per example)")
+        raise ConfigError(f"cutoff_len={shown(cutoff_len)}: must be a positive int (tokens per example)")
     instruction, inp, output = (record.get(f) for f in FIELDS)
     if not (isinstance(instruction, str) and isinstance(output, str) and isinstance(inp, (str, type(None)))):
         found = ", ".join(f"{f}: {type(record.get(f)).__name__}" for f in FIELDS)
@@ -160,6 +162,14 @@ def _encode(
             f"a record needs string 'instruction' and 'output' and an optional string 'input' ({found}); "
             "load data with load_instructions(), which validates it"
         )
+    for name, text in zip(FIELDS, (instruction, inp or "", output), strict=True):
+        at = unencodable_at(text)
+        if at is not None:  # the tokenizer would fail deep inside on it
+            raise DataError(
+                f"the record's {name!r} holds a lone surrogate ({text[at]!a} at character {at}), which cannot be "
+                "encoded as UTF-8; fix the text (e.g. text.encode('utf-8', 'replace').decode()), or load the data "
+                "with load_instructions(), which refuses such records by name"
+            )
     eos_id = getattr(tokenizer, "eos_token_id", None)
     if add_eos_token and eos_id is None:
         raise ConfigError(

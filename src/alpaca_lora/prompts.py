@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from alpaca_lora.errors import ConfigError
+from alpaca_lora.errors import ConfigError, shown
 
+MAX_TEMPLATE_BYTES = 2**20
+"""Largest template file read (a template is four short strings)."""
 _PLACEHOLDER = re.compile(r"\{(instruction|input)\}")
 _FIELDS = ("description", "prompt_input", "prompt_no_input", "response_split")
 
@@ -44,7 +47,7 @@ class PromptTemplate:
     def __post_init__(self) -> None:
         problems = _validate(self)
         if problems:
-            raise ConfigError(f"prompt template {self.name!r} is invalid: " + "; ".join(problems))
+            raise ConfigError(f"prompt template {shown(self.name, 80)} is invalid: " + "; ".join(problems))
 
     def render(self, instruction: str, input: str | None = None, output: str | None = None) -> str:  # noqa: A002
         """Render the prompt for one record, optionally followed by its output.
@@ -90,7 +93,7 @@ class PromptTemplate:
 
 def _validate(t: PromptTemplate) -> list[str]:
     problems = []
-    for field in _FIELDS:
+    for field in (*_FIELDS, "name"):
         if not isinstance(getattr(t, field), str):
             problems.append(f"field {field!r} must be a string, got {type(getattr(t, field)).__name__}")
     if problems:
@@ -105,7 +108,7 @@ def _validate(t: PromptTemplate) -> list[str]:
         for field in ("prompt_input", "prompt_no_input"):
             if t.response_split not in getattr(t, field):
                 problems.append(
-                    f"'response_split' {t.response_split!r} does not occur in {field!r}; "
+                    f"'response_split' {shown(t.response_split, 80)} does not occur in {field!r}; "
                     "it must be the header that ends the prompt"
                 )
     return problems
@@ -124,11 +127,11 @@ def _from_dict(data: dict[str, Any], name: str, source: str) -> PromptTemplate:
     unknown = [k for k in data if k not in (*_FIELDS, "name")]
     if missing or unknown:
         raise ConfigError(
-            f"prompt template from {source}: missing fields {missing}, unknown fields {unknown}; "
+            f"prompt template from {source}: missing fields {missing}, unknown fields {shown(unknown)}; "
             f"a template has exactly {list(_FIELDS)}"
         )
     fields = {f: data.get(f, "") for f in _FIELDS}
-    return PromptTemplate(**fields, name=str(data.get("name", name)))
+    return PromptTemplate(**fields, name=data.get("name", name))
 
 
 def get_template(template: str | Path | dict[str, Any] | PromptTemplate = "alpaca") -> PromptTemplate:
@@ -148,21 +151,43 @@ def get_template(template: str | Path | dict[str, Any] | PromptTemplate = "alpac
     if isinstance(template, PromptTemplate):
         return template
     if isinstance(template, dict):
-        return _from_dict(template, str(template.get("name", "custom")), "dict")
+        return _from_dict(template, "custom", "dict")
     names = list_templates()
+    if not isinstance(template, (str, os.PathLike)):
+        raise ConfigError(f"template={shown(template)}: must be a built-in name {names}, a JSON file path, a dict "
+                          f"with fields {list(_FIELDS)} or a PromptTemplate (got {type(template).__name__})")
     if isinstance(template, str) and template in names:
         text = (resources.files("alpaca_lora") / "templates" / f"{template}.json").read_text("utf-8")
         return _from_dict(json.loads(text), template, f"built-in template {template!r}")
     path = Path(template)
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"prompt template file {path} is not valid UTF-8 JSON: {exc}") from None
-        return _from_dict(data, path.stem, f"file {path}")
-    close = difflib.get_close_matches(str(template), names, n=3)
+    if _is_file(path):
+        return _from_dict(_read_template_file(path), path.stem, f"file {path}")
+    close = difflib.get_close_matches(str(template), names, n=3) if len(str(template)) <= 100 else []
     hint = f" Did you mean {close}?" if close else ""
     raise ConfigError(
-        f"unknown prompt template {str(template)!r}: not a built-in name and not an existing file.{hint} "
+        f"unknown prompt template {shown(str(template))}: not a built-in name and not an existing file.{hint} "
         f"Built-in templates: {names}; or pass a path to a JSON file or a dict with fields {list(_FIELDS)}."
     )
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        return False
+
+
+def _read_template_file(path: Path) -> Any:
+    try:
+        size = path.stat().st_size
+        raw = path.read_bytes() if size <= MAX_TEMPLATE_BYTES else b""
+    except OSError as exc:
+        raise ConfigError(f"cannot read prompt template file {path}: {exc.strerror or exc}") from None
+    if size > MAX_TEMPLATE_BYTES:
+        raise ConfigError(f"prompt template file {path} is larger than {MAX_TEMPLATE_BYTES:,} bytes; a template "
+                          "is four short strings: is it the right file?")
+    try:
+        return json.loads(raw.decode("utf-8-sig"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise ConfigError(f"prompt template file {path} is not valid UTF-8 JSON "
+                          f"({shown(' '.join(str(exc).split()))}); fix the file") from None

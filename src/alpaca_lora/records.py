@@ -18,7 +18,7 @@ from typing import Any
 
 import datasets
 
-from alpaca_lora.errors import ConfigError, DataError
+from alpaca_lora.errors import ConfigError, DataError, shown
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def _resolve_columns(
             return {"instruction": instruction, "input": input_col, "output": output}
     known = ", ".join(f"{i}/{o}" for _, i, _, o in _SCHEMAS)
     raise DataError(
-        f"{name}: no known instruction/output columns among {sorted(columns)}; known layouts: {known}. "
+        f"{name}: no known instruction/output columns among {_names(columns)}; known layouts: {known}. "
         "Rename the columns or pass column_map={'your_prompt_column': 'instruction', "
         "'your_answer_column': 'output'}."
     )
@@ -145,15 +145,16 @@ def _apply_column_map(name: str, columns: list[str], column_map: dict[str, str])
         isinstance(k, str) and v in FIELDS for k, v in column_map.items()
     ):
         raise ConfigError(
-            f"column_map={column_map!r}: must map your column names to 'instruction', 'input' or 'output', "
+            f"column_map={shown(column_map)}: must map your column names to 'instruction', 'input' or 'output', "
             "e.g. {'question': 'instruction', 'answer': 'output'}"
         )
     if len(set(column_map.values())) != len(column_map):
-        raise ConfigError(f"column_map={column_map!r}: maps two columns to one field; map each field once")
+        raise ConfigError(f"column_map={shown(column_map)}: maps two columns to one field; map each field once")
     mapping: dict[str, str | None] = dict.fromkeys(FIELDS)
     for src, target in column_map.items():
         if src not in columns:
-            raise DataError(f"{name}: column_map names column {src!r}, which is not among {sorted(columns)}")
+            raise DataError(f"{name}: column_map names column {shown(src, 80)}, which is not among "
+                            f"{_names(columns)}")
         mapping[target] = src
     for target in FIELDS:  # an unmapped field falls back to a column of its own name
         if mapping[target] is None and target in columns and target not in column_map:
@@ -161,8 +162,8 @@ def _apply_column_map(name: str, columns: list[str], column_map: dict[str, str])
     for target in ("instruction", "output"):
         if mapping[target] is None:
             raise DataError(
-                f"{name}: no column for {target!r}: column_map={column_map!r} maps none and there is no "
-                f"{target!r} column among {sorted(columns)}; add one to column_map"
+                f"{name}: no column for {target!r}: column_map={shown(column_map)} maps none and there is no "
+                f"{target!r} column among {_names(columns)}; add one to column_map"
             )
     return mapping
 
@@ -171,10 +172,14 @@ def _check_record(obj: Any, mapping: dict[str, str | None]) -> tuple[dict[str, s
     """Validate one raw record: ``(record, None)`` or ``(None, problem)``."""
     if not isinstance(obj, dict):
         return None, f"is a {_kind(obj)}, not an object with instruction and output fields"
+    odd = next((k for k in obj if not isinstance(k, str)), None)
+    if odd is not None or None in obj:
+        return None, (f"has the field name {shown(odd, 60)}, which is not text; field names are strings "
+                      "(instruction, input, output): rename or remove that field")
     record: dict[str, str] = {}
     for target in FIELDS:
         col = mapping[target]
-        label = repr(col) if col == target else f"{col!r} ({target})"
+        label = shown(col, 60) if col == target else f"{shown(col, 60)} ({target})"
         value = obj.get(col) if col is not None else None
         if value is None:
             if target == "input":
@@ -185,8 +190,9 @@ def _check_record(obj: Any, mapping: dict[str, str | None]) -> tuple[dict[str, s
             return None, f"field {label} is a {_kind(value)}, not a string; quote it"
         if target != "input" and not value.strip():
             return None, f"field {label} is empty"
-        if not _encodable(value):
-            return None, f"field {label} holds bytes that are not valid UTF-8; save the data as UTF-8"
+        bad = unencodable_at(value)
+        if bad is not None:
+            return None, f"field {label} {_surrogate_problem(value, bad)}"
         record[target] = value
     return record, None
 
@@ -198,11 +204,37 @@ def _kind(value: Any) -> str:
 
 
 def _encodable(text: str) -> bool:
+    return unencodable_at(text) is None
+
+
+def unencodable_at(text: str) -> int | None:
+    """Index of the first character of ``text`` that UTF-8 cannot encode (a lone surrogate), or None.
+
+    Undecodable bytes of a file become such surrogates when read; a Python string may hold one too.
+    A tokenizer fails on them deep inside, so records holding one are refused here, by name.
+    """
     try:
-        text.encode("utf-8")  # fails on the lone surrogates that undecodable bytes were mapped to
-    except UnicodeEncodeError:
-        return False
-    return True
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def _surrogate_problem(text: str, at: int) -> str:
+    """Why ``text`` cannot be encoded, given the index of its first lone surrogate."""
+    code = ord(text[at])
+    if 0xDC80 <= code <= 0xDCFF:  # what a file's undecodable byte becomes (surrogateescape)
+        return (f"holds bytes that are not valid UTF-8 (byte {code - 0xDC00:#04x} at character {at}); save the data "
+                "as UTF-8")
+    return (f"holds a lone surrogate ({text[at]!a} at character {at}), which cannot be encoded as UTF-8 and which no "
+            "tokenizer reads; fix the text (e.g. text.encode('utf-8', 'replace').decode())")
+
+
+def _names(columns: list[str], limit: int = 20) -> str:
+    """Column names for a message: sorted, at most ``limit`` of them, each bounded."""
+    shown_names = ", ".join(shown(c, 60) for c in sorted(columns, key=str)[:limit])
+    more = f" and {len(columns) - limit:,} more" if len(columns) > limit else ""
+    return f"[{shown_names}]{more}"
 
 
 # ---- readers: a source becomes (name, items, column names) -----------------------------------
@@ -211,9 +243,13 @@ def _encodable(text: str) -> bool:
 def _read_items(source: Any) -> tuple[str, _Items, list[str]]:
     if isinstance(source, datasets.DatasetDict):
         splits = list(source)
+        if not splits:
+            raise DataError("the DatasetDict has no splits, so no records; pass one that holds a 'train' split, "
+                            "or a Dataset")
         if "train" not in source and len(splits) != 1:
             raise DataError(
-                f"the DatasetDict has splits {splits}, none named 'train'; pass one, e.g. dd[{splits[0]!r}]"
+                f"the DatasetDict has splits {_names(splits)}, none named 'train'; pass one, e.g. "
+                f"dd[{shown(splits[0], 60)}]"
             )
         source = source["train" if "train" in source else splits[0]]
     if isinstance(source, datasets.Dataset):
@@ -236,7 +272,7 @@ def _read_file(path: Path) -> tuple[_Items, list[str]]:
         raise DataError(f"data file {path} {what} (working directory: {Path.cwd()}); pass a data file path")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
-        raise DataError(f"data file {path}: unknown extension {suffix!r}; use one of {', '.join(SUFFIXES)}")
+        raise DataError(f"data file {path}: unknown extension {shown(suffix, 40)}; use one of {', '.join(SUFFIXES)}")
     if suffix == ".parquet":
         return _read_parquet(path)
     try:
@@ -277,7 +313,7 @@ def _read_json(path: Path, text: str, raw: bytes) -> tuple[_Items, list[str]]:
         lists = [k for k, v in data.items() if isinstance(v, list)]
         if len(lists) != 1:
             raise DataError(
-                f"{path} holds a JSON object with keys {list(data)[:10]}; it must hold a list of records "
+                f"{path} holds a JSON object with keys {_names(list(data), 10)}; it must hold a list of records "
                 "([{...}, ...]) or an object whose only list is the records"
             )
         data = data[lists[0]]
@@ -349,7 +385,7 @@ def _keys(items: _Items) -> list[str]:
     keys: dict[str, None] = {}
     for _, obj, _ in items:
         if isinstance(obj, dict):
-            keys.update(dict.fromkeys(obj))
+            keys.update(dict.fromkeys(k for k in obj if isinstance(k, str)))  # other keys: a record problem
     return list(keys)
 
 
