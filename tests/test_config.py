@@ -151,3 +151,169 @@ def test_report_to_none_is_a_config_error_or_means_none():
         assert "report_to" in str(exc)
     else:
         assert cfg.report_to in (None, "none")
+
+
+# ---- hardening (issue #19): every field checked, files bounded -----------------------------------
+
+
+def test_the_constructor_itself_names_close_matches_for_an_unknown_keyword():
+    with pytest.raises(ConfigError, match=r"'lora_rank' \(did you mean lora_r") as info:
+        FinetuneConfig(lora_rank=8)
+    assert isinstance(info.value, TypeError) and "FinetuneConfig()" in str(info.value)
+    with pytest.raises(ConfigError, match="by position"):
+        FinetuneConfig(*range(len(field_names()) + 1))
+    assert FinetuneConfig(lora_r=8).lora_r == 8
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("num_epochs", float("nan")), ("num_epochs", float("inf")), ("num_epochs", "3"),
+        ("val_set_size", float("nan")), ("val_set_size", float("inf")), ("val_set_size", "0.1"),
+        ("seed", 1.5), ("seed", 42.0), ("seed", "42"), ("seed", -1), ("seed", 2**32), ("seed", True),
+        ("template", 5), ("template", ["alpaca"]), ("template", None), ("template", {"prompt_input": "x"}),
+        ("learning_rate", float("inf")), ("learning_rate", 10**400), ("weight_decay", float("inf")),
+        ("max_grad_norm", float("nan")), ("warmup_ratio", float("nan")), ("lora_alpha", float("inf")),
+        ("lora_alpha", 16.0), ("lora_dropout", float("nan")), ("lora_r", 10**9), ("lora_r", 8.0),
+        ("cutoff_len", 2**31), ("ddp_timeout", 10**30), ("max_steps", 1e3), ("eval_steps", True),
+        ("device", "cuda:x"), ("device", 0), ("resume_from_checkpoint", ""), ("resume_from_checkpoint", 1),
+        ("column_map", {1: "instruction"}), ("column_map", {"a": "output", "b": "output"}),
+        ("report_to", ["tensorboard", {}]), ("lr_scheduler", ["linear"]), ("quantization", {"nf4": 1}),
+    ],
+)
+def test_non_finite_wrongly_typed_and_out_of_range_values_name_field_value_and_fix(field, value):
+    with pytest.raises(ConfigError) as info:
+        FinetuneConfig(**{field: value})
+    message = str(info.value)
+    assert f"{field}=" in message and ("must" in message or "missing fields" in message), message
+    assert len(message) < 2000
+
+
+@pytest.mark.parametrize("field", ["learning_rate", "num_epochs", "weight_decay", "max_grad_norm", "warmup_ratio",
+                                   "lora_dropout"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_every_float_field_must_be_finite(field, value):
+    with pytest.raises(ConfigError, match=f"{field}={value!r}: must be a finite number"):
+        FinetuneConfig(**{field: value})
+
+
+def test_messages_give_the_range_and_a_fix():
+    with pytest.raises(ConfigError) as info:
+        FinetuneConfig(lora_r=10**9, lora_alpha=16.0, seed="7", learning_rate=float("inf"))
+    message = str(info.value)
+    assert "lora_r=1000000000: must be an int in [1, 65536]; e.g. lora_r=16" in message
+    assert "lora_alpha=16.0: must be an int" in message and "use lora_alpha=16" in message
+    assert "seed='7'" in message and "write a number, not text: seed=7" in message
+    assert "learning_rate=inf: must be a finite number > 0" in message
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(FinetuneConfig) if f.type == "bool"])
+@pytest.mark.parametrize(("value", "meant"), [("no", False), ("False", False), ("yes", True), ("true", True),
+                                              (0, False), (1, True)])
+def test_bool_fields_refuse_text_and_numbers_and_say_which_bool(field, value, meant):
+    with pytest.raises(ConfigError, match=f"must be True or False.*use {field}={meant}"):
+        FinetuneConfig(**{field: value})
+
+
+def test_train_on_inputs_no_is_not_true():
+    with pytest.raises(ConfigError, match="train_on_inputs='no': must be True or False"):
+        FinetuneConfig(train_on_inputs="no")
+    assert FinetuneConfig(train_on_inputs=False).train_on_inputs is False
+
+
+def test_numpy_numbers_and_paths_become_python_values(tmp_path):
+    import numpy as np
+
+    from alpaca_lora.prompts import get_template
+
+    cfg = FinetuneConfig(lora_r=np.int64(8), learning_rate=np.float32(1e-3), resume_from_checkpoint=tmp_path,
+                         template=get_template("alpaca_short"))
+    assert type(cfg.lora_r) is int and type(cfg.learning_rate) is float
+    assert cfg.resume_from_checkpoint == str(tmp_path) and cfg.template["name"] == "alpaca_short"
+
+
+def test_yaml_inf_and_nan_are_refused_by_field(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("learning_rate: .inf\nweight_decay: .inf\nmax_grad_norm: .nan\nseed: 1.5\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        FinetuneConfig.from_file(path)
+    message = str(info.value)
+    for needle in ("learning_rate=inf", "weight_decay=inf", "max_grad_norm=nan", "seed=1.5"):
+        assert needle in message
+
+
+def _billion_laughs(path, levels=9):
+    lines = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for prev, name in zip("abcdefghijklmn", "bcdefghijklmno"[: levels - 1], strict=False):
+        lines.append(f"{name}: &{name} [" + ", ".join(f"*{prev}" for _ in range(9)) + "]")
+    path.write_text("\n".join(lines) + f"\ntemplate: *{lines[-1].split('&')[1].split()[0]}\n", encoding="utf-8")
+    return path
+
+
+def test_a_billion_laughs_yaml_is_refused_quickly_without_expanding_it(tmp_path):
+    import time
+    import tracemalloc
+
+    path = _billion_laughs(tmp_path / "bomb.yaml")
+    assert path.stat().st_size < 2000
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(ConfigError, match="more than 10,000 values once its YAML aliases") as info:
+            FinetuneConfig.from_file(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - start < 5 and peak < 20 * 2**20
+    assert str(path) in str(info.value) and len(str(info.value)) < 500
+
+
+def test_recursive_and_deep_yaml_and_json_are_refused(tmp_path):
+    cases = {"cycle.yaml": "template: &a [1, *a]\n", "deep.yaml": "template: " + "[" * 70 + "]" * 70 + "\n",
+             "deeper.yaml": "template: " + "[" * 50_000, "deep.json": '{"template": ' + "[" * 50_000,
+             "long.yaml": "lora_target_modules: [" + ", ".join(["q"] * 20_000) + "]\n"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        with pytest.raises(ConfigError, match=name):
+            FinetuneConfig.from_file(tmp_path / name)
+
+
+@pytest.mark.parametrize(("name", "data", "needle"), [
+    ("latin1.yaml", "lora_r: 8\nreport_to: 'café'\n".encode("latin-1"), "not UTF-8 text (byte 0xe9 on line 2)"),
+    ("utf16.yaml", "lora_r: 8\n".encode("utf-16"), "UTF-16"),
+    ("utf16le.json", '{"lora_r": 8}'.encode("utf-16-le"), "NUL byte"),
+    ("utf32.json", '{"lora_r": 8}'.encode("utf-32"), "UTF-32"),
+    ("empty.yaml", b"", "is empty"),
+    ("blank.json", b"  \n\t\n", "is empty"),
+    ("list.yaml", b"- lora_r\n- 8\n", "must hold a mapping"),
+    ("scalar.json", b"8", "must hold a mapping"),
+    ("nan.json", b'{"learning_rate": NaN, "num_epochs": Infinity}', "learning_rate=nan"),
+    ("intkey.yaml", b"1: 8\nnull: 2\n", "(a field name is text)"),
+    ("bigint.json", b'{"seed": ' + b"9" * 5000 + b"}", "does not parse"),
+    ("python.yaml", b"seed: !!python/object/apply:os.getpid []\n", "does not parse"),
+    ("two.yaml", b"lora_r: 8\n---\nlora_r: 9\n", "does not parse"),
+    ("huge.yaml", b"# " + b"x" * (2**20) + b"\n", "larger than 1,048,576 bytes"),
+])
+def test_config_files_that_are_not_configs_are_config_errors_naming_the_file(tmp_path, name, data, needle):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as info:
+        FinetuneConfig.from_file(path)
+    message = str(info.value)
+    assert needle in message and (str(path) in message or "=" in message), message
+    assert len(message) < 2000
+
+
+def test_a_folder_or_an_empty_path_as_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder"):
+        FinetuneConfig.from_file(tmp_path)
+    with pytest.raises(ConfigError, match="path is empty"):
+        FinetuneConfig.from_file("")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        FinetuneConfig.from_dict(["lora_r", 8])
+
+
+def test_a_utf8_bom_is_fine(tmp_path):
+    path = tmp_path / "bom.yaml"
+    path.write_bytes(b"\xef\xbb\xbflora_r: 8\n")
+    assert FinetuneConfig.from_file(path).lora_r == 8
