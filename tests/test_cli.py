@@ -201,3 +201,69 @@ def test_flags_come_from_signatures_and_docstrings():
     assert converter(fields["lora_target_modules"])('["q_proj", "v_proj"]') == ["q_proj", "v_proj"]
     assert converter(fields["lora_target_modules"])("attention") == "attention"
     assert converter(fields["val_set_size"])("100") == 100.0
+
+
+# ---- hardening (issue #19) ----------------------------------------------------------------------
+
+
+def test_finetune_without_output_dir_takes_the_documented_default(tmp_path, capsys):
+    missing = tmp_path / "missing.json"
+    assert run_main("finetune", "--base_model", tmp_path / "no-model", "--data", missing) == 1
+    err = capsys.readouterr().err
+    assert "AttributeError" not in err and str(missing) in err  # it got as far as reading the data
+    assert not (tmp_path / "lora-alpaca").exists()
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (("merge", "{tmp}/adapter", "{tmp}/out", "--dtype", "float8"), "dtype='float8'"),
+    (("generate", "{tmp}/model", "Hi.", "--max_new_tokens", "0"), "max_new_tokens=0"),
+    (("generate", "{tmp}/model", "Hi.", "--temperature", "0.5"), "do_sample"),
+    (("demo", "--budget", "huge", "--output_dir", "{tmp}/demo"), "budget='huge'"),
+    (("demo", "--learning_rate", "nan", "--output_dir", "{tmp}/demo"), "learning_rate=nan"),
+    (("demo", "--n_test", "0", "--output_dir", "{tmp}/demo"), "n_test=0"),
+    (("finetune", "--base_model", "m", "--data", "d.json", "--num_epochs", "inf"), "num_epochs=inf"),
+    (("finetune", "--base_model", "m", "--data", "d.json", "--lora_r", "1000000000"), "lora_r=1000000000"),
+    (("estimate", "--base_model", "m", "--seed", "-1"), "seed=-1"),
+])
+def test_a_config_error_from_the_called_function_is_a_usage_error_in_one_line(tmp_path, capsys, args, needle):
+    code = run_main(*(a.format(tmp=tmp_path) for a in args))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert needle in err and "Traceback" not in err and "--debug" not in err
+    assert not (tmp_path / "demo").exists()
+
+
+def test_a_billion_laughs_config_exits_2_quickly_with_a_short_message(tmp_path, capsys):
+    import time
+
+    from test_config import _billion_laughs
+
+    bomb = _billion_laughs(tmp_path / "bomb.yaml")
+    start = time.perf_counter()
+    code = run_main("finetune", "--base_model", "m", "--data", "d.json", "--config", bomb)
+    err = capsys.readouterr().err
+    assert code == 2 and time.perf_counter() - start < 5
+    assert len(err) < 4000 and str(bomb) in err and "YAML aliases" in err
+
+
+def test_config_file_problems_are_usage_errors(tmp_path, capsys):
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("report_to: 'café'\n".encode("latin-1"))
+    for config, needle in ((latin, "not UTF-8"), (tmp_path, "is a folder"), ("", "path is empty")):
+        assert run_main("finetune", "--base_model", "m", "--data", "d.json", "--config", config) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err
+
+
+def test_flag_errors_quote_a_bounded_part_of_a_huge_value(tmp_path, capsys):
+    huge = "9" * 100_000
+    for args in (("--lora_r", "x" + huge), ("--train_on_inputs", huge), ("--" + huge, "1"), ("x" * 100_000,)):
+        with pytest.raises(SystemExit) as info:  # argparse's own errors
+            run_main("finetune", "--base_model", "m", "--data", "d.json", *args)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err) < 4000 and "Traceback" not in err
+    missing = tmp_path / "missing.json"  # JSON nested past Python's stack is text, the data error comes first
+    assert run_main("finetune", "--base_model", "m", "--data", missing, "--lora_target_modules", "[" * 100_000) == 1
+    err = capsys.readouterr().err
+    assert len(err) < 4000 and str(missing) in err

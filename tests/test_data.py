@@ -609,3 +609,54 @@ def test_data_fingerprint_is_stable_and_sensitive(tmp_path):
     a = load_instructions([{"instruction": "ab", "input": "c", "output": "x"}])
     b = load_instructions([{"instruction": "a", "input": "bc", "output": "x"}])
     assert data_fingerprint(a)["sha256"] != data_fingerprint(b)["sha256"]
+
+
+# ---- hardening (issue #19) ----------------------------------------------------------------------
+
+
+def test_a_datasetdict_without_splits_or_without_train_is_a_data_error():
+    with pytest.raises(DataError, match="has no splits"):
+        load_instructions(datasets.DatasetDict({}))
+    ds = datasets.Dataset.from_list(RECORDS)
+    with pytest.raises(DataError, match=r"none named 'train'; pass one, e.g. dd\['validation'\]"):
+        load_instructions(datasets.DatasetDict({"validation": ds, "test": ds}))
+
+
+@pytest.mark.parametrize("key", [1, None, 2.5, (1, 2), True])
+def test_a_record_with_a_field_name_that_is_not_text_is_named(key):
+    records = [RECORDS[0], {key: "x", "instruction": "a", "output": "b"}]
+    with pytest.raises(DataError, match=r"list of records, index 1: has the field name .* which is not text"):
+        load_instructions(records)
+    with pytest.warns(UserWarning, match="skipped 1 bad record"):
+        assert len(load_instructions(records, skip_bad_records=True)) == 1
+
+
+@pytest.mark.parametrize("field", ["instruction", "input", "output"])
+@pytest.mark.parametrize("surrogate", ["\ud800", "\udfff", "ok \udbff then"])
+def test_lone_surrogates_in_any_field_are_refused_by_name(field, surrogate):
+    record = {"instruction": "a", "input": "b", "output": "c", field: surrogate}
+    with pytest.raises(DataError, match=f"index 0: field '{field}' holds a lone surrogate") as info:
+        load_instructions([record])
+    assert "fix the text" in str(info.value)
+    with pytest.raises(DataError, match=f"'{field}' holds a lone surrogate"):
+        tokenize_instruction(record, CharTokenizer(), TINY)
+
+
+def test_split_dataset_refuses_non_finite_sizes():
+    ds = datasets.Dataset.from_list(RECORDS)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="val_set_size"):
+            split_dataset(ds, bad, seed=0)
+
+
+def test_error_messages_quote_bounded_values():
+    huge = "c" * 100_000
+    with pytest.raises(DataError) as info:
+        read_records([{huge: "x", "other": "y"}])
+    assert len(str(info.value)) < 2000
+    with pytest.raises(DataError) as info:
+        read_records(RECORDS, column_map={huge: "instruction"})
+    assert len(str(info.value)) < 2000
+    with pytest.raises(ConfigError) as info:
+        read_records(RECORDS, column_map={"instruction": huge})
+    assert len(str(info.value)) < 2000

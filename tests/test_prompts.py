@@ -134,3 +134,37 @@ def test_template_file_that_is_not_json_is_rejected(tmp_path):
 def test_prompt_template_constructor_validates():
     with pytest.raises(ConfigError, match="lacks the placeholder"):
         PromptTemplate(description="", prompt_input="{input}", prompt_no_input="x", response_split="x")
+
+
+# ---- hardening (issue #19) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [5, 2.5, ["alpaca"], None, b"alpaca", object()])
+def test_a_template_of_the_wrong_type_is_a_config_error(bad):
+    with pytest.raises(ConfigError, match="must be a built-in name"):
+        get_template(bad)
+
+
+def test_template_files_that_cannot_be_templates(tmp_path):
+    cases = {"deep.json": b"[" * 100_000, "latin.json": '{"prompt_input": "é"}'.encode("latin-1"),
+             "huge.json": b" " * (2**20 + 1) + b"{}", "list.json": b"[1, 2]"}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ConfigError, match=name) as info:
+            get_template(tmp_path / name)
+        assert len(str(info.value)) < 2000
+    with pytest.raises(ConfigError, match="unknown prompt template") as info:
+        get_template("x" * 100_000)  # a name too long for the file system
+    assert len(str(info.value)) < 2000
+
+
+def test_template_messages_quote_bounded_values():
+    huge = "h" * 100_000
+    with pytest.raises(ConfigError) as info:
+        get_template({**CUSTOM, "response_split": huge})
+    assert len(str(info.value)) < 2000
+    with pytest.raises(ConfigError) as info:
+        get_template({**CUSTOM, **{f"extra{i}": 1 for i in range(10_000)}})
+    assert len(str(info.value)) < 2000
+    with pytest.raises(ConfigError, match="'name' must be a string"):
+        get_template({**CUSTOM, "name": ["x"] * 10_000})
