@@ -147,3 +147,140 @@ def test_no_grad_forward_pauses_checkpointing_and_restores_it(tiny_model_dir, tm
     assert not [w for w in caught if "requires_grad" in str(w.message)]
     assert all(m.gradient_checkpointing for m in flags)
     run.metrics.close()
+
+
+# ---- hostile base folders (issue #19) -------------------------------------------------------------
+
+EVIL_CODE = """
+import pathlib
+pathlib.Path({marker!r}).write_text("the folder's code ran")
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+class EvilConfig(LlamaConfig):
+    model_type = "evil-llama"
+class EvilModel(LlamaForCausalLM):
+    config_class = EvilConfig
+class EvilTokenizer(PreTrainedTokenizerFast):
+    pass
+"""
+
+
+def _custom_code_copy(source, folder, where="config.json"):
+    """Copy ``source`` into ``folder`` with an ``auto_map`` in ``where`` naming the folder's evil.py.
+
+    Importing evil.py writes ``folder/RAN``; the model type is unknown to transformers, so only the
+    folder's code could load it (what made transformers prompt before).
+    """
+    import json
+    import shutil
+
+    shutil.copytree(source, folder)
+    (folder / "evil.py").write_text(EVIL_CODE.format(marker=str(folder / "RAN")))
+    data = json.loads((folder / where).read_text()) if (folder / where).is_file() else {}
+    if where == "config.json":
+        data.update(model_type="evil-llama",
+                    auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"})
+    else:
+        data.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None],
+                                                               "AutoProcessor": "evil.EvilTokenizer"})
+    (folder / where).write_text(json.dumps(data))
+    return folder
+
+
+@pytest.mark.parametrize("where", ["config.json", "tokenizer_config.json"])
+def test_a_folder_with_its_own_code_is_refused_without_running_it(tiny_model_dir, tmp_path, where):
+    folder = _custom_code_copy(tiny_model_dir, tmp_path / "custom", where)
+    for load in (load_tokenizer, lambda f: load_model(f, None, "float32", device="cpu")):
+        with pytest.raises(ModelError, match="auto_map") as info:
+            load(folder)
+        assert str(folder) in str(info.value) and where in str(info.value) and "trust_remote_code" in str(info.value)
+    assert not (folder / "RAN").exists()
+
+
+def _damaged_copy(source, folder):
+    import shutil
+
+    shutil.copytree(source, folder)
+    return folder
+
+
+def test_a_truncated_base_weight_file_names_the_file(tiny_model_dir, tmp_path):
+    folder = _damaged_copy(tiny_model_dir, tmp_path / "truncated")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a download cut in half
+    with pytest.raises(ModelError, match="truncated") as info:
+        load_model(folder, None, "float32", device="cpu")
+    assert str(weights) in str(info.value) and "download it again" in str(info.value)
+
+
+def test_a_tensor_missing_from_the_base_is_an_error_not_a_random_init(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _damaged_copy(tiny_model_dir, tmp_path / "missing-tensor")
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors["model.layers.1.self_attn.q_proj.weight"]
+    save_file(tensors, str(folder / "model.safetensors"), {"format": "pt"})
+    with pytest.raises(ModelError, match="model.layers.1.self_attn.q_proj.weight") as info:
+        load_model(folder, "nf4", "float32", device="cpu")
+    assert str(folder / "config.json") in str(info.value) and "download the folder again" in str(info.value)
+
+
+def test_a_config_for_fewer_layers_than_the_weights_is_an_error(tiny_model_dir, tmp_path):
+    """Weights of a second layer that config.json does not mention would be dropped silently."""
+    import json
+
+    folder = _damaged_copy(tiny_model_dir, tmp_path / "one-layer-config")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    with pytest.raises(ModelError, match="model.layers.1") as info:
+        load_model(folder, None, "float32", device="cpu")
+    assert str(folder) in str(info.value) and "copy it again" in str(info.value)
+
+
+def test_a_config_of_the_wrong_json_type_names_the_file(tiny_model_dir, tmp_path):
+    folder = _damaged_copy(tiny_model_dir, tmp_path / "list-config")
+    (folder / "config.json").write_text('[{"model_type": "llama"}]')
+    with pytest.raises(ModelError, match="JSON object") as info:
+        load_model(folder, None, "float32", device="cpu")
+    assert str(folder / "config.json") in str(info.value) and "restore the config.json" in str(info.value)
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tiny_model_dir, tmp_path):
+    import json
+
+    folder = _damaged_copy(tiny_model_dir, tmp_path / "big-tokenizer")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "<|my_new_pad|>"}))
+    assert len(load_tokenizer(folder)) == 49153  # the new pad token got the id 49152
+    with pytest.raises(ModelError, match="49,153 tokens but the model's embedding has 49,152 rows") as info:
+        load_model(folder, None, "float32", device="cpu")
+    assert str(folder) in str(info.value) and "resize_token_embeddings" in str(info.value)
+
+
+def test_a_pad_token_id_outside_the_vocabulary_is_refused(tiny_model_dir, tmp_path):
+    """A hand-edited tokenizer.json gives the pad token an id far past the last row of the vocabulary."""
+    import json
+
+    folder = _damaged_copy(tiny_model_dir, tmp_path / "pad-out-of-range")
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["<pad>"] = 99999
+    tok["added_tokens"].append({"id": 99999, "content": "<pad>", "single_word": False, "lstrip": False,
+                                "rstrip": False, "normalized": False, "special": True})
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "<pad>"}))
+    with pytest.raises(ModelError, match="pad token '<pad>' the id 99999") as info:
+        load_tokenizer(folder)
+    assert str(folder) in str(info.value) and "tokenizer_config.json" in str(info.value)
+
+
+@pytest.mark.parametrize(("name", "why"), [("lm_head", "is the output head"),
+                                           ("embed_tokens", r"not a linear layer \(it is a Embedding\)"),
+                                           ("input_layernorm", "not a linear layer"),
+                                           ("self_attn", "not a linear layer")])
+def test_lora_targets_outside_the_decoders_linear_layers_are_refused_up_front(tiny_model_dir, name, why):
+    model, _ = load_model(tiny_model_dir, None, "float32", device="cpu")
+    with pytest.raises(ModelError, match=why) as info:
+        resolve_target_modules(model, ["q_proj", name])
+    message = str(info.value)
+    assert "decoder" in message and "'down_proj'" in message and "'lm_head'" not in message.split("are ")[-1]
+    assert resolve_target_modules(model, ["q_proj", "down_proj"]) == ["q_proj", "down_proj"]

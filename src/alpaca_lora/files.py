@@ -187,3 +187,20 @@ def refuse_custom_code(folder: str | Path, *, error: type[AlpacaLoraError] = Mod
             raise error(f"{folder} asks to run its own Python code ({name} has an auto_map entry); alpaca_lora never "
                         "runs code from a model folder (trust_remote_code stays False). Use a model whose "
                         "architecture transformers ships, or remove auto_map if the folder's config names one")
+
+
+def local_model_folder(name: str | Path) -> Path | None:
+    """A local folder for ``name``: the folder itself, or a Hub id's snapshot in the local cache; else None.
+
+    Never reaches the network, so what it returns can be checked (:func:`refuse_custom_code`,
+    :func:`check_weight_files`) before anything loads it.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(name), local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached, or not a valid id: nothing local
+        return None
