@@ -209,3 +209,66 @@ def test_bad_repo_id_and_empty_folder(tmp_path, hub):
     (tmp_path / "README.md").write_text("only a card")
     with pytest.raises(ModelError, match="no model weights"):
         push_to_hub(tmp_path, "me/x", dry_run=True)
+
+
+# ---- symbolic links (issue #19): only regular files of the folder leave the machine -----------------
+
+
+@pytest.fixture
+def secret_outside(tmp_path):
+    """A file outside the export that a link inside it points to (stands in for /etc/shadow)."""
+    path = tmp_path / "outside" / "shadow"
+    path.parent.mkdir()
+    path.write_text("root:$6$secret-hash:19000:0:99999:7:::\n")
+    return path
+
+
+@pytest.mark.parametrize(("name", "target"), [("model-00001-of-00002.safetensors", "absolute"),
+                                              ("tokenizer.json", "relative"), ("README.md", "inside")])
+def test_a_symlinked_file_is_refused_by_dry_run_and_upload(export, hub, tmp_path, secret_outside, name, target):
+    import os
+
+    from alpaca_lora import ModelError
+    from alpaca_lora.hub import push_to_hub
+
+    link = export / name
+    link.unlink()
+    if target == "absolute":
+        link.symlink_to(secret_outside)
+    elif target == "relative":
+        link.symlink_to(os.path.relpath(secret_outside, export))
+    else:  # even a link to a file of the folder itself: the rule is simple, and cp -L fixes it
+        link.symlink_to("notes.txt")
+    with pytest.raises(ModelError, match="symbolic link") as info:
+        push_to_hub(export, "me/x", dry_run=True)
+    assert name in str(info.value) and "cp --dereference" in str(info.value)
+    with pytest.raises(ModelError, match="symbolic link"):
+        export_files(export)
+    result, output = _push(export, "me/tiny-merged", tmp_path, hub.url, token=TOKEN)
+    assert result["error"] == "ModelError" and name in result["message"]
+    assert hub.requests == []  # refused before anything was sent
+    assert "secret-hash" not in output
+
+
+def test_the_folder_itself_may_be_a_symlink(export, hub, tmp_path):
+    alias = tmp_path / "alias"
+    alias.symlink_to(export, target_is_directory=True)
+    assert export_files(alias) == EXPECTED
+    result, _ = _push(alias, "me/via-link", tmp_path, hub.url, token=TOKEN)
+    assert result == {"files": EXPECTED} and sorted(hub.files["me/via-link"]) == EXPECTED
+
+
+def test_a_file_swapped_for_a_link_after_listing_is_not_read(export, secret_outside):
+    """The upload opens each listed file without following a link (O_NOFOLLOW), so a swap in between fails."""
+    from alpaca_lora import ModelError
+    from alpaca_lora.hub import _open_regular
+
+    with _open_regular(export / "config.json") as fh:
+        assert fh.read() == (export / "config.json").read_bytes()
+    (export / "config.json").unlink()
+    (export / "config.json").symlink_to(secret_outside)
+    with pytest.raises(ModelError, match="symbolic link") as info:
+        _open_regular(export / "config.json")
+    assert "config.json" in str(info.value)
+    with pytest.raises(ModelError, match="not a regular file"):
+        _open_regular(export / "checkpoint-3")

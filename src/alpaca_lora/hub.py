@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import stat
 from pathlib import Path
+from typing import BinaryIO
 
 from alpaca_lora import artifacts as art
-from alpaca_lora.errors import AlpacaLoraError, ConfigError, ModelError
+from alpaca_lora.errors import AlpacaLoraError, ConfigError, ModelError, shown
 from alpaca_lora.merge import EXPORT_FILES
 from alpaca_lora.merge import SHARD_NAME as _SHARD_NAME
 
@@ -21,10 +24,37 @@ def export_files(folder: str | Path) -> list[str]:
     Merged weights (``model.safetensors`` or ``model-0000N-of-0000M.safetensors``), configs,
     tokenizer, prompt template, model card, merge report and, for an adapter folder, the adapter and
     its run records. Anything else (``.env``, ``checkpoint-N/``, ``*.bin``, notes) is never uploaded.
+
+    Only regular files are uploaded. An allow-listed name that is a symbolic link is refused, wherever
+    it points: a link could send any file of this machine (``model.safetensors -> /etc/shadow``) to
+    the Hub under an innocent name. ``folder`` itself may be a link.
+
+    Raises:
+        ModelError: An allow-listed name is a symbolic link (or not a regular file); the message
+            names it and its target, and says to copy the file in.
+
     """
     folder = Path(folder)
-    return sorted(p.name for p in folder.iterdir()
-                  if p.is_file() and (p.name in EXPORT_FILES or _SHARD_NAME.fullmatch(p.name)))
+    names = sorted(p.name for p in folder.iterdir() if p.name in EXPORT_FILES or _SHARD_NAME.fullmatch(p.name))
+    links = [f"{n} -> {os.readlink(folder / n)}" for n in names if (folder / n).is_symlink()]
+    if links:
+        raise ModelError(f"{folder} has symbolic links among the files to upload ({shown(links, 400)}); only regular "
+                         "files are uploaded, so that a link cannot send a file from elsewhere on this machine. Copy "
+                         "the files in (cp --dereference) after checking what they are, or remove the links")
+    return [n for n in names if (folder / n).is_file()]
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """Open ``path`` for reading, refusing a symbolic link even if one replaced the file after listing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        raise ModelError(f"cannot open {path} for upload ({exc.strerror}); it changed or became a symbolic link "
+                         "after it was listed: check the folder and push again") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ModelError(f"{path} is not a regular file; only regular files are uploaded")
+    return os.fdopen(fd, "rb")
 
 
 def push_to_hub(
@@ -55,7 +85,7 @@ def push_to_hub(
 
     Raises:
         ConfigError: A bad ``repo_id`` or no token available.
-        ModelError: The folder holds nothing to upload.
+        ModelError: The folder holds nothing to upload, or an allow-listed name is a symbolic link.
         AlpacaLoraError: The Hub refused the upload (message without the token).
 
     """
@@ -76,12 +106,14 @@ def push_to_hub(
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=secret)
     logger.info("uploading %d files from %s to %s (private=%s)", len(files), folder, repo_id, private)
     failure = None
-    try:
-        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
-        api.create_commit(url.repo_id, operations=ops, commit_message=commit_message, repo_type="model")
-    except Exception as exc:  # hub, network and auth errors alike
-        failure = f"{type(exc).__name__}: {exc}".replace(secret, "***")
+    with contextlib.ExitStack() as opened:
+        handles = {f: opened.enter_context(_open_regular(folder / f)) for f in files}  # the bytes listed, no link
+        try:
+            url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=handles[f]) for f in files]
+            api.create_commit(url.repo_id, operations=ops, commit_message=commit_message, repo_type="model")
+        except Exception as exc:  # hub, network and auth errors alike
+            failure = f"{type(exc).__name__}: {exc}".replace(secret, "***")
     if failure is not None:  # raised outside the except block: no __context__ that could hold the token
         raise AlpacaLoraError(f"upload of {folder} to {repo_id} failed ({failure}); check the token has write "
                               "access, the repo id and the network (HF_ENDPOINT)")
