@@ -364,7 +364,7 @@ def _write_side_files(plan: _Plan, out: Path, dtype: torch.dtype) -> None:
     """Config (with the export dtype), generation config, tokenizer and prompt template."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(plan.base_dir))
+    config = AutoConfig.from_pretrained(str(plan.base_dir), trust_remote_code=False)
     config.dtype = dtype
     config.save_pretrained(out)
     if (plan.base_dir / "generation_config.json").is_file():
@@ -484,7 +484,7 @@ def _probe_ids(plan: _Plan) -> torch.Tensor:
     from transformers import AutoTokenizer
 
     tok_dir = plan.adapter_dir if (plan.adapter_dir / "tokenizer_config.json").is_file() else plan.base_dir
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=False)
     template_file = plan.adapter_dir / art.TEMPLATE_FILE
     template = get_template(template_file if template_file.is_file() else "alpaca")
     rows = [tokenizer(t)["input_ids"] for t in (template.render(_PROBE[0]), _PROBE[1])]

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from alpaca_lora.errors import ModelError
+from alpaca_lora import files
+from alpaca_lora.errors import ModelError, shown
 
 ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -61,25 +62,27 @@ def read_tensor(files: dict[str, Path], name: str) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def read_header(path: Path, mtime_ns: int) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file and the offset where its tensor data starts."""
-    with open(path, "rb") as fh:
-        (size,) = struct.unpack("<Q", fh.read(8))
-        return json.loads(fh.read(size)), 8 + size
+    """The checked JSON header of a safetensors file and the offset where its tensor data starts.
+
+    Raises:
+        ModelError: The file is truncated or its header is damaged (naming the file).
+
+    """
+    return files.safetensors_header(path)
 
 
-def tensor_metas(files: dict[str, Path]) -> dict[str, tuple[list[int], torch.dtype]]:
-    """Return ``{name: (shape, dtype)}`` for every tensor of the files in ``files`` (headers only)."""
-    from safetensors import safe_open
-
+def tensor_metas(files_by_name: dict[str, Path]) -> dict[str, tuple[list[int], torch.dtype]]:
+    """Return ``{name: (shape, dtype)}`` for every tensor of the files in ``files_by_name`` (checked headers only)."""
     metas = {}
-    for file in sorted(set(files.values())):
-        with safe_open(str(file), "pt") as fh:
-            for name in fh.keys():
-                sl = fh.get_slice(name)
-                if sl.get_dtype() not in FROM_ST:
-                    raise ModelError(f"{file}: tensor {name} has dtype {sl.get_dtype()}, which merge() does not "
-                                     "handle; convert the base to float32/bfloat16/float16 first")
-                metas[name] = (list(sl.get_shape()), FROM_ST[sl.get_dtype()])
+    for file in sorted(set(files_by_name.values())):
+        header, _ = read_header(file, file.stat().st_mtime_ns)
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            if meta["dtype"] not in FROM_ST:
+                raise ModelError(f"{file}: tensor {shown(name, 80)} has dtype {shown(meta['dtype'], 20)}, which "
+                                 "merge() does not handle; convert the base to float32/bfloat16/float16 first")
+            metas[name] = (list(meta["shape"]), FROM_ST[meta["dtype"]])
     return metas
 
 
@@ -122,9 +125,9 @@ def skeleton(base_dir: Path) -> Any:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(base_dir))
+    config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=False)
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False).eval()
 
 
 def streamed_logits(model: Any, ids: torch.Tensor, source: Callable[[str], torch.Tensor],
