@@ -25,3 +25,20 @@ def test_default_base_is_a_plain_llama_folder(smol_dir):
     assert "quantization_config" not in config
     assert (smol_dir / "model.safetensors").is_file() and (smol_dir / "tokenizer.json").is_file()
     assert embedded.default_base_model() == smol_dir  # cached: no second conversion
+
+
+def test_the_embedded_base_passes_the_hostile_folder_checks(smol_dir):
+    """The strict base-folder checks (issue #19) accept the real model, and its fingerprint reads a sample only."""
+    import time
+
+    from alpaca_lora.artifacts import base_fingerprint
+    from alpaca_lora.model import check_base_folder, check_vocabulary, load_tokenizer
+
+    rows = check_base_folder(smol_dir)  # no custom code, intact headers, config.json covered by the weights
+    assert rows == 49152
+    check_vocabulary(load_tokenizer(smol_dir), rows, smol_dir)
+    start = time.perf_counter()
+    fingerprint = base_fingerprint(smol_dir)
+    assert time.perf_counter() - start < 2.0  # 272 tensors, two 4 KiB reads each, of a 540 MB file
+    assert fingerprint["weights_sha256"] == base_fingerprint(smol_dir)["weights_sha256"]
+    assert fingerprint["num_parameters"] > 100_000_000

@@ -6,7 +6,7 @@ A folder written by ``finetune`` holds everything ``merge``, ``generate`` and re
     adapter_config.json         peft LoraConfig (``PeftModel.from_pretrained`` loads the folder)
     prompt_template.json        the exact template used
     finetune_config.json        the full FinetuneConfig
-    fingerprint.json            base model (path, config hash, tensor shapes) and data fingerprints
+    fingerprint.json            base model (path, architecture, shapes, sampled weights) and data fingerprints
     train_results.json          final metrics (train/eval loss, steps, tokens, runtime)
     metrics.jsonl               one JSON object per logged step
     loss.png                    train and eval loss curves
@@ -21,12 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
 from alpaca_lora import files
-from alpaca_lora.errors import ModelError
+from alpaca_lora.errors import ModelError, shown
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -56,28 +55,67 @@ def read_json(path: Path, expect: type | tuple[type, ...] = dict) -> Any:
 def safetensors_shapes(folder: Path) -> dict[str, list[int]]:
     """Return ``{tensor name: shape}`` for every ``*.safetensors`` file in ``folder``.
 
-    Reads only the JSON headers, so it is cheap even for a 70B folder.
+    Reads only the headers (checked: a damaged file is a ModelError naming it), so it is cheap even
+    for a 70B folder.
     """
     shapes: dict[str, list[int]] = {}
     for file in sorted(Path(folder).glob("*.safetensors")):
-        with open(file, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
-        for name, meta in header.items():
-            if name != "__metadata__":
-                shapes[name] = list(meta["shape"])
+        shapes.update(files.tensor_shapes(file))
     return shapes
 
 
+SAMPLE_BYTES = 4096
+"""Bytes read from each end of every tensor for the weights fingerprint."""
+
+
+def weights_digest(folder: Path) -> str | None:
+    """A sha256 of the weights of ``folder`` that reads a sample, never all of them.
+
+    It hashes, in tensor-name order, each tensor's name, dtype, shape and the first and last
+    :data:`SAMPLE_BYTES` of its data (all of a small tensor). Every tensor contributes, so a model
+    trained further, fine-tuned in full or initialised with another seed differs in it, while a copy
+    of the folder, or a re-sharding of the same weights, does not. A 70B model is read for some
+    6 MB (two reads per tensor).
+
+    Returns:
+        The hex digest, or None when the folder holds no safetensors file.
+
+    """
+    samples: dict[str, bytes] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        header, data_start = files.safetensors_header(file)
+        entries = sorted((meta["data_offsets"], name, meta) for name, meta in header.items() if name != "__metadata__")
+        with open(file, "rb") as fh:
+            for (begin, end), name, meta in entries:
+                head = min(end - begin, SAMPLE_BYTES)
+                fh.seek(data_start + begin)
+                data = fh.read(head)
+                if end - begin > head:
+                    fh.seek(data_start + max(begin + head, end - SAMPLE_BYTES))
+                    data += fh.read(end - max(begin + head, end - SAMPLE_BYTES))
+                described = json.dumps([name, meta["dtype"], meta["shape"]], separators=(",", ":")).encode()
+                samples[name] = described + data
+    if not samples:
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(samples):
+        digest.update(len(samples[name]).to_bytes(8, "little") + samples[name])
+    return digest.hexdigest()
+
+
 def base_fingerprint(base_model: str | Path) -> dict[str, Any]:
-    """Fingerprint a base model: where it came from, a hash of its config and of its tensor shapes.
+    """Fingerprint a base model: where it came from, its architecture, tensor shapes and sampled weights.
 
     Args:
         base_model: A local model folder or a Hub id (resolved from the local cache when present).
 
     Returns:
-        A JSON-serialisable dict. ``config_sha256`` and ``shapes_sha256`` identify the weights'
-        architecture; ``weights_sha256`` hashes the safetensors headers (names, dtypes, offsets).
+        A JSON-serialisable dict. ``architecture`` (config.json's sizes) and ``shapes_sha256`` (every
+        tensor's name and shape) tell models of another shape apart; ``weights_sha256``
+        (:func:`weights_digest`) tells apart models of the same shape with other weights.
+
+    Raises:
+        ModelError: The folder's config.json or a safetensors header is damaged.
 
     """
     folder = resolve_local(base_model)
@@ -87,7 +125,7 @@ def base_fingerprint(base_model: str | Path) -> dict[str, Any]:
     fp["resolved_path"] = str(folder.resolve())
     config_file = folder / "config.json"
     if config_file.is_file():
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config = read_json(config_file)
         arch_keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "vocab_size")
         fp["architecture"] = {k: config.get(k) for k in arch_keys}
@@ -95,6 +133,7 @@ def base_fingerprint(base_model: str | Path) -> dict[str, Any]:
     if shapes:
         canonical = json.dumps(sorted(shapes.items()), separators=(",", ":"))
         fp["shapes_sha256"] = hashlib.sha256(canonical.encode()).hexdigest()
+        fp["weights_sha256"] = weights_digest(folder)
         fp["num_tensors"] = len(shapes)
         fp["num_parameters"] = sum(_prod(s) for s in shapes.values())
     return fp
@@ -102,23 +141,23 @@ def base_fingerprint(base_model: str | Path) -> dict[str, Any]:
 
 def resolve_local(base_model: str | Path) -> Path | None:
     """Return a local folder for ``base_model``: the folder itself, or a Hub id's cached snapshot."""
-    path = Path(base_model).expanduser()
-    if path.is_dir():
-        return path
-    try:
-        from huggingface_hub import snapshot_download
+    return files.local_model_folder(base_model)
 
-        return Path(snapshot_download(str(base_model), local_files_only=True))
-    except Exception:  # not cached or not a valid id: nothing local to fingerprint
-        return None
+
+FINGERPRINT_KEYS = ("architecture", "shapes_sha256", "weights_sha256")
+"""Keys of a base fingerprint that must agree; a key missing on either side (an older folder) is not compared."""
 
 
 def fingerprints_match(recorded: dict[str, Any], actual: dict[str, Any]) -> list[str]:
     """Return the differences between two base fingerprints (empty when they match)."""
     diffs = []
-    for key in ("architecture", "shapes_sha256"):
+    for key in FINGERPRINT_KEYS:
         if key in recorded and key in actual and recorded[key] != actual[key]:
-            diffs.append(f"{key}: adapter was trained on {recorded[key]}, this base has {actual[key]}")
+            if key == "weights_sha256":
+                diffs.append(f"weights_sha256: the weights differ (same shapes: another checkpoint or seed); adapter "
+                             f"was trained on {str(recorded[key])[:12]}..., this base has {str(actual[key])[:12]}...")
+            else:
+                diffs.append(f"{key}: adapter was trained on {recorded[key]}, this base has {actual[key]}")
     return diffs
 
 
@@ -135,22 +174,29 @@ def resolve_adapter_base(adapter_dir: Path, base_model: str | Path | None = None
         are fatal.
 
     Raises:
-        ModelError: No candidate exists locally; the message lists what was tried.
+        ModelError: No candidate exists locally (the message lists what was tried), or the adapter
+            folder or the base asks to run its own code (``auto_map``).
 
     """
+    files.refuse_special_files(adapter_dir)
+    files.refuse_custom_code(adapter_dir)
     fp_file = Path(adapter_dir) / FINGERPRINT_FILE
     recorded = (read_json(fp_file) if fp_file.is_file() else {}).get("base_model", {})
+    recorded = recorded if isinstance(recorded, dict) else {}
     lora = read_json(Path(adapter_dir) / ADAPTER_CONFIG)
     candidates = [base_model] if base_model is not None else [
         recorded.get("resolved_path"), recorded.get("name_or_path"), lora.get("base_model_name_or_path")]
-    for candidate in filter(None, candidates):
+    candidates = [c for c in candidates if isinstance(c, (str, Path)) and str(c)]
+    for candidate in candidates:
         folder = resolve_local(candidate)
         if folder is not None:
+            files.refuse_special_files(folder)  # before anything reads it for the adapter
+            files.refuse_custom_code(folder)
             name = str(base_model or recorded.get("name_or_path") or candidate)
             return name, folder, fingerprints_match(recorded, base_fingerprint(folder))
     if base_model is None:
         raise ModelError(f"{adapter_dir} records no base model that exists on this machine (tried "
-                         f"{[c for c in candidates if c]}); pass base_model= with a local folder of the base")
+                         f"{shown(candidates)}); pass base_model= with a local folder of the base")
     raise ModelError(f"base_model={str(base_model)!r} is neither a local folder nor a Hub id in the local cache; "
                      "download it first or pass a local folder")
 

@@ -8,7 +8,6 @@ GPU, and if not, what do I change" before a run starts.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +15,10 @@ from typing import Any
 
 import torch
 
+from alpaca_lora import files
 from alpaca_lora.artifacts import resolve_local
 from alpaca_lora.config import FinetuneConfig, check_field_names, cpu_chunk_rows
-from alpaca_lora.errors import ConfigError, ModelError
+from alpaca_lora.errors import ConfigError, ModelError, shown
 from alpaca_lora.model import resolve_compute_dtype
 
 GIB = 1024**3
@@ -61,13 +61,27 @@ def projection_shapes(mc: dict[str, Any]) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
+REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+"""Sizes of config.json the estimate needs, each a positive int."""
+
+
 def _model_config(base_model: str | Path | dict[str, Any]) -> dict[str, Any]:
     if isinstance(base_model, dict):
-        return base_model
-    folder = resolve_local(base_model)
-    if folder is None or not (folder / "config.json").is_file():
-        raise ModelError(f"no config.json found for {base_model!s}; pass a local model folder or a config dict")
-    return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        mc, source = base_model, "the config dict"
+    else:
+        folder = resolve_local(base_model)
+        if folder is None or not (folder / "config.json").is_file():
+            raise ModelError(f"no config.json found for {base_model!s}; pass a local model folder or a config dict")
+        source = str(folder / "config.json")
+        mc = files.read_json(folder / "config.json", fix="restore the config.json that came with the weights")
+    bad = [k for k in REQUIRED_KEYS if not (isinstance(mc.get(k), int) and not isinstance(mc.get(k), bool)
+                                           and mc[k] > 0)]
+    bad += [k for k in ("num_key_value_heads", "head_dim") if mc.get(k) is not None and not (
+        isinstance(mc[k], int) and not isinstance(mc[k], bool) and mc[k] > 0)]
+    if bad:
+        raise ModelError(f"{source} needs positive integer sizes for {bad} (it has "
+                         f"{shown({k: mc.get(k) for k in bad}, 200)}); estimate_memory reads a Llama-family config")
+    return mc
 
 
 def estimate_memory(base_model: str | Path | dict[str, Any], **overrides: Any) -> MemoryEstimate:

@@ -117,6 +117,7 @@ def load_tokenizer(base_model: str | Path) -> Any:
 
     folder = files.local_model_folder(base_model)
     if folder is not None:
+        files.refuse_special_files(folder)
         files.refuse_custom_code(folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(base_model), trust_remote_code=False)
@@ -300,10 +301,11 @@ def _check_loading_info(info: dict[str, Any], base_model: str | Path) -> None:
 def check_base_folder(folder: Path) -> int | None:
     """Check a local base-model folder before any weight is loaded; return its embedding rows.
 
-    In order: no custom code (``auto_map``), ``config.json`` a JSON object, every safetensors header
-    intact (a truncated download is caught here), and the model config.json describes (built on
-    the meta device, so no memory is allocated whatever sizes it claims) needs no more weights than
-    the files hold. Costs a read of the headers, not of the weights.
+    In order: no device or FIFO among its files, no custom code (``auto_map``), ``config.json`` a
+    JSON object, every safetensors header intact (a truncated download is caught here), and the
+    model config.json describes (built on the meta device, so no memory is allocated whatever sizes
+    it claims) needs no more weights, and no other shapes, than the files hold. Costs a read of the
+    headers, not of the weights.
 
     Args:
         folder: The local folder of the base model.
@@ -316,6 +318,7 @@ def check_base_folder(folder: Path) -> int | None:
         ModelError: Naming the file at fault and the fix.
 
     """
+    files.refuse_special_files(folder)
     files.refuse_custom_code(folder)
     config_file = folder / "config.json"
     config = files.read_json(config_file, expect=dict, fix="restore the config.json that came with the weights")
