@@ -1,4 +1,4 @@
-"""Load a base model (4-bit NF4 by default) with its tokenizer, and attach LoRA adapters."""
+"""Load a base model (4-bit NF4 by default) with its tokenizer, checking the folder first, and attach LoRA adapters."""
 
 from __future__ import annotations
 
@@ -167,7 +167,7 @@ def check_vocabulary(tokenizer: Any, embedding_rows: int, source: str | Path) ->
 
     Raises:
         ModelError: Naming ``source`` and both sizes; a token id past the embedding would fail the
-            embedding lookup (or, on a GPU, corrupt memory) once the data holds it.
+            embedding lookup (an IndexError, or a device-side assert on a GPU) once the data holds it.
 
     """
     if len(tokenizer) > embedding_rows:
