@@ -235,7 +235,7 @@ class FinetuneConfig:
                 f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}; "
                 f"use batch_size={fixed}"
             )
-        if self.fsdp is True and self.quantization == "int8":
+        if self.fsdp is True and _is_choice(self.quantization, ("int8",)):
             p.append("fsdp=True with quantization='int8': FSDP shards 4-bit bases ('nf4', 'fp4') or full-precision "
                      "ones (None); use quantization='nf4'")
         return p
@@ -269,7 +269,7 @@ class FinetuneConfig:
             p.append(f"column_map={shown(m)}: must map your column names to instruction/input/output, "
                      "e.g. {'question': 'instruction', 'answer': 'output'}")
         elif m is not None and len(set(m.values())) != len(m):
-            p.append(f"column_map={shown(m)}: maps two columns to one field; map each field once")
+            p.append(f"column_map={shown(m)}: maps two columns to one field; it must map each field once")
         d = self.device
         if not (isinstance(d, str) and (d in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d{1,4}", d))):
             p.append(f"device={shown(d)}: must be 'auto', 'cpu', 'cuda' or 'cuda:N' (N the GPU number, e.g. 'cuda:0')")
@@ -502,7 +502,8 @@ def _parse(path: Path, text: str) -> Any:
     except RecursionError:
         raise ConfigError(f"config file {path} is nested too deeply to be a config (at most "
                           f"{MAX_CONFIG_DEPTH} levels)") from None
-    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:  # ValueError: also an over-long int
+    except Exception as exc:  # noqa: BLE001 - YAMLError, ValueError (an over-long int), and PyYAML's own slips:
+        # `!!timestamp 'x'` ends in an AttributeError inside its constructor
         raise ConfigError(f"config file {path} does not parse: {shown(' '.join(str(exc).split()), 400)}") from None
 
 
