@@ -1,16 +1,21 @@
 """generate(): left-padded batches equal single prompts, response-only text, EOS stops, settings honoured."""
 
 import json
+import logging
 import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from alpaca_lora import ConfigError, ModelError
+from alpaca_lora.data import tokenize_prompt
 from alpaca_lora.generate import _load_folder, clear_cache, generate
 from alpaca_lora.merge import merge
+from alpaca_lora.prompts import get_template
 from alpaca_lora.train import finetune
+from conftest import save_tiny_llama
 
 FP32 = dict(compute_dtype="float32")
 RECORDS = [
@@ -197,3 +202,141 @@ def test_folders_are_cached_until_cleared(chain_dir):
     assert _load_folder.cache_info().hits >= 1 and _load_folder.cache_info().currsize == 1
     clear_cache()
     assert _load_folder.cache_info().currsize == 0
+
+
+# ---- issue #19: damaged adapters, hostile arguments, the context bound -------------------------------
+
+
+def _adapter_copy(adapter, dest, config=None, tensors=None):
+    """A copy of an adapter folder with ``config`` fields set and ``tensors(state) -> state`` applied."""
+    shutil.copytree(adapter, dest, ignore=shutil.ignore_patterns("checkpoint-*"))
+    if config is not None:
+        cfg = json.loads((dest / "adapter_config.json").read_text())
+        (dest / "adapter_config.json").write_text(json.dumps({**cfg, **config}))
+    if tensors is not None:
+        state = load_file(str(dest / "adapter_model.safetensors"))
+        save_file(tensors(state), str(dest / "adapter_model.safetensors"))
+    return dest
+
+
+def _truncate(folder):
+    data = (folder / "adapter_model.safetensors").read_bytes()
+    (folder / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(("name", "config", "tensors", "match"), [
+    ("rank", {"r": 8}, None, "rank"),  # the run trained r=16
+    ("targets", {"target_modules": ["q_proj"]}, None, "target_modules"),
+    ("r-string", {"r": "8"}, None, "r='8'"),
+    ("targets-number", {"target_modules": 5}, None, "target_modules=5"),
+    ("extra", None, lambda s: {**s, "base_model.model.model.norm.weight": torch.ones(64)}, "not LoRA A/B"),
+    ("missing-layer", None, lambda s: {k.replace("layers.1.", "layers.7."): v for k, v in s.items()}, "does not have"),
+    ("half-pair", None, lambda s: {k: v for k, v in s.items() if "layers.0.self_attn.q_proj.lora_B" not in k},
+     "partner"),
+])
+def test_a_damaged_adapter_is_a_model_error_before_peft_reads_it(run, tmp_path, name, config, tensors, match):
+    adapter, _ = run
+    folder = _adapter_copy(adapter, tmp_path / name, config, tensors)
+    with pytest.raises(ModelError, match=match) as info:
+        generate(folder, "Hi.", max_new_tokens=2, **FP32)
+    assert str(folder) in str(info.value)
+
+
+def test_a_truncated_adapter_file_is_a_model_error_naming_it(run, tmp_path):
+    folder = _adapter_copy(run[0], tmp_path / "cut")
+    _truncate(folder)
+    with pytest.raises(ModelError, match="damaged or truncated") as info:
+        generate(folder, "Hi.", max_new_tokens=2, **FP32)
+    assert str(folder / "adapter_model.safetensors") in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_diverged_adapter_is_refused_not_answered_with_nothing(run, tmp_path, bad):
+    folder = _adapter_copy(run[0], tmp_path / "nan", tensors=lambda s: {
+        k: v.fill_(bad) if "layers.1.self_attn.v_proj.lora_B" in k else v for k, v in s.items()})
+    with pytest.raises(ModelError, match="NaN or infinite") as info:
+        generate(folder, "Hi.", max_new_tokens=4, **FP32)
+    message = str(info.value)
+    assert "layers.1.self_attn.v_proj.lora_B" in message and "diverged" in message
+    assert "learning_rate" in message and "checkpoint" in message
+
+
+def test_an_untrained_adapter_warns_and_answers_as_the_base(run, tiny_model_dir, tmp_path, caplog):
+    folder = _adapter_copy(run[0], tmp_path / "zero", tensors=lambda s: {
+        k: torch.zeros_like(v) if "lora_B" in k else v for k, v in s.items()})
+    clear_cache()
+    with caplog.at_level(logging.WARNING, logger="alpaca_lora.generate"):
+        text = generate(folder, INSTRUCTIONS[1], max_new_tokens=6, **FP32)
+    assert text == generate(tiny_model_dir, INSTRUCTIONS[1], max_new_tokens=6, **FP32)
+    warned = [r for r in caplog.records if r.name == "alpaca_lora.generate" and r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "no-op" in warned[0].getMessage() and "lora_B" in warned[0].getMessage()
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"do_sample": True, "temperature": "hot"}, "temperature"),
+    ({"do_sample": True, "temperature": float("inf")}, "temperature"),
+    ({"do_sample": True, "top_p": "x"}, "top_p"),
+    ({"do_sample": True, "top_k": 1.5}, "top_k"),
+    ({"repetition_penalty": "a"}, "repetition_penalty"),
+    ({"max_new_tokens": True}, "max_new_tokens"),
+    ({"max_new_tokens": "5"}, "max_new_tokens"),
+    ({"num_beams": "2"}, "num_beams"),
+    ({"do_sample": "yes"}, "do_sample"),
+    ({"batch_size": float("nan")}, "batch_size"),
+    ({"stream": "yes"}, "stream"),
+    ({"compute_dtype": ["float32"]}, "compute_dtype"),
+    ({"quantization": "q4"}, "quantization"),
+    ({"template": 5}, "template"),
+    ({"no_repeat_ngram_size": "x"}, "no_repeat_ngram_size"),
+    ({"length_penalty": float("nan")}, "length_penalty"),
+    ({"return_dict_in_generate": True}, "return_dict_in_generate"),
+    ({"pad_token_id": 10**6}, "pad_token_id"),
+    ({"eos_token_id": [2, -5]}, "eos_token_id"),
+])
+def test_wrong_types_and_values_are_config_errors_naming_the_argument(chain_dir, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        generate(chain_dir, "a", **{"max_new_tokens": 2, **FP32, **kwargs})
+
+
+def test_a_lone_surrogate_is_a_config_error_naming_the_item(chain_dir):
+    with pytest.raises(ConfigError, match="the instruction holds a lone surrogate"):
+        generate(chain_dir, "bad \ud800 text", **FP32)
+    with pytest.raises(ConfigError, match="item 1 input"):
+        generate(chain_dir, ["a", "b"], [None, "x\udfff"], **FP32)
+
+
+def test_a_tokenizer_pad_id_outside_the_vocabulary_is_refused_before_generating(chain_dir):
+    model = AutoModelForCausalLM.from_pretrained(chain_dir, dtype=torch.float32, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(chain_dir)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})  # a new id, one past the model's embedding (not resized)
+    assert tokenizer.pad_token_id == model.config.vocab_size
+    with pytest.raises(ModelError, match=f"pad_token_id={model.config.vocab_size} is outside") as info:
+        generate(model, ["a", "a much longer instruction"], tokenizer=tokenizer, max_new_tokens=2)
+    assert "pass the one it was trained with" in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def short_context_dir(smol_tokenizer, tmp_path_factory):
+    """A tiny Llama whose context holds 96 tokens."""
+    return save_tiny_llama(tmp_path_factory.mktemp("short-context"), smol_tokenizer, max_position_embeddings=96)
+
+
+def test_a_prompt_longer_than_the_context_is_an_error_naming_item_tokens_and_limit(short_context_dir):
+    with pytest.raises(ConfigError, match=r"item 1: the prompt .* is [\d,]+ tokens.* holds 96") as info:
+        generate(short_context_dir, ["Hi.", "Summarise."], [None, "word " * 20_000], **FP32)
+    assert "shorten" in str(info.value)
+    with pytest.raises(ConfigError, match="the instruction: the prompt"):
+        generate(short_context_dir, "x" * 100_000, **FP32)
+
+
+def test_max_new_tokens_past_the_context_is_clamped_with_a_warning(short_context_dir, smol_tokenizer, caplog):
+    prompt = INSTRUCTIONS[3]
+    room = 96 - len(tokenize_prompt(get_template("alpaca").render(prompt), smol_tokenizer))
+    kw = {"min_new_tokens": room, **FP32}  # no early EOS: the answer runs to the bound
+    with caplog.at_level(logging.WARNING, logger="alpaca_lora.generate"):
+        clamped = generate(short_context_dir, prompt, max_new_tokens=2000, **kw)
+    assert any(f"stops after {room} new tokens" in r.getMessage() for r in caplog.records)
+    assert clamped == generate(short_context_dir, prompt, max_new_tokens=room, **kw)
+    # In a list, a clamped prompt is answered as it is alone, and the others are not cut by it.
+    texts = generate(short_context_dir, [prompt, "Hi."], max_new_tokens=room, **FP32)
+    assert texts == [generate(short_context_dir, p, max_new_tokens=room, **FP32) for p in (prompt, "Hi.")]

@@ -371,19 +371,21 @@ def read_lora_adapter(config_file: str | Path, weights_file: str | Path, *,
 
 
 def check_lora_fits(adapter: LoraAdapter, linear_shapes: dict[str, tuple[int, int]], base: str | Path, *,
-                    error: type[AlpacaLoraError] = ModelError) -> None:
+                    complete: bool = True, error: type[AlpacaLoraError] = ModelError) -> None:
     """Check that ``adapter`` fits a base model whose linear layers have ``linear_shapes``.
 
     Args:
         adapter: From :func:`read_lora_adapter`.
         linear_shapes: Module name -> ``(out_features, in_features)`` of the base's linear layers.
         base: The base, for messages.
+        complete: The base is the one the adapter was trained on, so every module its
+            ``target_modules`` select must have weights (False for another base, e.g. a deeper one).
         error: The error class raised.
 
     Raises:
         AlpacaLoraError: Of class ``error`` when the adapter updates a module the base lacks, a module of
-            another shape, or holds no weights for a base module its ``target_modules`` select (peft
-            would add it untrained: the file is incomplete).
+            another shape, or (``complete``) holds no weights for a base module its ``target_modules``
+            select (peft would add it untrained: the file is incomplete).
 
     """
     missing = sorted(m for m in adapter.pairs if m not in linear_shapes)
@@ -396,7 +398,7 @@ def check_lora_fits(adapter: LoraAdapter, linear_shapes: dict[str, tuple[int, in
         raise error(f"the adapter {adapter.weights_file} does not fit the base {base}: {shown(wrong[:2], 300)}"
                     f"{f' and {len(wrong) - 2} more' if len(wrong) > 2 else ''}; pass the base model the adapter "
                     "was trained on (base_model=)")
-    if adapter.config.target_modules == "all-linear":
+    if not complete or adapter.config.target_modules == "all-linear":
         return
     unfilled = sorted(m for m in linear_shapes if m not in adapter.pairs and _targeted(adapter, m, error))
     if unfilled:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import difflib
 import functools
+import logging
+import math
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,12 +22,17 @@ from typing import Any
 import torch
 
 from alpaca_lora import artifacts as art
+from alpaca_lora import files
 from alpaca_lora.data import tokenize_prompt
-from alpaca_lora.errors import ConfigError, ModelError
+from alpaca_lora.errors import ConfigError, ModelError, shown
 from alpaca_lora.model import checkpointing_paused
 from alpaca_lora.prompts import PromptTemplate, get_template
 
+logger = logging.getLogger(__name__)
+
 _CACHE_SIZE = 2
+_QUANTIZATIONS = (None, "nf4", "fp4", "int8")
+_COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def generate(
@@ -60,7 +68,11 @@ def generate(
             None) for a list of instructions.
         template: Prompt template override; by default the folder's ``prompt_template.json``, and
             ``"alpaca"`` for a folder without one.
-        max_new_tokens: Most tokens generated per response.
+        max_new_tokens: Most tokens generated per response. The prompt and the response must fit the
+            model's context (``config.max_position_embeddings``): a prompt that alone fills it is a
+            ``ConfigError`` naming the item, and a ``max_new_tokens`` larger than the room left after a
+            prompt is lowered to that room with a logged warning (a long answer cut at the context
+            limit, as the model could not see past it anyway).
         do_sample: Sample instead of greedy (or beam) decoding. ``temperature``, ``top_p`` and
             ``top_k`` only act when sampling, so setting one without ``do_sample=True`` is an error
             rather than silently ignored (the alpaca-lora demo's bug).
@@ -87,8 +99,12 @@ def generate(
         input; an iterator of text pieces with ``stream=True``.
 
     Raises:
-        ConfigError: Bad generation settings, mismatched ``input`` list, or a missing tokenizer.
-        ModelError: A folder that cannot be loaded, or an adapter whose base is unavailable.
+        ConfigError: Bad generation settings (wrong types, out of range, token ids outside the
+            vocabulary), a mismatched ``input`` list, text that is not valid Unicode (a lone
+            surrogate), a prompt longer than the model's context, or a missing tokenizer.
+        ModelError: A folder that cannot be loaded; a damaged adapter (its files, a rank or target
+            modules that do not match its weights, NaN/inf values); an adapter whose base is
+            unavailable or does not fit; a tokenizer whose ids do not fit the model.
 
     Example:
         >>> generate("merged", "Name three primary colors.")  # doctest: +SKIP
@@ -99,21 +115,19 @@ def generate(
     records = _records(instruction, input, batch)
     kwargs = _generation_kwargs(max_new_tokens, do_sample, temperature, top_p, top_k, num_beams,
                                 repetition_penalty, gen_kwargs)
-    if stream and batch:
-        raise ConfigError("stream=True answers one instruction; pass a string, or stream=False for a list")
-    if stream and num_beams > 1:
-        raise ConfigError("stream=True needs num_beams=1: beam search only knows its text at the end")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size!r}: must be a positive int")
-    model, tok, folder_template = _resolve(model_or_dir, tokenizer, quantization, compute_dtype, base_model)
-    tmpl = get_template(template) if template is not None else folder_template
+    _check_options(stream, batch, num_beams, batch_size, template, quantization, compute_dtype, base_model)
+    model, tok, folder = _resolve(model_or_dir, tokenizer, quantization, compute_dtype, base_model)
+    tmpl = get_template(template) if template is not None else _folder_template(folder)
     prompts = [tokenize_prompt(tmpl.render(i, x or None), tok) for i, x in records]
+    vocab = _vocab_size(model)
+    limit = _check_prompts(prompts, vocab, _context(model), max_new_tokens, batch)
     eos = _eos_ids(model, tok)
     kwargs.setdefault("eos_token_id", eos)  # gen_kwargs may name other stop ids
     kwargs.setdefault("pad_token_id", tok.pad_token_id if tok.pad_token_id is not None else eos[0])
+    _check_token_ids(kwargs, gen_kwargs, vocab)
     if stream:
-        return _stream(model, tok, prompts[0], kwargs)
-    texts = _generate_batches(model, tok, prompts, kwargs, batch_size)
+        return _stream(model, tok, prompts[0], kwargs, limit)
+    texts = _generate_batches(model, tok, prompts, kwargs, batch_size, limit)
     return texts if batch else texts[0]
 
 
@@ -130,6 +144,7 @@ def _records(instruction: Any, input: Any, batch: bool) -> list[tuple[str, str |
         if not isinstance(instruction, str) or not isinstance(input, (str, type(None))):
             raise ConfigError("instruction must be a string (or a list of strings) and input a string or None; "
                               f"got {type(instruction).__name__} and {type(input).__name__}")
+        _check_text({"instruction": instruction, "input": input})
         return [(instruction, input)]
     inputs = [None] * len(instruction) if input is None else input
     if not isinstance(inputs, (list, tuple)) or len(inputs) != len(instruction):
@@ -139,7 +154,41 @@ def _records(instruction: Any, input: Any, batch: bool) -> list[tuple[str, str |
     for i, (ins, x) in enumerate(zip(instruction, inputs, strict=True)):
         if not isinstance(ins, str) or not isinstance(x, (str, type(None))):
             raise ConfigError(f"item {i}: instruction must be a string and input a string or None")
+        _check_text({f"item {i} instruction": ins, f"item {i} input": x})
     return list(zip(instruction, inputs, strict=True))
+
+
+def _check_text(texts: dict[str, str | None]) -> None:
+    """Refuse text that is not valid Unicode: a lone surrogate (e.g. from a bad JSON escape) has no UTF-8 form."""
+    for what, text in texts.items():
+        try:
+            (text or "").encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ConfigError(f"the {what} holds a lone surrogate {text[exc.start]!r} at character {exc.start}, which "
+                              "is not valid Unicode text; repair the source text (decode it with errors='replace', "
+                              "or drop the character)") from None
+
+
+def _check_options(stream: Any, batch: bool, num_beams: int, batch_size: Any, template: Any, quantization: Any,
+                   compute_dtype: Any, base_model: Any) -> None:
+    """Refuse option values of the wrong type or range, before anything is loaded."""
+    if not isinstance(stream, bool):
+        raise ConfigError(f"stream={shown(stream)}: must be True or False")
+    if stream and batch:
+        raise ConfigError("stream=True answers one instruction; pass a string, or stream=False for a list")
+    if stream and num_beams > 1:
+        raise ConfigError("stream=True needs num_beams=1: beam search only knows its text at the end")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={shown(batch_size)}: must be a positive int")
+    if not (quantization is None or isinstance(quantization, str)) or quantization not in _QUANTIZATIONS:
+        raise ConfigError(f"quantization={shown(quantization)}: must be one of {list(_QUANTIZATIONS)}")
+    if not isinstance(compute_dtype, str) or compute_dtype not in _COMPUTE_DTYPES:
+        raise ConfigError(f"compute_dtype={shown(compute_dtype)}: must be one of {list(_COMPUTE_DTYPES)}")
+    if not (base_model is None or isinstance(base_model, (str, Path))):
+        raise ConfigError(f"base_model={shown(base_model)}: must be a folder path, a Hub id or None")
+    if not (template is None or isinstance(template, (str, Path, dict, PromptTemplate))):
+        raise ConfigError(f"template={shown(template)}: must be a template name, a JSON file, a dict or a "
+                          "PromptTemplate")
 
 
 def _generation_kwargs(max_new_tokens: int, do_sample: bool, temperature: float | None, top_p: float | None,
@@ -149,49 +198,101 @@ def _generation_kwargs(max_new_tokens: int, do_sample: bool, temperature: float 
     from transformers import GenerationConfig
 
     problems = []
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        problems.append(f"max_new_tokens={max_new_tokens!r}: must be an int >= 1")
-    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
-        problems.append(f"num_beams={num_beams!r}: must be an int >= 1")
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        problems.append(f"max_new_tokens={shown(max_new_tokens)}: must be an int >= 1")
+    if not _is_int(num_beams) or num_beams < 1:
+        problems.append(f"num_beams={shown(num_beams)}: must be an int >= 1")
+    if not isinstance(do_sample, bool):
+        problems.append(f"do_sample={shown(do_sample)}: must be True or False")
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
-    if not do_sample and any(v is not None for v in sampling.values()):
+    if do_sample is False and any(v is not None for v in sampling.values()):
         given = {k: v for k, v in sampling.items() if v is not None}
-        problems.append(f"{given} only act when sampling; pass do_sample=True (or drop them for greedy decoding)")
-    if temperature is not None and not temperature > 0:
-        problems.append(f"temperature={temperature!r}: must be > 0 (use do_sample=False for greedy decoding)")
-    if top_p is not None and not 0 < top_p <= 1:
-        problems.append(f"top_p={top_p!r}: must be in (0, 1]")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
-        problems.append(f"top_k={top_k!r}: must be an int >= 0 (0 disables it)")
-    if repetition_penalty is not None and not repetition_penalty > 0:
-        problems.append(f"repetition_penalty={repetition_penalty!r}: must be > 0 (1.0 is off)")
+        problems.append(f"{shown(given)} only act when sampling; pass do_sample=True (or drop them for greedy "
+                        "decoding)")
+    if temperature is not None and not (_is_number(temperature) and temperature > 0):
+        problems.append(f"temperature={shown(temperature)}: must be a finite number > 0 (use do_sample=False for "
+                        "greedy decoding)")
+    if top_p is not None and not (_is_number(top_p) and 0 < top_p <= 1):
+        problems.append(f"top_p={shown(top_p)}: must be a number in (0, 1]")
+    if top_k is not None and not (_is_int(top_k) and top_k >= 0):
+        problems.append(f"top_k={shown(top_k)}: must be an int >= 0 (0 disables it)")
+    if repetition_penalty is not None and not (_is_number(repetition_penalty) and repetition_penalty > 0):
+        problems.append(f"repetition_penalty={shown(repetition_penalty)}: must be a finite number > 0 (1.0 is off)")
     if extra.get("num_return_sequences", 1) != 1:
         problems.append("num_return_sequences must be 1: generate() returns one text per instruction")
     known = GenerationConfig().to_dict()
     for name in (n for n in extra if n not in known):
         close = difflib.get_close_matches(name, list(known), n=3)
-        problems.append(f"{name!r} is not a generation setting" + (f"; did you mean {close}?" if close else ""))
+        problems.append(f"{shown(name)} is not a generation setting" + (f"; did you mean {close}?" if close else ""))
+    problems += [f"{n}={shown(v)}: must be {_SETTINGS[n][1]}" for n, v in extra.items()
+                 if n in _SETTINGS and v is not None and not _SETTINGS[n][0](v)]
+    if extra.get("return_dict_in_generate"):
+        problems.append("return_dict_in_generate=True: generate() returns text; call model.generate for scores")
     if problems:
         raise ConfigError("invalid generate() arguments:\n  - " + "\n  - ".join(problems))
-    return {**extra, "max_new_tokens": max_new_tokens, "do_sample": do_sample, "num_beams": num_beams,
-            "temperature": 1.0 if temperature is None else temperature, "top_p": 1.0 if top_p is None else top_p,
-            "top_k": 50 if top_k is None else top_k,
-            "repetition_penalty": 1.0 if repetition_penalty is None else repetition_penalty, "use_cache": True}
+    settings = {**extra, "max_new_tokens": max_new_tokens, "do_sample": do_sample, "num_beams": num_beams,
+                "temperature": 1.0 if temperature is None else temperature, "top_p": 1.0 if top_p is None else top_p,
+                "top_k": 50 if top_k is None else top_k,
+                "repetition_penalty": 1.0 if repetition_penalty is None else repetition_penalty, "use_cache": True}
+    try:  # the checks transformers makes itself (e.g. a negative no_repeat_ngram_size), before any model loads
+        GenerationConfig(**settings).validate()
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"invalid generate() arguments: {shown(str(exc), 300)}") from None
+    return settings
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A real number that is finite (an int too large for a float is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _in(low: float, high: float, *, closed_high: bool) -> Any:
+    return lambda v: _is_number(v) and low <= v and (v <= high if closed_high else v < high)
+
+
+_COUNT = (lambda v: _is_int(v) and v >= 0, "an int >= 0")
+_BOOL = (lambda v: isinstance(v, bool), "True or False")
+_SETTINGS: dict[str, tuple[Any, str]] = {
+    **dict.fromkeys(("max_length", "min_length", "min_new_tokens", "no_repeat_ngram_size",
+                     "encoder_no_repeat_ngram_size", "num_beam_groups", "prompt_lookup_num_tokens"), _COUNT),
+    **dict.fromkeys(("length_penalty", "guidance_scale"), (_is_number, "a finite number")),
+    **dict.fromkeys(("diversity_penalty", "penalty_alpha", "max_time"), (_in(0, math.inf, closed_high=False),
+                                                                         "a finite number >= 0")),
+    "encoder_repetition_penalty": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+    **dict.fromkeys(("typical_p", "min_p"), (_in(0, 1, closed_high=True), "a number in [0, 1]")),
+    **dict.fromkeys(("epsilon_cutoff", "eta_cutoff"), (_in(0, 1, closed_high=False), "a number in [0, 1)")),
+    **dict.fromkeys(("use_cache", "renormalize_logits", "remove_invalid_values", "output_scores", "output_logits",
+                     "return_dict_in_generate", "output_attentions", "output_hidden_states", "low_memory",
+                     "token_healing"), _BOOL),
+}
+"""Checks of the numeric and boolean ``gen_kwargs`` (transformers 5 declares no types for them)."""
 
 
 # ---- models ----------------------------------------------------------------------------------------
 
 
 def _resolve(model_or_dir: Any, tokenizer: Any, quantization: str | None, compute_dtype: str,
-             base_model: str | Path | None) -> tuple[Any, Any, PromptTemplate]:
-    """Return ``(model, tokenizer, template)`` for a folder (cached) or a loaded model."""
+             base_model: str | Path | None) -> tuple[Any, Any, Path | None]:
+    """Return ``(model, tokenizer, its folder)`` for a folder (cached) or a loaded model."""
     if isinstance(model_or_dir, (str, Path)):
         folder = Path(model_or_dir).expanduser().resolve()
         if not folder.is_dir():
             raise ModelError(f"{model_or_dir} is not a folder; pass a merged or adapter folder, or a loaded model")
-        model, tok, tmpl = _load_folder(str(folder), quantization, compute_dtype,
-                                        None if base_model is None else str(base_model), _stamp(folder))
-        return model, (tokenizer if tokenizer is not None else tok), tmpl
+        if base_model is not None and Path(base_model).expanduser().is_file():
+            raise ModelError(f"base_model={str(base_model)!r} is a file; pass the folder that holds the base "
+                             "model's config.json and safetensors weights")
+        model, tok = _load_folder(str(folder), quantization, compute_dtype,
+                                  None if base_model is None else str(base_model), _stamp(folder))
+        return model, (tokenizer if tokenizer is not None else tok), folder
     if not hasattr(model_or_dir, "generate"):
         raise ConfigError(f"model_or_dir must be a folder path or a loaded causal LM, got {type(model_or_dir)}")
     folder = _model_folder(model_or_dir)
@@ -201,7 +302,7 @@ def _resolve(model_or_dir: Any, tokenizer: Any, quantization: str | None, comput
         from alpaca_lora.model import load_tokenizer
 
         tokenizer = load_tokenizer(folder)
-    return model_or_dir, tokenizer, _folder_template(folder)
+    return model_or_dir, tokenizer, folder
 
 
 def _model_folder(model: Any) -> Path | None:
@@ -211,20 +312,33 @@ def _model_folder(model: Any) -> Path | None:
 
 
 def _folder_template(folder: Path | None) -> PromptTemplate:
+    """The template saved in ``folder``, or ``alpaca`` when it saved none; a damaged one is a ModelError."""
     saved = folder / art.TEMPLATE_FILE if folder is not None else None
-    return get_template(saved if saved is not None and saved.is_file() else "alpaca")
+    if saved is None or not saved.is_file():
+        return get_template("alpaca")
+    fix = f"restore it from the run that wrote {folder}, or pass template="
+    try:
+        return get_template(files.read_json(saved, fix=fix))
+    except ConfigError as exc:
+        raise ModelError(f"{saved} is not a usable prompt template ({exc}); {fix}") from None
 
 
 def _stamp(folder: Path) -> tuple[int, ...]:
     """Modification times of the weight and config files, so a rewritten folder is reloaded."""
-    files = sorted(folder.glob("*.safetensors")) + [folder / art.ADAPTER_CONFIG, folder / "config.json"]
-    return tuple(f.stat().st_mtime_ns for f in files if f.is_file())
+    found = sorted(folder.glob("*.safetensors")) + [folder / art.ADAPTER_CONFIG, folder / "config.json",
+                                                    folder / art.FINGERPRINT_FILE]
+    return tuple(f.stat().st_mtime_ns for f in found if f.is_file())
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _load_folder(folder: str, quantization: str | None, compute_dtype: str, base_model: str | None,
-                 stamp: tuple[int, ...]) -> tuple[Any, Any, PromptTemplate]:
-    """Load a merged/plain model folder or an adapter folder on its base (cached by path and settings)."""
+                 stamp: tuple[int, ...]) -> tuple[Any, Any]:
+    """Load a merged/plain model folder or an adapter folder on its base (cached by path and settings).
+
+    An adapter is read and checked before its base loads (files.read_lora_adapter: damaged files,
+    ranks and targets that do not match the weights, NaN/inf values) and against the base before peft
+    applies it (files.check_lora_fits), so peft never meets a damaged adapter.
+    """
     from alpaca_lora.model import load_model, load_tokenizer
 
     path = Path(folder)
@@ -236,17 +350,34 @@ def _load_folder(folder: str, quantization: str | None, compute_dtype: str, base
             raise ModelError(f"{path} holds no {art.ADAPTER_WEIGHTS}" + (f" (only {pickles})" if pickles else "")
                              + "; only safetensors weights are loaded, since a pickle file can run code when "
                              "read. Re-save the adapter with save_pretrained(safe_serialization=True)")
+        adapter = files.read_lora_adapter(path / art.ADAPTER_CONFIG, path / art.ADAPTER_WEIGHTS)
         base = _adapter_base(path, base_model)
         model, _ = load_model(base, quantization, compute_dtype)
+        files.check_lora_fits(adapter, _linear_shapes(model), base,
+                              complete=(path / art.FINGERPRINT_FILE).is_file())  # trained on this very base
+        if adapter.untrained:
+            logger.warning("the adapter in %s is a no-op: its lora_B matrices are all zero (untrained, e.g. saved at "
+                           "step 0), so generate() answers as the base model %s does", path, base)
         has_tokenizer = (path / "tokenizer_config.json").is_file()
         tokenizer = load_tokenizer(path if has_tokenizer else base)
-        model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+        try:  # checked above; what is left is an option only peft knows it cannot apply to this base
+            model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError, RuntimeError, re.error) as exc:
+            raise ModelError(f"peft cannot apply the adapter in {path} to the base {base} ({type(exc).__name__}: "
+                             f"{shown(str(exc))}); check {art.ADAPTER_CONFIG} against the base, or re-run "
+                             "finetune") from None
     elif (path / "config.json").is_file():
         model, tokenizer = load_model(path, quantization, compute_dtype)
     else:
         raise ModelError(f"{path} holds neither config.json (a model) nor {art.ADAPTER_CONFIG} (an adapter); "
                          "pass the output folder of merge() or finetune()")
-    return model.eval(), tokenizer, _folder_template(path)
+    return model.eval(), tokenizer
+
+
+def _linear_shapes(model: Any) -> dict[str, tuple[int, int]]:
+    """``(out_features, in_features)`` of every linear layer (4-bit ones too), by module name."""
+    return {name: (m.out_features, m.in_features) for name, m in model.named_modules()
+            if isinstance(getattr(m, "in_features", None), int) and isinstance(getattr(m, "out_features", None), int)}
 
 
 def _adapter_base(folder: Path, base_model: str | None) -> Path:
@@ -259,6 +390,65 @@ def _adapter_base(folder: Path, base_model: str | None) -> Path:
 
 
 # ---- generation ------------------------------------------------------------------------------------
+
+
+def _vocab_size(model: Any) -> int | None:
+    """Rows of the input embedding: token ids at or above it would index past the table."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embedding, "num_embeddings", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+    return rows if _is_int(rows) and rows > 0 else None
+
+
+def _context(model: Any) -> int | None:
+    """The longest sequence the model was built for (``max_position_embeddings``), if its config says."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return limit if _is_int(limit) and limit > 0 else None
+
+
+def _check_prompts(prompts: list[list[int]], vocab: int | None, limit: int | None, max_new_tokens: int,
+                   batch: bool) -> int | None:
+    """Refuse token ids the model has no embedding for and prompts that fill its context; warn on a clamped answer.
+
+    Returns:
+        The context limit the answers are bounded by (None when the config names none).
+
+    """
+    def item(i: int) -> str:
+        return f"item {i}" if batch else "the instruction"
+
+    for i, p in enumerate(prompts):
+        if vocab is not None and p and max(p) >= vocab:
+            raise ModelError(f"the tokenizer gives token id {max(p)} for {item(i)}, but the model's vocabulary has "
+                             f"{vocab} ids: the tokenizer is not this model's; pass the one it was trained with")
+        if limit is not None and len(p) >= limit:
+            raise ConfigError(f"{item(i)}: the prompt (template, instruction and input) is {len(p):,} tokens, and the "
+                              f"model's context holds {limit:,} (config.max_position_embeddings), leaving no room "
+                              f"for a response; shorten the instruction or input to well under {limit:,} tokens")
+    clamped = [i for i, p in enumerate(prompts) if limit is not None and len(p) + max_new_tokens > limit]
+    if clamped:
+        first = max(clamped, key=lambda i: len(prompts[i]))
+        logger.warning("max_new_tokens=%d does not fit the model's context of %d tokens (max_position_embeddings) "
+                       "after the %d-token prompt of %s: its answer stops after %d new tokens%s", max_new_tokens,
+                       limit, len(prompts[first]), item(first), limit - len(prompts[first]),
+                       f"; {len(clamped) - 1} more items are bounded likewise" if len(clamped) > 1 else "")
+    return limit
+
+
+def _check_token_ids(kwargs: dict[str, Any], given: dict[str, Any], vocab: int | None) -> None:
+    """Special token ids must be ids of the model's vocabulary (a pad id past it fails inside the embedding)."""
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id", "decoder_start_token_id"):
+        value = kwargs.get(name)
+        ids = value if isinstance(value, (list, tuple)) else [value]
+        if value is None or all(_is_int(t) and 0 <= t < (vocab or t + 1) for t in ids):
+            continue
+        what = f"{name}={shown(value)}"
+        if name in given:
+            raise ConfigError(f"{what}: must be a token id (or a list of them) in [0, {vocab}), the model's "
+                              "vocabulary")
+        raise ModelError(f"the tokenizer's (or the model's generation config's) {what} is outside the model's "
+                         f"vocabulary of {vocab} ids: the tokenizer is not this model's; pass the one it was "
+                         f"trained with, or {name}= explicitly")
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -313,27 +503,51 @@ class _EvalMode:
             self.model.train(self.was_training)
 
 
+def _batches(prompts: list[list[int]], batch_size: int, max_new_tokens: int, limit: int | None) -> Iterator[list[int]]:
+    """Indices in batches, longest prompt first (similar lengths, less padding).
+
+    A prompt whose answer the context cuts short runs alone with its own bound, so batched output
+    still equals one-by-one output.
+    """
+    run: list[int] = []
+    for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])):
+        if limit is not None and len(prompts[i]) + max_new_tokens > limit:
+            yield [i]
+            continue
+        run.append(i)
+        if len(run) == batch_size:
+            yield run
+            run = []
+    if run:
+        yield run
+
+
+def _bounded(kwargs: dict[str, Any], width: int, limit: int | None) -> dict[str, Any]:
+    """``kwargs`` with max_new_tokens lowered to what the context leaves after a prompt of ``width`` tokens."""
+    room = kwargs["max_new_tokens"] if limit is None else min(kwargs["max_new_tokens"], limit - width)
+    return {**kwargs, "max_new_tokens": room}
+
+
 def _generate_batches(model: Any, tokenizer: Any, prompts: list[list[int]], kwargs: dict[str, Any],
-                      batch_size: int) -> list[str]:
-    # Longest first, so each batch holds prompts of similar length (less padding); order restored.
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+                      batch_size: int, limit: int | None) -> list[str]:
     texts: dict[int, str] = {}
     with _EvalMode(model), torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+        for idx in _batches(prompts, batch_size, kwargs["max_new_tokens"], limit):
             ids, mask = _left_pad([prompts[i] for i in idx], kwargs["pad_token_id"], model.device)
-            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)  # (B, T + new)
+            out = model.generate(input_ids=ids, attention_mask=mask,
+                                 **_bounded(kwargs, ids.shape[1], limit))  # (B, T + new)
             for i, row in zip(idx, out[:, ids.shape[1]:], strict=True):
                 texts[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     return [texts[i] for i in range(len(prompts))]
 
 
-def _stream(model: Any, tokenizer: Any, prompt: list[int], kwargs: dict[str, Any]) -> Iterator[str]:
+def _stream(model: Any, tokenizer: Any, prompt: list[int], kwargs: dict[str, Any], limit: int | None) -> Iterator[str]:
     """Yield text pieces while a background thread generates; pieces join to the stripped response."""
     from transformers import TextIteratorStreamer
 
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     ids, mask = _left_pad([prompt], kwargs["pad_token_id"], model.device)
+    kwargs = _bounded(kwargs, ids.shape[1], limit)
     failure: list[BaseException] = []
 
     def run() -> None:
