@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -213,13 +214,20 @@ def test_an_unavailable_recorded_base_asks_for_base_model(adapter, tiny_model_di
     assert (merge(copy, tmp_path / "out", base_model=tiny_model_dir) / "model.safetensors").is_file()
 
 
-def test_an_untrained_adapter_is_refused(adapter, tmp_path):
+def test_an_untrained_adapter_merges_with_a_warning(adapter, tiny_model_dir, tmp_path, caplog):
+    """lora_B all zero (saved at step 0) is a no-op: merging one may be deliberate, so it warns, not fails."""
     copy = _copy_adapter(adapter, tmp_path / "empty")
     weights = load_file(str(copy / "adapter_model.safetensors"))
     save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in weights.items()},
               str(copy / "adapter_model.safetensors"))
-    with pytest.raises(ModelError, match="does not change the model"):
-        merge(copy, tmp_path / "out")
+    with caplog.at_level(logging.WARNING, logger="alpaca_lora.merge"):
+        out = merge(copy, tmp_path / "out", dtype="float32")
+    warned = [r.getMessage() for r in caplog.records if r.name == "alpaca_lora.merge" and r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "no-op" in warned[0] and "lora_B" in warned[0]
+    check = json.loads((out / "merge_report.json").read_text())["verification"]
+    assert check["passed"] and check["adapter_effect_max_abs_logit_diff"] == 0.0
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert all(torch.equal(t, base[k]) for k, t in load_file(str(out / "model.safetensors")).items())
 
 
 def test_a_wrong_merge_fails_verification_and_leaves_no_export(adapter, tmp_path, monkeypatch):
@@ -297,3 +305,91 @@ def test_merging_the_135m_base_peaks_under_1_6x_the_fp16_model(smol_dir, tmp_pat
           f"({used / size:.2f}x); max |merged - unmerged| logit {check['max_abs_logit_diff']:.2e}")
     assert used <= 1.6 * size
     assert check["passed"] and check["max_abs_logit_diff"] <= 1e-4
+
+
+# ---- issue #19: damaged adapters and other bad input end in our errors -------------------------------
+
+
+def _edit(adapter, dest, config=None, tensors=None, files=None):
+    """A copy of ``adapter`` with config fields set, ``tensors(state) -> state`` applied, files overwritten."""
+    copy = _copy_adapter(adapter, dest)
+    if config is not None:
+        cfg = json.loads((copy / "adapter_config.json").read_text())
+        (copy / "adapter_config.json").write_text(json.dumps({**cfg, **config}))
+    if tensors is not None:
+        save_file(tensors(load_file(str(copy / "adapter_model.safetensors"))), str(copy / "adapter_model.safetensors"))
+    for name, data in (files or {}).items():
+        (copy / name).write_bytes(data)
+    return copy
+
+
+@pytest.mark.parametrize(("name", "change", "match"), [
+    ("truncated", {"files": {"adapter_model.safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\""}}, "truncated"),
+    ("config-string", {"files": {"adapter_config.json": b'"LORA"'}}, "JSON object"),
+    ("alpha-nan", {"files": {"adapter_config.json": b'{"peft_type": "LORA", "r": 16, "lora_alpha": NaN, '
+                                                    b'"target_modules": ["q_proj"]}'}}, "lora_alpha=nan"),
+    ("rank", {"config": {"r": 8}}, "do not match r=8"),  # the weights have rank 16: a scale of alpha/8 is wrong
+    ("targets", {"config": {"target_modules": ["v_proj"]}}, "does not select"),
+    ("int-weights", {"tensors": lambda s: {k: v.to(torch.int32) for k, v in s.items()}}, "floating point"),
+    ("template", {"files": {"prompt_template.json": b'["not", "a", "template"]'}}, "prompt_template.json"),
+])
+def test_a_damaged_adapter_is_a_model_error_naming_the_file(adapter, tmp_path, name, change, match):
+    copy = _edit(adapter, tmp_path / name, **change)
+    with pytest.raises(ModelError, match=match) as info:
+        merge(copy, tmp_path / "out", verify=False)
+    assert str(copy) in str(info.value)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_a_diverged_adapter_is_refused_as_such_not_as_a_full_disk(adapter, tmp_path, bad):
+    copy = _edit(adapter, tmp_path / "nan", tensors=lambda s: {
+        k: v.fill_(bad) if "layers.0.self_attn.q_proj.lora_A" in k else v for k, v in s.items()})
+    with pytest.raises(ModelError, match="NaN or infinite") as info:
+        merge(copy, tmp_path / "out")
+    message = str(info.value)
+    assert "layers.0.self_attn.q_proj.lora_A" in message and "diverged" in message and "disk" not in message
+    assert "learning_rate" in message and "checkpoint" in message
+
+
+def test_a_merged_weight_past_float16_is_refused(adapter, tmp_path):
+    copy = _edit(adapter, tmp_path / "huge", config={"lora_alpha": 1e9})
+    with pytest.raises(ModelError, match="exceeds the range of torch.float16") as info:
+        merge(copy, tmp_path / "out", verify=False)
+    assert "bfloat16" in str(info.value)
+    assert (merge(copy, tmp_path / "out32", dtype="float32", verify=False) / "model.safetensors").is_file()
+
+
+def test_a_base_holding_nan_is_refused(adapter, tiny_model_dir, tmp_path):
+    base = shutil.copytree(tiny_model_dir, tmp_path / "nan-base")
+    state = load_file(str(base / "model.safetensors"))
+    state["model.norm.weight"][3] = float("nan")
+    save_file(state, str(base / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="model.norm.weight of the base .* NaN"):
+        merge(adapter, tmp_path / "out", base_model=base, allow_base_mismatch=True, verify=False)
+
+
+def test_a_damaged_record_of_the_run_leaves_the_card_blank_but_merges(adapter, tmp_path, caplog):
+    copy = _edit(adapter, tmp_path / "records", files={"train_results.json": b"[1, 2]",
+                                                       "fingerprint.json": b'{"data": [1]}'})
+    with caplog.at_level(logging.WARNING, logger="alpaca_lora.merge"):
+        out = merge(copy, tmp_path / "out", verify=False)
+    assert (out / "README.md").is_file() and "Final metrics | `{}`" in (out / "README.md").read_text()
+    assert any("train_results.json" in r.getMessage() for r in caplog.records)
+
+
+def test_bad_paths_and_argument_types(adapter, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        merge(adapter, tmp_path / "a-file")
+    with pytest.raises(ConfigError, match="inside the adapter folder"):
+        merge(adapter, adapter / "merged")
+    assert not (adapter / "merged").exists()
+    with pytest.raises(ModelError, match="is a file; pass the folder"):
+        merge(adapter, tmp_path / "out", base_model=tmp_path / "a-file")
+    for kwargs, match in (({"dtype": ["float16"]}, "dtype"), ({"verify": "yes"}, "verify"),
+                          ({"allow_base_mismatch": 1}, "allow_base_mismatch"), ({"base_model": 5}, "base_model")):
+        with pytest.raises(ConfigError, match=match):
+            merge(adapter, tmp_path / "out", **kwargs)
+    with pytest.raises(ConfigError, match="output_dir"):
+        merge(adapter, None)

@@ -15,6 +15,7 @@ with torch, transformers and peft loaded, 90 MB of it importing alpaca_lora itse
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -30,8 +31,9 @@ from typing import Any
 import torch
 
 from alpaca_lora import artifacts as art
-from alpaca_lora.errors import ConfigError, ModelError
-from alpaca_lora.prompts import get_template
+from alpaca_lora import files
+from alpaca_lora.errors import ConfigError, ModelError, shown
+from alpaca_lora.prompts import PromptTemplate, get_template
 from alpaca_lora.streaming import (
     SafetensorsWriter,
     read_tensor,
@@ -72,8 +74,11 @@ class _Plan:
     base_name: str
     base_dir: Path
     lora_config: dict[str, Any]
-    updates: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # base weight name -> (A, B, scale)
+    adapter: files.LoraAdapter
+    template: PromptTemplate
+    probe_ids: torch.Tensor  # (2, T): the verification's probe, tokenized when the tokenizer was checked
     base_files: dict[str, Path]  # base tensor name -> safetensors file
+    updates: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)  # weight -> A, B, scale
     fingerprint_diffs: list[str] = field(default_factory=list)
     quantize: set[str] = field(default_factory=set)  # weights rounded through 4-bit first ("dequantized")
     quant_type: str | None = None
@@ -121,15 +126,22 @@ def merge(
         ``output_dir``: safetensors shards, config, generation config, tokenizer, prompt template,
         a model card (README.md) and ``merge_report.json``.
 
+    An adapter that changes nothing (every lora_B zero: untrained, e.g. saved at step 0) is merged
+    with a logged warning, since merging one can be deliberate.
+
     Raises:
-        ConfigError: A bad argument.
-        ModelError: No usable base, a base that does not fit the adapter, or failed verification.
+        ConfigError: A bad argument, or an ``output_dir`` that is a file, a non-empty folder that is no
+            earlier export, or a folder inside the adapter or base folder.
+        ModelError: A damaged adapter (unreadable files, fields of the wrong type, a rank or target
+            modules that do not match its weights, NaN/inf values: training diverged); no usable base,
+            or a base that does not fit the adapter; a merged weight that is not finite in ``dtype``;
+            or failed verification.
 
     Example:
         >>> merge("lora-alpaca", "merged")  # doctest: +SKIP
 
     """
-    out_dtype = _check_args(dtype, merge_into)
+    out_dtype = _check_args(dtype, merge_into, adapter_dir, output_dir, base_model, allow_base_mismatch, verify)
     shard_bytes = parse_size(max_shard_size)
     plan = _plan(Path(adapter_dir), base_model, allow_base_mismatch)
     if merge_into == "dequantized":
@@ -155,11 +167,21 @@ def merge(
     return target
 
 
-def _check_args(dtype: str, merge_into: str) -> torch.dtype:
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype={dtype!r}: must be one of {list(DTYPES)} (float16 halves the export size)")
-    if merge_into not in MERGE_TARGETS:
-        raise ConfigError(f"merge_into={merge_into!r}: must be one of {list(MERGE_TARGETS)}")
+def _check_args(dtype: Any, merge_into: Any, adapter_dir: Any, output_dir: Any, base_model: Any,
+                allow_base_mismatch: Any, verify: Any) -> torch.dtype:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ConfigError(f"dtype={shown(dtype)}: must be one of {list(DTYPES)} (float16 halves the export size)")
+    if not isinstance(merge_into, str) or merge_into not in MERGE_TARGETS:
+        raise ConfigError(f"merge_into={shown(merge_into)}: must be one of {list(MERGE_TARGETS)}")
+    for name, value in (("adapter_dir", adapter_dir), ("output_dir", output_dir), ("base_model", base_model)):
+        if not (isinstance(value, (str, Path)) or (name == "base_model" and value is None)):
+            raise ConfigError(f"{name}={shown(value)}: must be a folder path" + (" or None" * (name == "base_model")))
+    for name, value in (("allow_base_mismatch", allow_base_mismatch), ("verify", verify)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}={shown(value)}: must be True or False")
+    if base_model is not None and Path(base_model).expanduser().is_file():
+        raise ModelError(f"base_model={str(base_model)!r} is a file; pass the folder that holds the base model's "
+                         "config.json and safetensors weights")
     return DTYPES[dtype]
 
 
@@ -179,14 +201,17 @@ def parse_size(size: int | str) -> int:
 
 
 def _plan(adapter_dir: Path, base_model: str | Path | None, allow_mismatch: bool) -> _Plan:
-    from safetensors.torch import load_file
+    """Read and check everything the merge needs before a byte is written: adapter, template, base, tokenizer."""
+    from alpaca_lora.model import load_tokenizer
 
     if not art.is_run_folder(adapter_dir):
         raise ModelError(f"{adapter_dir} holds no {art.ADAPTER_CONFIG}; pass the output folder of finetune()")
+    weights = adapter_dir / art.ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise ModelError(f"{weights} is missing; the adapter folder is incomplete, re-run finetune or copy it again")
+    adapter = files.read_lora_adapter(adapter_dir / art.ADAPTER_CONFIG, weights)
     lora = art.read_json(adapter_dir / art.ADAPTER_CONFIG)
-    if lora.get("peft_type") != "LORA":
-        raise ModelError(f"{adapter_dir} holds a {lora.get('peft_type')} adapter; merge() folds LoRA adapters only")
-    used = [k for k in _UNSUPPORTED if lora.get(k)]
+    used = [k for k in _UNSUPPORTED if lora.get(k)] + (["bias"] if adapter.config.bias != "none" else [])
     if used:
         raise ModelError(f"the adapter in {adapter_dir} uses {used}; merge() folds plain LoRA on linear layers. "
                          "Merge it with peft's merge_and_unload() on a full-precision model instead")
@@ -197,63 +222,57 @@ def _plan(adapter_dir: Path, base_model: str | Path | None, allow_mismatch: bool
                          "if you are sure the weights are compatible")
     if diffs:
         logger.warning("base %s differs from the one %s was trained on: %s", base_dir, adapter_dir, "; ".join(diffs))
-    weights = adapter_dir / art.ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise ModelError(f"{weights} is missing; the adapter folder is incomplete, re-run finetune or copy it again")
-    plan = _Plan(adapter_dir, base_name, base_dir, lora, {}, _base_files(base_dir), fingerprint_diffs=diffs)
-    plan.updates = _updates(load_file(str(weights)), lora, plan)
+    base_files = _base_files(base_dir)
+    shapes = {n.removesuffix(".weight"): (s[0], s[1]) for n, s in art.safetensors_shapes(base_dir).items()
+              if n.endswith(".weight") and len(s) == 2 and n in base_files}
+    recorded = not diffs and (adapter_dir / art.FINGERPRINT_FILE).is_file()  # the very base it was trained on
+    files.check_lora_fits(adapter, shapes, base_dir, complete=recorded)
+    if adapter.untrained:
+        logger.warning("the adapter in %s is a no-op: its lora_B matrices are all zero (untrained, e.g. saved at step "
+                       "0), so the merged model is the base %s itself", adapter_dir, base_name)
+    _base_config(base_dir)
+    has_tokenizer = any((adapter_dir / f).is_file() for f in TOKENIZER_FILES)
+    template = _template(adapter_dir)
+    probe = _probe_ids(load_tokenizer(adapter_dir if has_tokenizer else base_dir), template)  # what the export ships
+    plan = _Plan(adapter_dir, base_name, base_dir, lora, adapter, template, probe, base_files, fingerprint_diffs=diffs)
+    plan.updates = {f"{m}.weight": (a.float(), b.float(), _scale(adapter, m)) for m, (a, b) in adapter.pairs.items()}
     return plan
 
 
-def _base_files(base_dir: Path) -> dict[str, Path]:
-    """Map every tensor of the base checkpoint to its safetensors file (index file or all shards)."""
-    from safetensors import safe_open
+def _template(adapter_dir: Path) -> PromptTemplate:
+    """The adapter's saved prompt template (``alpaca`` when it saved none); a damaged one is a ModelError."""
+    saved = adapter_dir / art.TEMPLATE_FILE
+    if not saved.is_file():
+        return get_template("alpaca")
+    try:
+        return get_template(art.read_json(saved))
+    except ConfigError as exc:
+        raise ModelError(f"{saved} is not a usable prompt template ({exc}); restore it from the training run") from None
 
+
+def _base_files(base_dir: Path) -> dict[str, Path]:
+    """Map every tensor of the base checkpoint to its safetensors file (index file or all shards), headers checked."""
     index = base_dir / INDEX_FILE
     if index.is_file():
-        return {k: base_dir / v for k, v in art.read_json(index)["weight_map"].items()}
-    files: dict[str, Path] = {}
+        weight_map = art.read_json(index).get("weight_map")
+        if not (isinstance(weight_map, dict) and all(isinstance(v, str) and v == Path(v).name
+                                                     and (base_dir / v).is_file() for v in weight_map.values())):
+            raise ModelError(f"{index} has no weight_map of tensor names to safetensors files of {base_dir}; the "
+                             "index is damaged or the shards are missing: copy or download the base again")
+        files.check_weight_files(base_dir)
+        return {k: base_dir / v for k, v in weight_map.items()}
+    found: dict[str, Path] = {}
     for file in sorted(base_dir.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as fh:
-            files.update(dict.fromkeys(fh.keys(), file))
-    if not files:
+        found.update(dict.fromkeys(files.tensor_shapes(file), file))
+    if not found:
         raise ModelError(f"{base_dir} holds no *.safetensors weights; only safetensors are loaded, "
                          "convert the checkpoint with transformers' save_pretrained(safe_serialization=True)")
-    return files
+    return found
 
 
-def _updates(state: dict[str, torch.Tensor], lora: dict[str, Any], plan: _Plan) -> dict[str, Any]:
-    """Pair each lora_A with its lora_B and check the pair fits the base weight it updates."""
-    odd = [k for k in state if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
-    if odd:
-        raise ModelError(f"adapter tensors {odd[:3]} are not LoRA A/B matrices; merge() folds plain LoRA, "
-                         "merge this adapter with peft's merge_and_unload() instead")
-    shapes = art.safetensors_shapes(plan.base_dir) or {}
-    updates: dict[str, Any] = {}
-    for key in sorted(k for k in state if k.endswith(".lora_A.weight")):
-        module = key.removesuffix(".lora_A.weight").removeprefix("base_model.model.")
-        name, a, b = f"{module}.weight", state[key], state.get(key.replace(".lora_A.", ".lora_B."))
-        if b is None:
-            raise ModelError(f"adapter tensor {key!r} has no matching lora_B; the adapter file is damaged")
-        if name not in plan.base_files:
-            raise ModelError(f"the adapter updates {name!r}, which the base {plan.base_dir} does not have")
-        if [b.shape[0], a.shape[1]] != shapes.get(name, [b.shape[0], a.shape[1]]) or a.shape[0] != b.shape[1]:
-            raise ModelError(f"the adapter does not fit the base {plan.base_dir}: {name} is {shapes.get(name)} "
-                             f"but the LoRA update is [{b.shape[0]}, {a.shape[1]}] (rank {a.shape[0]}); "
-                             "pass the base model the adapter was trained on")
-        updates[name] = (a.float(), b.float(), _scale(module, a.shape[0], lora))
-    if not updates:
-        raise ModelError(f"{plan.adapter_dir / art.ADAPTER_WEIGHTS} holds no LoRA weights; the adapter is empty")
-    return updates
-
-
-def _scale(module: str, rank: int, lora: dict[str, Any]) -> float:
-    """LoRA scaling: alpha / r (Hu et al. 2021), or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
-    alpha = lora.get("lora_alpha", rank)
-    for pattern, value in (lora.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            alpha = value
-    return alpha / rank**0.5 if lora.get("use_rslora") else alpha / rank
+def _scale(adapter: files.LoraAdapter, module: str) -> float:
+    """LoRA scaling of ``module``: alpha / r, or alpha / sqrt(r) with rsLoRA, by peft's pattern rules."""
+    return adapter.scale(module)
 
 
 def _plan_dequantized(plan: _Plan) -> None:
@@ -264,15 +283,19 @@ def _plan_dequantized(plan: _Plan) -> None:
     cfg = art.read_json(cfg_file) if cfg_file.is_file() else {}
     if cfg.get("quantization") not in ("nf4", "fp4"):
         raise ConfigError(f"merge_into='dequantized' needs an adapter trained on a 4-bit (nf4/fp4) base, but "
-                          f"{cfg_file} records quantization={cfg.get('quantization')!r}; use merge_into='original'")
+                          f"{cfg_file} records quantization={shown(cfg.get('quantization'))}; use "
+                          "merge_into='original'")
     plan.quant_type = cfg["quantization"]
     # Training quantized the weights after casting them to the compute dtype; do the same. "auto" differs
     # between machines (bf16 or fp32 on a CPU), so the dtype the run recorded comes first.
     results_file = plan.adapter_dir / art.RESULTS_FILE
     results = art.read_json(results_file) if results_file.is_file() else {}
     trained_in = results.get("compute_dtype") if isinstance(results, dict) else None
-    plan.quant_dtype = resolve_compute_dtype(trained_in if trained_in in ("float32", "bfloat16", "float16")
-                                             else cfg.get("compute_dtype", "auto"), resolve_device("auto"))
+    recorded = trained_in if trained_in in ("float32", "bfloat16", "float16") else cfg.get("compute_dtype", "auto")
+    if recorded not in ("auto", "float32", "bfloat16", "float16"):
+        raise ModelError(f"{cfg_file} records compute_dtype={shown(recorded)}, not a dtype training uses; the file "
+                         "is damaged: restore it from the training run, or use merge_into='original'")
+    plan.quant_dtype = resolve_compute_dtype(recorded, resolve_device("auto"))
     model = skeleton(plan.base_dir)
     head = model.get_output_embeddings()
     linear = (n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head)
@@ -297,6 +320,26 @@ def _merged_tensor(plan: _Plan, name: str) -> torch.Tensor:
         a, b, scale = plan.updates[name]
         w += scale * (b @ a)  # (out, r) @ (r, in)
     return w
+
+
+def _within(t: torch.Tensor, bound: float) -> bool:
+    """Whether every value of ``t`` is a number of magnitude <= ``bound`` (NaN is not), in 1M-value blocks."""
+    return all(bool(block.abs().le(bound).all()) for block in t.reshape(-1).split(2**20))
+
+
+def _finite(plan: _Plan, name: str, merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``merged`` cast to ``dtype``, refused if it is not finite there (an export must never hold NaN or inf)."""
+    if not (merged.is_floating_point() and dtype.is_floating_point) or _within(merged, torch.finfo(dtype).max):
+        return merged.to(dtype)
+    if _within(merged, torch.finfo(torch.float32).max):
+        raise ModelError(f"the merged {name} exceeds the range of {dtype} (largest |value| "
+                         f"{float(merged.abs().max()):.3g}), so the export would hold infinities; merge with "
+                         "dtype='bfloat16' or 'float32'")
+    if not _within(_base_tensor(plan, name), torch.finfo(torch.float32).max):
+        raise ModelError(f"{name} of the base {plan.base_dir} holds NaN or infinite values: the base checkpoint is "
+                         "damaged; copy or download it again")
+    raise ModelError(f"the LoRA update of {name} overflows float32 (scale {plan.updates[name][2]:.3g}); check "
+                     f"lora_alpha in {plan.adapter.config_file}, or retrain with a lower learning_rate")
 
 
 def _roundtrip_4bit(w: torch.Tensor, plan: _Plan) -> torch.Tensor:
@@ -331,7 +374,7 @@ def _write_weights(plan: _Plan, out: Path, dtype: torch.dtype, shard_bytes: int)
     for file, shard in zip(files, shards, strict=True):
         with SafetensorsWriter(out / file, {n: (metas[n][0], out_dtype[n]) for n in shard}) as writer:
             for n in shard:
-                writer.write(n, _merged_tensor(plan, n).to(out_dtype[n]))
+                writer.write(n, _finite(plan, n, _merged_tensor(plan, n), out_dtype[n]))
                 bar.update(1)
                 if nbytes[n] > 2**20:
                     release_free_memory()
@@ -347,24 +390,40 @@ def _write_weights(plan: _Plan, out: Path, dtype: torch.dtype, shard_bytes: int)
 
 def _prepare_output(target: Path, plan: _Plan) -> Path:
     target = target.expanduser()
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"output_dir {target} is a file; pass a folder for the merged model")
     for other, what in ((plan.adapter_dir, "adapter"), (plan.base_dir, "base model")):
         if target.resolve() == other.resolve():
             raise ConfigError(f"output_dir {target} is the {what} folder; pass a new folder for the merged model")
+        if other.resolve() in target.resolve().parents:  # its files would be read back as the folder's own
+            raise ConfigError(f"output_dir {target} is inside the {what} folder {other}; pass a folder outside it")
     if target.is_dir() and any(target.iterdir()):
         if not (target / MERGE_REPORT).is_file():
             raise ConfigError(f"output_dir {target} is not empty and holds no earlier export; pass a new folder")
         for item in target.iterdir():  # an earlier export: drop its weights so no stale shard survives
             if SHARD_NAME.fullmatch(item.name) or item.name == INDEX_FILE:
                 item.unlink()
-    target.mkdir(parents=True, exist_ok=True)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create output_dir {target} ({exc.strerror}); pass a folder you can write") from None
     return target
+
+
+def _base_config(base_dir: Path) -> Any:
+    """The base's transformers config, read before the merge writes anything."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(base_dir), trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{base_dir / 'config.json'} cannot be read as a model config ({type(exc).__name__}: "
+                         f"{shown(str(exc))}); the base is damaged: copy or download it again") from None
 
 
 def _write_side_files(plan: _Plan, out: Path, dtype: torch.dtype) -> None:
     """Config (with the export dtype), generation config, tokenizer and prompt template."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(plan.base_dir), trust_remote_code=False)
+    config = _base_config(plan.base_dir)
     config.dtype = dtype
     config.save_pretrained(out)
     if (plan.base_dir / "generation_config.json").is_file():
@@ -379,12 +438,16 @@ def _write_side_files(plan: _Plan, out: Path, dtype: torch.dtype) -> None:
 
 def _model_card(plan: _Plan, report: dict[str, Any]) -> str:
     """README.md: what was trained and merged, the merge check, and how to load the model."""
-    def read(name: str) -> dict[str, Any]:
-        return art.read_json(plan.adapter_dir / name) if (plan.adapter_dir / name).is_file() else {}
+    def read(name: str) -> dict[str, Any]:  # records for the card only: a damaged one leaves its rows blank
+        try:
+            return art.read_json(plan.adapter_dir / name) if (plan.adapter_dir / name).is_file() else {}
+        except ModelError as exc:
+            logger.warning("the model card leaves out %s: %s", name, exc)
+            return {}
 
     cfg, results, data = read(art.CONFIG_FILE), read(art.RESULTS_FILE), read(art.FINGERPRINT_FILE).get("data", {})
-    saved = read(art.TEMPLATE_FILE)
-    template = get_template(saved if saved else "alpaca")
+    data = data if isinstance(data, dict) else {}
+    template = plan.template
     lora, check = plan.lora_config, report["verification"]
     hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", plan.base_name) and not Path(plan.base_name).exists()
     metrics = {k: results[k] for k in ("train_loss", "eval_loss", "steps", "tokens_seen") if k in results}
@@ -428,10 +491,8 @@ def _model_card(plan: _Plan, report: dict[str, Any]) -> str:
 
 def _verify(plan: _Plan, out: Path, dtype: torch.dtype) -> dict[str, Any]:
     """Compare merged, unmerged (peft) and plain-base logits on a probe batch, streaming the weights."""
-    from peft import LoraConfig
-
     written = _base_files(out)
-    ids = _probe_ids(plan)
+    ids = plan.probe_ids
 
     def base(name: str) -> torch.Tensor:
         return _base_tensor(plan, name)
@@ -455,9 +516,10 @@ def _verify(plan: _Plan, out: Path, dtype: torch.dtype) -> dict[str, Any]:
         merged_logits = streamed_logits(model, ids, merged)
         cast_logits = merged_logits if dtype == torch.float32 else streamed_logits(model, ids, cast)
         # Last: injecting peft's LoRA layers changes the skeleton for good.
-        lora_config = LoraConfig.from_pretrained(str(plan.adapter_dir))
+        lora_config = copy.deepcopy(plan.adapter.config)  # as peft read it, checked in _plan
         # Exactly the modules the adapter holds weights for (a deeper base has layers it never saw).
         lora_config.target_modules = {n.removesuffix(".weight") for n in plan.updates}
+        lora_config.init_lora_weights = False  # the weights come from the adapter; no initialiser runs on meta
         reference = streamed_logits(model, ids, _with_lora(plan, base), lora_config)
     diff = float((merged_logits - reference).abs().max())
     effect = float((reference - plain).abs().max())
@@ -473,20 +535,14 @@ def _verify(plan: _Plan, out: Path, dtype: torch.dtype) -> dict[str, Any]:
         raise ModelError(f"merge verification failed: merged and unmerged logits differ by {diff:.3g} "
                          f"(> {tolerance:.3g} = {VERIFY_ATOL:g} + {VERIFY_RTOL:g} x the largest logit {scale:.3g}, "
                          "in fp32); please report this with your peft version. verify=False skips the check")
-    if effect == 0.0:
+    if effect == 0.0 and not plan.adapter.untrained:  # an untrained one was merged on purpose (warned in _plan)
         raise ModelError(f"the adapter in {plan.adapter_dir} does not change the model's logits at all: it is "
                          "untrained or was saved empty (tloen/alpaca-lora#293); re-run finetune")
     return result
 
 
-def _probe_ids(plan: _Plan) -> torch.Tensor:
+def _probe_ids(tokenizer: Any, template: PromptTemplate) -> torch.Tensor:
     """A fixed (2, T) batch of token ids: an Alpaca prompt and a plain sentence, cut to one length."""
-    from transformers import AutoTokenizer
-
-    tok_dir = plan.adapter_dir if (plan.adapter_dir / "tokenizer_config.json").is_file() else plan.base_dir
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=False)
-    template_file = plan.adapter_dir / art.TEMPLATE_FILE
-    template = get_template(template_file if template_file.is_file() else "alpaca")
     rows = [tokenizer(t)["input_ids"] for t in (template.render(_PROBE[0]), _PROBE[1])]
     n = min(32, *map(len, rows))
     return torch.tensor([r[:n] for r in rows])
