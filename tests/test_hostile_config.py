@@ -417,6 +417,7 @@ def _sweep() -> list[tuple[str, tuple[str, ...], int]]:
         ("merge: adapter empty", ("merge", "{r}/empty", "{r}/m"), 1),
         ("merge: dtype float8", ("merge", "{r}/empty", "{r}/m", "--dtype", "float8"), 2),
         ("merge: shard size lots", ("merge", "{r}/empty", "{r}/m", "--max_shard_size", "lots"), 2),
+        ("merge: huge shard size", ("merge", "{r}/empty", "{r}/m", "--max_shard_size", "9" * 100_000), 2),
         ("merge: verify maybe", ("merge", "{r}/empty", "{r}/m", "--verify", "maybe"), 2),
         ("merge: unknown flag", ("merge", "{r}/empty", "{r}/m", "--dtyp", "float32"), 2),
         ("generate: no args", ("generate",), 2), ("generate: no instruction", ("generate", "{r}/empty"), 2),
@@ -462,9 +463,17 @@ def _sweep() -> list[tuple[str, tuple[str, ...], int]]:
 
 
 SWEEP = _sweep()
+KNOWN_GAPS = [
+    pytest.param("merge: base name too long", ("merge", "{r}/empty", "{r}/m", "--base_model", "b" * 100_000), 1,
+                 marks=pytest.mark.xfail(strict=True, reason="merge() lets the OSError 'File name too long' out "
+                                         "(src/alpaca_lora/merge.py should raise ModelError)"),
+                 id="merge: base name too long"),
+]
+"""Invocations that still end in a bare library exception, each naming the module that should catch it."""
 
 
-@pytest.mark.parametrize(("name", "args", "expected"), SWEEP, ids=[c[0] for c in SWEEP])
+@pytest.mark.parametrize(("name", "args", "expected"), [*SWEEP, *KNOWN_GAPS],
+                         ids=[c[0] for c in SWEEP] + [p.id for p in KNOWN_GAPS])
 def test_cli_sweep(places, capsys, name, args, expected):
     _count(f"cli: {name.split(':')[0]}")
     start = time.perf_counter()

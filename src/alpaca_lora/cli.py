@@ -207,8 +207,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_MESSAGE_CHARS = 4000
+"""Longest error line printed: a library's message may quote a user's value whole."""
+
+
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= MAX_MESSAGE_CHARS else f"{text[:MAX_MESSAGE_CHARS]}... ({len(text):,} characters)"
 
 
 def main(argv: list[str] | None = None) -> int:
