@@ -50,6 +50,7 @@ MAX_LORA_R = 65_536
 SEED_MAX = 2**32 - 1
 """Largest seed (numpy seeds its generator from 32 bits)."""
 MAX_EPOCHS = 1_000_000
+"""Largest ``num_epochs`` (a step count derived from more would not fit a training loop)."""
 MAX_CONFIG_BYTES = 2**20
 """Largest config file read: a config holds a few dozen fields, a megabyte is not one."""
 MAX_CONFIG_VALUES = 10_000
@@ -111,7 +112,7 @@ class FinetuneConfig:
     val_set_size: float = 0.05
     """Validation split: a count (>= 1) or a fraction (< 1) of the data; 0 disables evaluation."""
     lora_r: int = 16
-    """LoRA rank."""
+    """LoRA rank (1 to 65,536)."""
     lora_alpha: int = 32
     """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
     lora_dropout: float = 0.05
@@ -143,7 +144,7 @@ class FinetuneConfig:
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: much less memory, about 30% more compute."""
     seed: int = 42
-    """Seed for the split, shuffling, LoRA initialisation and dropout."""
+    """Seed for the split, shuffling, LoRA initialisation and dropout (0 to 2**32 - 1)."""
     logging_steps: int = 1
     """Log the training loss every this many optimizer steps."""
     eval_steps: int | None = None
