@@ -317,3 +317,11 @@ def test_a_utf8_bom_is_fine(tmp_path):
     path = tmp_path / "bom.yaml"
     path.write_bytes(b"\xef\xbb\xbflora_r: 8\n")
     assert FinetuneConfig.from_file(path).lora_r == 8
+
+
+@pytest.mark.parametrize("field", ["learning_rate", "weight_decay"])
+def test_rates_past_float32_are_refused_before_adamw_fails_mid_step(field):
+    # torch's AdamW raised "value cannot be converted to type float without overflow" at the first step.
+    with pytest.raises(ConfigError, match=f"{field}=1e\\+39: .*float32"):
+        FinetuneConfig(**{field: 1e39})
+    assert getattr(FinetuneConfig(**{field: 3e38}), field) == 3e38

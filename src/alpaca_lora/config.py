@@ -312,6 +312,8 @@ class FinetuneConfig:
 
 
 RECORD_FIELDS = ("instruction", "input", "output")
+FLOAT32_MAX = 3.4028234663852886e38
+"""Largest float32: torch's AdamW refuses a larger learning rate with "value cannot be converted" mid-step."""
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
 _INTS = {
     "batch_size": (1, INT_MAX), "micro_batch_size": (1, INT_MAX), "max_steps": (1, INT_MAX),
@@ -324,8 +326,8 @@ _OPTIONAL = ("max_steps", "eval_steps", "save_steps")
 """Int fields that may also be None."""
 _FLOATS: dict[str, tuple[Callable[[float], bool], str]] = {
     "num_epochs": (lambda v: 0 < v <= MAX_EPOCHS, f"in (0, {MAX_EPOCHS}]"),
-    "learning_rate": (lambda v: v > 0, "> 0"),
-    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "learning_rate": (lambda v: 0 < v <= FLOAT32_MAX, f"> 0 and <= {FLOAT32_MAX:.4g} (AdamW holds it as a float32)"),
+    "weight_decay": (lambda v: 0 <= v <= FLOAT32_MAX, f">= 0 and <= {FLOAT32_MAX:.4g} (AdamW holds it as a float32)"),
     "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "max_grad_norm": (lambda v: v >= 0, ">= 0 (0 disables clipping)"),
     "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),

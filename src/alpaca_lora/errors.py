@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 
 
@@ -78,9 +79,26 @@ def shown(value: object, limit: int = SHOWN_CHARS) -> str:
     limit) is shown by its type name.
     """
     try:
-        text = repr(value)
+        text = _SHORT_REPR.repr(value)  # containers cut by depth and length while the text is built
     except Exception:  # noqa: BLE001 - any failure of a user object's __repr__
         return f"<{type(value).__name__}>"
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text):,} characters)"
+    if len(text) > limit:
+        text = f"{text[:limit]}..."
+    if isinstance(value, (str, bytes)) and len(value) > limit // 2:
+        text += f" ({len(value):,} characters)"
+    return text
+
+
+def _short_repr() -> reprlib.Repr:
+    """A ``reprlib.Repr`` that builds at most about ``SHOWN_CHARS`` of text whatever the value's size or sharing.
+
+    A plain ``repr`` of a "billion laughs" list (a few shared lists nested nine deep) would build
+    gigabytes before it could be cut.
+    """
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother, r.maxlong = 3, SHOWN_CHARS, SHOWN_CHARS, SHOWN_CHARS
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = r.maxfrozenset = r.maxdeque = r.maxarray = 8
+    return r
+
+
+_SHORT_REPR = _short_repr()
