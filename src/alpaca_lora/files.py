@@ -55,10 +55,14 @@ def read_json(path: str | Path, *, expect: type | tuple[type, ...] = dict, error
     """
     path = Path(path)
     try:
+        if path.exists() and not path.is_dir() and not path.is_file():  # a FIFO or device: reading never ends
+            raise error(f"{path} is not a regular file (a device, FIFO or socket); {fix}")
         if path.stat().st_size > MAX_JSON_BYTES:
             raise error(f"{path} is {path.stat().st_size:,} bytes, more than the {MAX_JSON_BYTES:,} a JSON file of "
                         f"this library may have; {fix}")
         data = json.loads(path.read_bytes().decode("utf-8"))
+    except AlpacaLoraError:  # ours, above (several derive from ValueError, caught below otherwise)
+        raise
     except FileNotFoundError:
         raise error(f"{path} is missing; is {path.parent} a folder written by alpaca_lora? {fix}") from None
     except IsADirectoryError:
