@@ -214,20 +214,15 @@ def test_an_unavailable_recorded_base_asks_for_base_model(adapter, tiny_model_di
     assert (merge(copy, tmp_path / "out", base_model=tiny_model_dir) / "model.safetensors").is_file()
 
 
-def test_an_untrained_adapter_merges_with_a_warning(adapter, tiny_model_dir, tmp_path, caplog):
-    """lora_B all zero (saved at step 0) is a no-op: merging one may be deliberate, so it warns, not fails."""
+def test_an_untrained_adapter_is_refused_before_anything_is_written(adapter, tmp_path):
+    """lora_B all zero (saved at step 0, or saved empty as tloen/alpaca-lora#293 did) would export the base as is."""
     copy = _copy_adapter(adapter, tmp_path / "empty")
     weights = load_file(str(copy / "adapter_model.safetensors"))
     save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in weights.items()},
               str(copy / "adapter_model.safetensors"))
-    with caplog.at_level(logging.WARNING, logger="alpaca_lora.merge"):
-        out = merge(copy, tmp_path / "out", dtype="float32")
-    warned = [r.getMessage() for r in caplog.records if r.name == "alpaca_lora.merge" and r.levelno == logging.WARNING]
-    assert len(warned) == 1 and "no-op" in warned[0] and "lora_B" in warned[0]
-    check = json.loads((out / "merge_report.json").read_text())["verification"]
-    assert check["passed"] and check["adapter_effect_max_abs_logit_diff"] == 0.0
-    base = load_file(str(tiny_model_dir / "model.safetensors"))
-    assert all(torch.equal(t, base[k]) for k, t in load_file(str(out / "model.safetensors")).items())
+    with pytest.raises(ModelError, match="does not change the model's logits at all: it is untrained"):
+        merge(copy, tmp_path / "out", dtype="float32")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_a_wrong_merge_fails_verification_and_leaves_no_export(adapter, tmp_path, monkeypatch):

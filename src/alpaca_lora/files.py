@@ -295,6 +295,13 @@ _LORA_FIELDS: dict[str, tuple[Any, str]] = {
     "layers_pattern": (lambda v: v is None or (isinstance(v, str) and _is_regex(v)) or _are_names(v),
                        "null, a name or a list of names"),
     "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or an initialisation name"),
+    "alora_invocation_tokens": (lambda v: v is None or (isinstance(v, list) and bool(v) and all(
+        _is_int(t, 0) for t in v)), "null or a list of token ids"),
+    "megatron_config": (lambda v: v is None, "null: alpaca_lora applies adapters to transformers models, not "
+                        "Megatron ones"),
+    "layer_replication": (lambda v: v is None or (isinstance(v, list) and all(
+        isinstance(p, list) and len(p) == 2 and _is_int(p[0], 0) and _is_int(p[1], 1) and p[0] < p[1] for p in v)),
+        "null or a list of [start, end) layer ranges"),
     "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "null or a string"),
     "revision": (lambda v: v is None or isinstance(v, str), "null or a string"),
     "task_type": (lambda v: v is None or isinstance(v, str), "null or a string"),
@@ -426,7 +433,7 @@ def _lora_config(raw: dict[str, Any], file: Path, error: type[AlpacaLoraError]) 
 
     try:  # peft's own checks of the fields above and of everything else it reads
         return LoraConfig.from_peft_type(**raw)
-    except (TypeError, ValueError, KeyError, AttributeError, re.error) as exc:
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError, re.error) as exc:  # RecursionError too
         raise error(f"peft refuses {file} ({type(exc).__name__}: {shown(str(exc))}); {_FIX_CONFIG}") from None
 
 

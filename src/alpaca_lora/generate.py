@@ -122,8 +122,10 @@ def generate(
     vocab = _vocab_size(model)
     limit = _check_prompts(prompts, vocab, _context(model), max_new_tokens, batch)
     eos = _eos_ids(model, tok)
-    kwargs.setdefault("eos_token_id", eos)  # gen_kwargs may name other stop ids
-    kwargs.setdefault("pad_token_id", tok.pad_token_id if tok.pad_token_id is not None else eos[0])
+    if kwargs.get("eos_token_id") is None:  # gen_kwargs may name other stop ids; None means unset
+        kwargs["eos_token_id"] = eos
+    if kwargs.get("pad_token_id") is None:
+        kwargs["pad_token_id"] = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     _check_token_ids(kwargs, gen_kwargs, vocab)
     if stream:
         return _stream(model, tok, prompts[0], kwargs, limit)
@@ -209,15 +211,16 @@ def _generation_kwargs(max_new_tokens: int, do_sample: bool, temperature: float 
         given = {k: v for k, v in sampling.items() if v is not None}
         problems.append(f"{shown(given)} only act when sampling; pass do_sample=True (or drop them for greedy "
                         "decoding)")
-    if temperature is not None and not (_is_number(temperature) and temperature > 0):
-        problems.append(f"temperature={shown(temperature)}: must be a finite number > 0 (use do_sample=False for "
-                        "greedy decoding)")
+    if temperature is not None and not (_is_number(temperature) and temperature >= _SMALLEST):
+        problems.append(f"temperature={shown(temperature)}: must be a finite number >= {_SMALLEST:g} (smaller ones "
+                        "divide the logits past float32's range; use do_sample=False for greedy decoding)")
     if top_p is not None and not (_is_number(top_p) and 0 < top_p <= 1):
         problems.append(f"top_p={shown(top_p)}: must be a number in (0, 1]")
     if top_k is not None and not (_is_int(top_k) and top_k >= 0):
         problems.append(f"top_k={shown(top_k)}: must be an int >= 0 (0 disables it)")
-    if repetition_penalty is not None and not (_is_number(repetition_penalty) and repetition_penalty > 0):
-        problems.append(f"repetition_penalty={shown(repetition_penalty)}: must be a finite number > 0 (1.0 is off)")
+    if repetition_penalty is not None and not (_is_number(repetition_penalty) and repetition_penalty >= _SMALLEST):
+        problems.append(f"repetition_penalty={shown(repetition_penalty)}: must be a finite number >= {_SMALLEST:g} "
+                        "(1.0 is off)")
     if extra.get("num_return_sequences", 1) != 1:
         problems.append("num_return_sequences must be 1: generate() returns one text per instruction")
     known = GenerationConfig().to_dict()
@@ -228,12 +231,20 @@ def _generation_kwargs(max_new_tokens: int, do_sample: bool, temperature: float 
                  if n in _SETTINGS and v is not None and not _SETTINGS[n][0](v)]
     if extra.get("return_dict_in_generate"):
         problems.append("return_dict_in_generate=True: generate() returns text; call model.generate for scores")
+    problems += [f"{n}={shown(extra[n])} asks for {what}, which transformers now runs from code downloaded from "
+                 f"the Hub (custom_generate); alpaca_lora never runs downloaded code: drop {n}"
+                 for n, (what, off) in _HUB_CODE.items() if extra.get(n, off) not in (None, off)]
+    if extra.get("low_memory"):
+        problems.append("low_memory=True: transformers' beam search no longer supports it; drop it")
     if problems:
         raise ConfigError("invalid generate() arguments:\n  - " + "\n  - ".join(problems))
-    settings = {**extra, "max_new_tokens": max_new_tokens, "do_sample": do_sample, "num_beams": num_beams,
-                "temperature": 1.0 if temperature is None else temperature, "top_p": 1.0 if top_p is None else top_p,
-                "top_k": 50 if top_k is None else top_k,
-                "repetition_penalty": 1.0 if repetition_penalty is None else repetition_penalty, "use_cache": True}
+    numbers = {n: float(v) for n, v in extra.items() if n in _SETTINGS and _SETTINGS[n][0] is not _COUNT[0]
+               and _is_number(v)}  # transformers wants floats: repetition_penalty=2 fails deep inside it
+    settings = {**extra, **numbers, "max_new_tokens": max_new_tokens, "do_sample": do_sample, "num_beams": num_beams,
+                "temperature": 1.0 if temperature is None else float(temperature),
+                "top_p": 1.0 if top_p is None else float(top_p), "top_k": 50 if top_k is None else top_k,
+                "repetition_penalty": 1.0 if repetition_penalty is None else float(repetition_penalty),
+                "use_cache": True}
     try:  # the checks transformers makes itself (e.g. a negative no_repeat_ngram_size), before any model loads
         GenerationConfig(**settings).validate()
     except (ValueError, TypeError) as exc:
@@ -268,13 +279,30 @@ _SETTINGS: dict[str, tuple[Any, str]] = {
     **dict.fromkeys(("diversity_penalty", "penalty_alpha", "max_time"), (_in(0, math.inf, closed_high=False),
                                                                          "a finite number >= 0")),
     "encoder_repetition_penalty": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
-    **dict.fromkeys(("typical_p", "min_p"), (_in(0, 1, closed_high=True), "a number in [0, 1]")),
+    "typical_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "exponential_decay_length_penalty": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and _is_int(v[0])
+                                         and v[0] >= 0 and _is_number(v[1]), "a pair (start index, decay factor)"),
+    "stop_strings": (lambda v: bool(v) and all(isinstance(t, str) and t for t in ([v] if isinstance(v, str) else v))
+                     if isinstance(v, (str, list)) else False, "a string or a list of non-empty strings"),
+    "min_p": (_in(0, 1, closed_high=True), "a number in [0, 1]"),
     **dict.fromkeys(("epsilon_cutoff", "eta_cutoff"), (_in(0, 1, closed_high=False), "a number in [0, 1)")),
     **dict.fromkeys(("use_cache", "renormalize_logits", "remove_invalid_values", "output_scores", "output_logits",
                      "return_dict_in_generate", "output_attentions", "output_hidden_states", "low_memory",
                      "token_healing"), _BOOL),
 }
 """Checks of the numeric and boolean ``gen_kwargs`` (transformers 5 declares no types for them)."""
+_HUB_CODE = {"penalty_alpha": ("contrastive search", 0), "dola_layers": ("DoLa decoding", None),
+             "num_beam_groups": ("group beam search", 1), "diversity_penalty": ("group beam search", 0),
+             "constraints": ("constrained beam search", None), "force_words_ids": ("constrained beam search", None)}
+"""Settings whose decoding transformers 5 moved to Hub code, with the value that leaves it off."""
+_SMALLEST = 1e-6
+"""Least temperature and repetition penalty: logits divided by less can overflow float32 (inf, then NaN)."""
+_ID_SETTINGS = {**dict.fromkeys(("pad_token_id", "bos_token_id", "decoder_start_token_id", "forced_bos_token_id",
+                                  "forced_eos_token_id"), (0, "a token id")),
+                "eos_token_id": (1, "a token id or a list of them"),
+                **dict.fromkeys(("suppress_tokens", "begin_suppress_tokens"), (1, "a list of token ids")),
+                "bad_words_ids": (2, "a list of non-empty lists of token ids")}
+"""Settings that hold token ids: (nesting, what); every id must be in the model's vocabulary."""
 
 
 # ---- models ----------------------------------------------------------------------------------------
@@ -362,7 +390,8 @@ def _load_folder(folder: str, quantization: str | None, compute_dtype: str, base
         tokenizer = load_tokenizer(path if has_tokenizer else base)
         try:  # checked above; what is left is an option only peft knows it cannot apply to this base
             model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
-        except (TypeError, ValueError, KeyError, AttributeError, IndexError, RuntimeError, re.error) as exc:
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError, RuntimeError, ImportError,
+                re.error) as exc:
             raise ModelError(f"peft cannot apply the adapter in {path} to the base {base} ({type(exc).__name__}: "
                              f"{shown(str(exc))}); check {art.ADAPTER_CONFIG} against the base, or re-run "
                              "finetune") from None
@@ -435,17 +464,31 @@ def _check_prompts(prompts: list[list[int]], vocab: int | None, limit: int | Non
     return limit
 
 
+def _token_ids(value: Any, depth: int, name: str) -> list[Any] | None:
+    """The ids of a setting nested ``depth`` lists deep (eos_token_id: an id or a list), or None if not so shaped."""
+    if _is_int(value) and (depth == 0 or name == "eos_token_id"):
+        return [value]
+    if not depth or not isinstance(value, (list, tuple)) or (depth == 2 and not value):
+        return None
+    parts = [_token_ids(v, depth - 1, name) for v in value]
+    return None if any(p is None or (depth == 2 and not p) for p in parts) else [i for p in parts for i in p]
+
+
 def _check_token_ids(kwargs: dict[str, Any], given: dict[str, Any], vocab: int | None) -> None:
-    """Special token ids must be ids of the model's vocabulary (a pad id past it fails inside the embedding)."""
-    for name in ("pad_token_id", "eos_token_id", "bos_token_id", "decoder_start_token_id"):
+    """Token ids in the settings must be ids of the model's vocabulary (a pad id past it fails inside the embedding)."""
+    bias = kwargs.get("sequence_bias")
+    if bias is not None and not (isinstance(bias, dict) and all(
+            isinstance(k, tuple) and k and all(_is_int(t) and 0 <= t < (vocab or t + 1) for t in k) and _is_number(b)
+            for k, b in bias.items())):
+        raise ConfigError(f"sequence_bias={shown(bias)}: must map tuples of token ids in [0, {vocab}) to numbers")
+    for name, (depth, kind) in _ID_SETTINGS.items():
         value = kwargs.get(name)
-        ids = value if isinstance(value, (list, tuple)) else [value]
-        if value is None or all(_is_int(t) and 0 <= t < (vocab or t + 1) for t in ids):
+        ids = _token_ids(value, depth, name)
+        if value is None or (ids is not None and all(0 <= t < (vocab or t + 1) for t in ids)):
             continue
         what = f"{name}={shown(value)}"
         if name in given:
-            raise ConfigError(f"{what}: must be a token id (or a list of them) in [0, {vocab}), the model's "
-                              "vocabulary")
+            raise ConfigError(f"{what}: must be {kind} in [0, {vocab}), the model's vocabulary")
         raise ModelError(f"the tokenizer's (or the model's generation config's) {what} is outside the model's "
                          f"vocabulary of {vocab} ids: the tokenizer is not this model's; pass the one it was "
                          f"trained with, or {name}= explicitly")
@@ -528,13 +571,18 @@ def _bounded(kwargs: dict[str, Any], width: int, limit: int | None) -> dict[str,
     return {**kwargs, "max_new_tokens": room}
 
 
+def _tokenizer_for(kwargs: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """``{"tokenizer": tokenizer}`` for the settings transformers needs it for (stop strings, token healing)."""
+    return {"tokenizer": tokenizer} if kwargs.get("stop_strings") or kwargs.get("token_healing") else {}
+
+
 def _generate_batches(model: Any, tokenizer: Any, prompts: list[list[int]], kwargs: dict[str, Any],
                       batch_size: int, limit: int | None) -> list[str]:
     texts: dict[int, str] = {}
     with _EvalMode(model), torch.no_grad():
         for idx in _batches(prompts, batch_size, kwargs["max_new_tokens"], limit):
             ids, mask = _left_pad([prompts[i] for i in idx], kwargs["pad_token_id"], model.device)
-            out = model.generate(input_ids=ids, attention_mask=mask,
+            out = model.generate(input_ids=ids, attention_mask=mask, **_tokenizer_for(kwargs, tokenizer),
                                  **_bounded(kwargs, ids.shape[1], limit))  # (B, T + new)
             for i, row in zip(idx, out[:, ids.shape[1]:], strict=True):
                 texts[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
@@ -553,7 +601,8 @@ def _stream(model: Any, tokenizer: Any, prompt: list[int], kwargs: dict[str, Any
     def run() -> None:
         try:
             with torch.no_grad():
-                model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **kwargs)
+                model.generate(input_ids=ids, attention_mask=mask, streamer=streamer, **kwargs,
+                               **_tokenizer_for(kwargs, tokenizer))
         except BaseException as exc:  # re-raised in the caller's thread below
             failure.append(exc)
             streamer.end()

@@ -60,9 +60,12 @@ EXPORT_FILES = ("config.json", "generation_config.json", INDEX_FILE, *TOKENIZER_
                 "README.md", MERGE_REPORT, art.ADAPTER_CONFIG, art.ADAPTER_WEIGHTS, art.CONFIG_FILE,
                 art.FINGERPRINT_FILE, art.RESULTS_FILE, art.PLOT_FILE)
 SHARD_NAME = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
-# Adapter features whose merge is more than W + scale * B @ A; peft's merge_and_unload handles them.
-_UNSUPPORTED = ("use_dora", "modules_to_save", "fan_in_fan_out", "lora_bias", "layer_replication",
-                "trainable_token_indices", "target_parameters")
+# Adapter features whose merge is more than W + scale * B @ A (peft's merge_and_unload handles some), with
+# the value that leaves each off; peft switches most on with any other value, even 0 or [].
+_UNSUPPORTED = {**dict.fromkeys(("use_dora", "fan_in_fan_out", "lora_bias", "use_qalora"), False),
+                **dict.fromkeys(("modules_to_save", "layer_replication", "trainable_token_indices", "target_parameters",
+                                 "alora_invocation_tokens", "monteclora_config", "velora_config", "kasa_config",
+                                 "arrow_config", "use_bdlora"), None)}
 _PROBE = ("Name three primary colors.", "Low-rank adapters add a small update to each frozen weight matrix.")
 
 
@@ -126,8 +129,8 @@ def merge(
         ``output_dir``: safetensors shards, config, generation config, tokenizer, prompt template,
         a model card (README.md) and ``merge_report.json``.
 
-    An adapter that changes nothing (every lora_B zero: untrained, e.g. saved at step 0) is merged
-    with a logged warning, since merging one can be deliberate.
+    An adapter that changes nothing (every lora_B zero: untrained, e.g. saved at step 0) is refused,
+    so an empty adapter is never exported as a fine-tuned model.
 
     Raises:
         ConfigError: A bad argument, or an ``output_dir`` that is a file, a non-empty folder that is no
@@ -211,7 +214,8 @@ def _plan(adapter_dir: Path, base_model: str | Path | None, allow_mismatch: bool
         raise ModelError(f"{weights} is missing; the adapter folder is incomplete, re-run finetune or copy it again")
     adapter = files.read_lora_adapter(adapter_dir / art.ADAPTER_CONFIG, weights)
     lora = art.read_json(adapter_dir / art.ADAPTER_CONFIG)
-    used = [k for k in _UNSUPPORTED if lora.get(k)] + (["bias"] if adapter.config.bias != "none" else [])
+    used = [k for k, off in _UNSUPPORTED.items() if lora.get(k, off) != off] + (
+        ["bias"] if adapter.config.bias != "none" else [])
     if used:
         raise ModelError(f"the adapter in {adapter_dir} uses {used}; merge() folds plain LoRA on linear layers. "
                          "Merge it with peft's merge_and_unload() on a full-precision model instead")
@@ -227,9 +231,9 @@ def _plan(adapter_dir: Path, base_model: str | Path | None, allow_mismatch: bool
               if n.endswith(".weight") and len(s) == 2 and n in base_files}
     recorded = not diffs and (adapter_dir / art.FINGERPRINT_FILE).is_file()  # the very base it was trained on
     files.check_lora_fits(adapter, shapes, base_dir, complete=recorded)
-    if adapter.untrained:
-        logger.warning("the adapter in %s is a no-op: its lora_B matrices are all zero (untrained, e.g. saved at step "
-                       "0), so the merged model is the base %s itself", adapter_dir, base_name)
+    if adapter.untrained:  # refused before anything is written (tloen/alpaca-lora#293 exported such adapters)
+        raise ModelError(f"the adapter in {adapter_dir} does not change the model's logits at all: it is untrained or "
+                         "was saved empty (every lora_B matrix is zero, e.g. saved at step 0); re-run finetune")
     _base_config(base_dir)
     has_tokenizer = any((adapter_dir / f).is_file() for f in TOKENIZER_FILES)
     template = _template(adapter_dir)
@@ -535,7 +539,7 @@ def _verify(plan: _Plan, out: Path, dtype: torch.dtype) -> dict[str, Any]:
         raise ModelError(f"merge verification failed: merged and unmerged logits differ by {diff:.3g} "
                          f"(> {tolerance:.3g} = {VERIFY_ATOL:g} + {VERIFY_RTOL:g} x the largest logit {scale:.3g}, "
                          "in fp32); please report this with your peft version. verify=False skips the check")
-    if effect == 0.0 and not plan.adapter.untrained:  # an untrained one was merged on purpose (warned in _plan)
+    if effect == 0.0:
         raise ModelError(f"the adapter in {plan.adapter_dir} does not change the model's logits at all: it is "
                          "untrained or was saved empty (tloen/alpaca-lora#293); re-run finetune")
     return result
