@@ -204,8 +204,11 @@ def local_model_folder(name: str | Path) -> Path | None:
     :func:`check_weight_files`) before anything loads it.
     """
     path = Path(name).expanduser()
-    if path.is_dir():
-        return path
+    try:
+        if path.is_dir():
+            return path
+    except OSError:  # a name too long for a path, or a folder we may not enter: not a local folder
+        return None
     try:
         from huggingface_hub import snapshot_download
 

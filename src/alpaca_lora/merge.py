@@ -182,9 +182,15 @@ def _check_args(dtype: Any, merge_into: Any, adapter_dir: Any, output_dir: Any, 
     for name, value in (("allow_base_mismatch", allow_base_mismatch), ("verify", verify)):
         if not isinstance(value, bool):
             raise ConfigError(f"{name}={shown(value)}: must be True or False")
+    for name, value in (("adapter_dir", adapter_dir), ("output_dir", output_dir), ("base_model", base_model)):
+        try:
+            if value is not None:
+                Path(value).expanduser().exists()
+        except OSError as exc:  # a name too long for a path, or a folder this user may not enter
+            raise ConfigError(f"{name}={shown(str(value))}: not a usable path ({exc.strerror})") from None
     if base_model is not None and Path(base_model).expanduser().is_file():
-        raise ModelError(f"base_model={str(base_model)!r} is a file; pass the folder that holds the base model's "
-                         "config.json and safetensors weights")
+        raise ModelError(f"base_model={shown(str(base_model))} is a file; pass the folder that holds the base "
+                         "model's config.json and safetensors weights")
     return DTYPES[dtype]
 
 
@@ -196,7 +202,7 @@ def parse_size(size: int | str) -> int:
     value = int(size) if isinstance(size, int) and not isinstance(size, bool) else (
         int(float(match.group(1)) * units[match.group(2)]) if match and match.group(2) in units else 0)
     if value < 1:
-        raise ConfigError(f"max_shard_size={size!r}: give a positive byte count or a size like '500MB' or '2GB'")
+        raise ConfigError(f"max_shard_size={shown(size)}: give a positive byte count or a size like '500MB' or '2GB'")
     return value
 
 
