@@ -86,3 +86,29 @@ def other_model_dir(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer) ->
     """Another tiny base (3 layers, other weights): what an adapter or checkpoint was not trained on."""
     return save_tiny_llama(tmp_path_factory.mktemp("other-base"), smol_tokenizer, seed=2,
                            intermediate_size=96, num_hidden_layers=3)
+
+
+class InputTally:
+    """How many hostile inputs a suite tried, by kind; every tally is printed in pytest's summary."""
+
+    every: list[InputTally] = []
+
+    def __init__(self, title: str) -> None:
+        self.title, self.counts = title, {}
+        InputTally.every.append(self)
+
+    def __call__(self, kind: str) -> None:
+        """Count one input of ``kind``."""
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+
+    def line(self) -> str:
+        """``title: kind: n, ...; total N``."""
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items()))
+        return f"{self.title}: {kinds}; total {sum(self.counts.values())}"
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Print the tally of every hostile-input suite that ran."""
+    for tally in InputTally.every:
+        if tally.counts:
+            terminalreporter.write_line(tally.line())

@@ -4,7 +4,7 @@ Every damaged adapter folder given to ``generate`` and ``merge`` must either wor
 folder whose weights are all finite and complete) or raise one of our own errors (``AlpacaLoraError``),
 quickly: never another exception, never NaN weights in an export, never an answer from NaN weights.
 The damage is seeded (``random.Random(seed)``) and the hypothesis runs derandomized, so every run
-tries the same inputs; ``COUNTS`` records how many of each kind (printed at the end, see with -s).
+tries the same inputs; ``_count`` records how many of each kind (printed in pytest's summary).
 """
 
 from __future__ import annotations
@@ -29,25 +29,13 @@ from safetensors.torch import load_file, save_file
 from alpaca_lora import AlpacaLoraError, ConfigError, ModelError, generate
 from alpaca_lora.merge import merge
 from alpaca_lora.train import finetune
-from conftest import SHORT_RECORDS, save_tiny_llama
+from conftest import SHORT_RECORDS, InputTally, save_tiny_llama
 
 PROPERTY = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 TIME_LIMIT_S = 20.0  # per call; a refusal takes milliseconds, a load of the tiny base and peft about a second
 WEIGHTS = "adapter_model.safetensors"
-COUNTS: dict[str, int] = {}
-
-
-def _count(name: str) -> None:
-    COUNTS[name] = COUNTS.get(name, 0) + 1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report_counts():
-    """After this file's tests, print how many inputs of each kind were tried (see with -s)."""
-    yield
-    print("\nhostile-adapter inputs tried: " + ", ".join(f"{k}: {v}" for k, v in sorted(COUNTS.items()))
-          + f"; total {sum(COUNTS.values())}")
+_count = InputTally("hostile-adapter inputs tried")
 
 
 @pytest.fixture(scope="module")

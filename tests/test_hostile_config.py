@@ -35,6 +35,7 @@ from hypothesis import strategies as st
 from alpaca_lora.cli import main
 from alpaca_lora.config import FinetuneConfig, field_names
 from alpaca_lora.errors import ConfigError
+from conftest import InputTally
 
 PROPERTY = settings(max_examples=150, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -49,19 +50,7 @@ MESSAGE_CHARS = 2000  # a message about one bad value
 STDERR_CHARS = 6000  # the usage of `finetune` (1.5 KB) and one error line
 FIELDS = field_names()
 HINTS = typing.get_type_hints(FinetuneConfig)
-COUNTS: dict[str, int] = {}
-
-
-def _count(kind: str) -> None:
-    COUNTS[kind] = COUNTS.get(kind, 0) + 1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report_counts():
-    """After this file's tests, print how many inputs of each kind were tried (see with -s)."""
-    yield
-    print("\nhostile-config inputs tried: " + ", ".join(f"{k}: {v}" for k, v in sorted(COUNTS.items()))
-          + f"; total {sum(COUNTS.values())}")
+_count = InputTally("hostile-config inputs tried")
 
 
 # ---- what an accepted config must look like ----------------------------------------------------

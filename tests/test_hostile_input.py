@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from alpaca_lora import AlpacaLoraError, InstructionCollator, ModelError, load_instructions, tokenize_instruction
 from alpaca_lora.data import tokenize_prompt
 from alpaca_lora.prompts import get_template, list_templates
+from conftest import InputTally
 
 PROPERTY = settings(max_examples=80, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -27,19 +28,7 @@ FUZZ = settings(max_examples=120, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 TIME_LIMIT_S = 5.0  # per file; the slowest honest case (a 4 MB field) takes well under a second alone
 text = st.text(st.characters(codec="utf-8"), max_size=60)
-COUNTS: dict[str, int] = {}
-
-
-def _count(name: str) -> None:
-    COUNTS[name] = COUNTS.get(name, 0) + 1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report_counts():
-    """After this file's tests, print how many cases each property and fuzz test ran (see with -s)."""
-    yield
-    print("\nhostile-input cases run: " + ", ".join(f"{k}: {v}" for k, v in sorted(COUNTS.items()))
-          + f"; total {sum(COUNTS.values())}")
+_count = InputTally("hostile-input cases run")
 
 
 # ---- templates ---------------------------------------------------------------------------------

@@ -23,24 +23,12 @@ from alpaca_lora.checkpoint import list_checkpoints, load_checkpoint, save_check
 from alpaca_lora.files import non_finite
 from alpaca_lora.model import attach_lora, load_model
 from alpaca_lora.train import finetune, fit, setup
-from conftest import SHORT_RECORDS
+from conftest import SHORT_RECORDS, InputTally
 
 RECORDS = SHORT_RECORDS[:6]
 SETTINGS = dict(batch_size=2, micro_batch_size=2, learning_rate=5e-3, lora_r=4, lora_alpha=8, val_set_size=0,
                 warmup_ratio=0.0, cutoff_len=48, gradient_checkpointing=False, compute_dtype="float32")
-COUNTS: dict[str, int] = {}
-
-
-def _count(kind: str) -> None:
-    COUNTS[kind] = COUNTS.get(kind, 0) + 1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report_counts():
-    """After this file's tests, print how many damaged inputs each kind tried (see with -s)."""
-    yield
-    print("\nhostile run/checkpoint inputs tried: " + ", ".join(f"{k}: {v}" for k, v in sorted(COUNTS.items()))
-          + f"; total {sum(COUNTS.values())}")
+_count = InputTally("hostile run/checkpoint inputs tried")
 
 
 def _finite_folder(folder) -> bool:

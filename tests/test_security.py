@@ -1,7 +1,7 @@
 """Hostile model folders: custom code, symbolic links, seeded damage to a base folder; the base fingerprint.
 
 Every hostile folder must load or raise our own error (``AlpacaLoraError``) naming the folder, quickly,
-without ever running the folder's code or prompting on the terminal. ``COUNTS`` tallies the inputs tried
+without ever running the folder's code or prompting on the terminal. ``_count`` tallies the inputs tried
 by kind and is printed when the module ends (see it with ``-s``).
 """
 
@@ -30,24 +30,11 @@ from alpaca_lora.artifacts import (
 )
 from alpaca_lora.files import CODE_FILES
 from alpaca_lora.model import load_tokenizer
-from conftest import SHORT_RECORDS, save_tiny_llama
+from conftest import SHORT_RECORDS, InputTally, save_tiny_llama
 
 TIME_LIMIT_S = 20.0  # per load; an honest load of the tiny base takes about half a second here
-COUNTS: dict[str, int] = {}
-OUTCOMES: dict[str, int] = {}
-
-
-def _count(kind: str) -> None:
-    COUNTS[kind] = COUNTS.get(kind, 0) + 1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report_counts():
-    """After this file's tests, print how many hostile inputs of each kind were tried (see with -s)."""
-    yield
-    print("\nhostile model-folder inputs tried: " + ", ".join(f"{k}: {v}" for k, v in sorted(COUNTS.items()))
-          + f"; total {sum(COUNTS.values())}")
-    print("outcomes: " + ", ".join(f"{k}: {v}" for k, v in sorted(OUTCOMES.items())))
+_count = InputTally("hostile model-folder inputs tried")
+_outcome = InputTally("hostile model-folder outcomes")
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +70,7 @@ def _loads_or_our_error(folder: Path, kind: str, *, quantization: str | None = N
         assert str(folder) in str(exc), f"{kind}: {str(exc)[:300]}"
         outcome = "refused"
     assert time.perf_counter() - start < TIME_LIMIT_S, f"{kind}: {time.perf_counter() - start:.1f} s"
-    OUTCOMES[outcome] = OUTCOMES.get(outcome, 0) + 1
+    _outcome(outcome)
     return outcome
 
 
