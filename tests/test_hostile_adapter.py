@@ -343,6 +343,7 @@ NAMED = {  # the damage issue #19 names, each with what the error must say
     "fingerprint is a list": (_set_file("fingerprint.json", "[]"), "JSON object"),
     "fingerprint is a string": (_set_file("fingerprint.json", '"base"'), "JSON object"),
     "fingerprint is a number": (_set_file("fingerprint.json", "1.5"), "JSON object"),
+    "fingerprint's base_model is a list": (_set_file("fingerprint.json", '{"base_model": [1]}'), "not a JSON object"),
     "r is a string": (_set_config(r="16"), "r='16'"),
     "target_modules is a number": (_set_config(target_modules=3), "target_modules=3"),
     "lora_alpha is NaN": (_set_config(lora_alpha=float("nan")), "lora_alpha=nan"),

@@ -182,7 +182,9 @@ def resolve_adapter_base(adapter_dir: Path, base_model: str | Path | None = None
     files.refuse_custom_code(adapter_dir)
     fp_file = Path(adapter_dir) / FINGERPRINT_FILE
     recorded = (read_json(fp_file) if fp_file.is_file() else {}).get("base_model", {})
-    recorded = recorded if isinstance(recorded, dict) else {}
+    if not isinstance(recorded, dict):  # treating it as absent would switch the base check off
+        raise ModelError(f"{fp_file}: 'base_model' is {shown(recorded, 60)}, not a JSON object; the folder is "
+                         "damaged: copy it again, or delete fingerprint.json to skip the base check knowingly")
     lora = read_json(Path(adapter_dir) / ADAPTER_CONFIG)
     candidates = [base_model] if base_model is not None else [
         recorded.get("resolved_path"), recorded.get("name_or_path"), lora.get("base_model_name_or_path")]
