@@ -112,3 +112,53 @@ def pytest_terminal_summary(terminalreporter) -> None:
     for tally in InputTally.every:
         if tally.counts:
             terminalreporter.write_line(tally.line())
+
+
+EVIL_CODE = """
+import pathlib
+pathlib.Path({marker!r}).write_text("the folder's code ran")
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+class EvilConfig(LlamaConfig):
+    model_type = "evil-llama"
+class EvilModel(LlamaForCausalLM):
+    config_class = EvilConfig
+class EvilTokenizer(PreTrainedTokenizerFast):
+    pass
+"""
+
+
+def with_custom_code(source: Path, folder: Path, where: str, marker: Path) -> Path:
+    """Copy ``source`` to ``folder`` with an ``auto_map`` in ``where`` naming its evil.py (which writes ``marker``)."""
+    import shutil
+
+    shutil.copytree(source, folder)
+    (folder / "evil.py").write_text(EVIL_CODE.format(marker=str(marker)))
+    data = json.loads((folder / where).read_text()) if (folder / where).is_file() else {}
+    if where == "config.json":
+        data.update(model_type="evil-llama",
+                    auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"})
+    else:
+        data.update(tokenizer_class="EvilTokenizer", processor_class="EvilTokenizer",
+                    auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None], "AutoProcessor": "evil.EvilTokenizer",
+                              "AutoImageProcessor": "evil.EvilTokenizer"})
+    (folder / where).write_text(json.dumps(data))
+    return folder
+
+
+def lora_training_parts(tiny_model_dir: Path, steps: int = 2):
+    """A full-precision tiny Llama with LoRA, AdamW after ``steps`` steps and a LambdaLR scheduler."""
+    from alpaca_lora import FinetuneConfig
+    from alpaca_lora.model import attach_lora, load_model
+
+    model, _ = load_model(tiny_model_dir, None, "float32", device="cpu")
+    model = attach_lora(model, FinetuneConfig(lora_r=4, lora_alpha=8, gradient_checkpointing=False))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (s + 1))
+    ids = torch.tensor([[1, 5, 9, 14, 2]])
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    return model, optimizer, scheduler

@@ -20,24 +20,13 @@ from alpaca_lora.checkpoint import (
     save_checkpoint,
 )
 from alpaca_lora.errors import CheckpointError
-from alpaca_lora.model import attach_lora, load_model
+from conftest import lora_training_parts
 
 
 @pytest.fixture(scope="module")
 def parts(tiny_model_dir):
     """A full-precision tiny Llama with LoRA, AdamW after two steps and a scheduler."""
-    model, _ = load_model(tiny_model_dir, None, "float32", device="cpu")
-    model = attach_lora(model, FinetuneConfig(lora_r=4, lora_alpha=8, gradient_checkpointing=False))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (s + 1))
-    ids = torch.tensor([[1, 5, 9, 14, 2]])
-    for _ in range(2):
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-    return model, optimizer, scheduler
+    return lora_training_parts(tiny_model_dir)
 
 
 def _save(folder, step, parts, keep=3, model=None):

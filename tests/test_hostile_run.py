@@ -21,9 +21,8 @@ from safetensors.torch import load_file, save_file
 from alpaca_lora import CheckpointError, ConfigError, FinetuneConfig, TrainingDiverged
 from alpaca_lora.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from alpaca_lora.files import non_finite
-from alpaca_lora.model import attach_lora, load_model
 from alpaca_lora.train import finetune, fit, setup
-from conftest import SHORT_RECORDS, InputTally
+from conftest import SHORT_RECORDS, InputTally, lora_training_parts
 
 RECORDS = SHORT_RECORDS[:6]
 SETTINGS = dict(batch_size=2, micro_batch_size=2, learning_rate=5e-3, lora_r=4, lora_alpha=8, val_set_size=0,
@@ -78,7 +77,7 @@ def test_a_broken_update_after_checkpoints_names_the_last_finite_one(tiny_model_
 
 def test_save_checkpoint_refuses_non_finite_weights(tiny_model_dir, tmp_path):
     _count("non-finite state at save")
-    model, optimizer, scheduler = _parts(tiny_model_dir)
+    model, optimizer, scheduler = lora_training_parts(tiny_model_dir)
     with torch.no_grad():
         next(p for p in model.parameters() if p.requires_grad)[0, 0] = float("nan")
     with pytest.raises(CheckpointError, match="refusing to write .*NaN or infinite"):
@@ -107,25 +106,10 @@ def test_an_output_dir_that_is_a_file_fails_before_the_model_loads(tiny_model_di
 # ---- checkpoints -----------------------------------------------------------------------------------
 
 
-def _parts(tiny_model_dir, steps: int = 2):
-    model, _ = load_model(tiny_model_dir, None, "float32", device="cpu")
-    model = attach_lora(model, FinetuneConfig(lora_r=4, lora_alpha=8, gradient_checkpointing=False))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (s + 1))
-    ids = torch.tensor([[1, 5, 9, 14, 2]])
-    for _ in range(steps):
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-    return model, optimizer, scheduler
-
-
 @pytest.fixture(scope="module")
 def saved(tiny_model_dir, tmp_path_factory):
     """A checkpoint of a tiny LoRA model after two AdamW steps, and the parts that wrote it."""
-    parts = _parts(tiny_model_dir)
+    parts = lora_training_parts(tiny_model_dir)
     folder = save_checkpoint(tmp_path_factory.mktemp("ckpt"), 2, *parts, {"step": 2}, keep=2)
     return folder, parts
 

@@ -9,6 +9,7 @@ from alpaca_lora.model import (
     resolve_compute_dtype,
     resolve_target_modules,
 )
+from conftest import with_custom_code
 
 
 def test_nf4_double_quant_base_has_real_4bit_layers(tiny_model_dir):
@@ -151,39 +152,9 @@ def test_no_grad_forward_pauses_checkpointing_and_restores_it(tiny_model_dir, tm
 
 # ---- hostile base folders (issue #19) -------------------------------------------------------------
 
-EVIL_CODE = """
-import pathlib
-pathlib.Path({marker!r}).write_text("the folder's code ran")
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-class EvilConfig(LlamaConfig):
-    model_type = "evil-llama"
-class EvilModel(LlamaForCausalLM):
-    config_class = EvilConfig
-class EvilTokenizer(PreTrainedTokenizerFast):
-    pass
-"""
-
-
 def _custom_code_copy(source, folder, where="config.json"):
-    """Copy ``source`` into ``folder`` with an ``auto_map`` in ``where`` naming the folder's evil.py.
-
-    Importing evil.py writes ``folder/RAN``; the model type is unknown to transformers, so only the
-    folder's code could load it (what made transformers prompt before).
-    """
-    import json
-    import shutil
-
-    shutil.copytree(source, folder)
-    (folder / "evil.py").write_text(EVIL_CODE.format(marker=str(folder / "RAN")))
-    data = json.loads((folder / where).read_text()) if (folder / where).is_file() else {}
-    if where == "config.json":
-        data.update(model_type="evil-llama",
-                    auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"})
-    else:
-        data.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None],
-                                                               "AutoProcessor": "evil.EvilTokenizer"})
-    (folder / where).write_text(json.dumps(data))
-    return folder
+    """``source`` copied to ``folder`` with an ``auto_map`` in ``where``; its evil.py would write ``folder/RAN``."""
+    return with_custom_code(source, folder, where, folder / "RAN")
 
 
 @pytest.mark.parametrize("where", ["config.json", "tokenizer_config.json"])

@@ -30,7 +30,7 @@ from alpaca_lora.artifacts import (
 )
 from alpaca_lora.files import CODE_FILES
 from alpaca_lora.model import load_tokenizer
-from conftest import SHORT_RECORDS, InputTally, save_tiny_llama
+from conftest import SHORT_RECORDS, InputTally, save_tiny_llama, with_custom_code
 
 TIME_LIMIT_S = 20.0  # per load; an honest load of the tiny base takes about half a second here
 _count = InputTally("hostile model-folder inputs tried")
@@ -133,35 +133,6 @@ def test_an_adapter_is_refused_on_a_same_shape_base_with_other_weights(adapter_d
 
 # ---- custom code: never run, never prompted for ----------------------------------------------------
 
-EVIL_CODE = """
-import pathlib
-pathlib.Path({marker!r}).write_text("the folder's code ran")
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-class EvilConfig(LlamaConfig):
-    model_type = "evil-llama"
-class EvilModel(LlamaForCausalLM):
-    config_class = EvilConfig
-class EvilTokenizer(PreTrainedTokenizerFast):
-    pass
-"""
-
-
-def _with_custom_code(source: Path, folder: Path, where: str, marker: Path) -> Path:
-    """Copy ``source`` to ``folder`` with an ``auto_map`` in ``where`` naming its evil.py (which writes ``marker``)."""
-    shutil.copytree(source, folder)
-    (folder / "evil.py").write_text(EVIL_CODE.format(marker=str(marker)))
-    data = json.loads((folder / where).read_text()) if (folder / where).is_file() else {}
-    if where == "config.json":
-        data.update(model_type="evil-llama",
-                    auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"})
-    else:
-        data.update(tokenizer_class="EvilTokenizer", processor_class="EvilTokenizer",
-                    auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None], "AutoProcessor": "evil.EvilTokenizer",
-                              "AutoImageProcessor": "evil.EvilTokenizer"})
-    (folder / where).write_text(json.dumps(data))
-    return folder
-
-
 def _adapter_on(adapter: Path, base: Path, folder: Path) -> Path:
     """A copy of ``adapter`` whose adapter_config.json names ``base`` (and no fingerprint)."""
     shutil.copytree(adapter, folder)
@@ -174,7 +145,7 @@ def _adapter_on(adapter: Path, base: Path, folder: Path) -> Path:
 @pytest.mark.parametrize("where", CODE_FILES)
 def test_custom_code_in_any_config_file_is_refused_everywhere(tiny_model_dir, adapter_dir, tmp_path, where):
     marker = tmp_path / "RAN"
-    folder = _with_custom_code(tiny_model_dir, tmp_path / "custom", where, marker)
+    folder = with_custom_code(tiny_model_dir, tmp_path / "custom", where, marker)
     adapter = _adapter_on(adapter_dir, folder, tmp_path / "adapter-on-custom")
     calls = {"load_tokenizer": lambda: load_tokenizer(folder),
              "load_model": lambda: load_model(folder, None, "float32", device="cpu"),
@@ -221,8 +192,8 @@ def test_custom_code_never_runs_even_when_the_terminal_says_yes(tiny_model_dir, 
     Before the fix transformers asked "Do you wish to run the custom code? [y/N]" and a 'y' ran evil.py.
     """
     marker = tmp_path / "RAN"
-    custom = _with_custom_code(tiny_model_dir, tmp_path / "custom", "config.json", marker)
-    custom_tok = _with_custom_code(tiny_model_dir, tmp_path / "custom-tok", "tokenizer_config.json", marker)
+    custom = with_custom_code(tiny_model_dir, tmp_path / "custom", "config.json", marker)
+    custom_tok = with_custom_code(tiny_model_dir, tmp_path / "custom-tok", "tokenizer_config.json", marker)
     adapter = _adapter_on(adapter_dir, custom, tmp_path / "adapter-on-custom")
     adapter_tok = shutil.copytree(adapter_dir, tmp_path / "adapter-with-custom-tokenizer")
     for name in ("tokenizer.json", "tokenizer_config.json", "evil.py"):
