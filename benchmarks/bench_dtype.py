@@ -70,7 +70,7 @@ def main() -> None:
     p.add_argument("--configs", nargs="*", default=list(CONFIGS))
     p.add_argument("--out", type=Path, default=HERE / "results" / "dtype_cpu.json")
     args = p.parse_args()
-    from alpaca_lora.model import cpu_has_native_bf16
+    from alpaca_lora.model.load import cpu_has_native_bf16
 
     data = records(args.steps * args.micro_batch_size)
     rates: dict[str, list[float]] = {name: [] for name in args.configs}

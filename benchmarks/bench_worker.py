@@ -7,7 +7,7 @@ order, with the same LoRA settings; what differs is the training code.
 - ``baseline``: transformers ``Trainer`` + peft + bitsandbytes NF4 (double quant),
   ``prepare_model_for_kbit_training`` (gradient checkpointing on, its default),
   ``DataCollatorForSeq2Seq(pad_to_multiple_of=8)``: the recipe of tloen/alpaca-lora and the peft docs.
-- ``alpaca_lora``: ``alpaca_lora.train.setup / fit / save``, i.e. ``finetune()`` with its defaults,
+- ``alpaca_lora``: ``alpaca_lora.train.recipe.setup / fit / save``, i.e. ``finetune()`` with its defaults,
   plus any ``--set field=value`` overrides (the ablations).
 """
 
@@ -40,8 +40,8 @@ def load_data(args: argparse.Namespace):
     from transformers import AutoTokenizer
 
     from alpaca_lora import load_instructions
-    from alpaca_lora.data import prepare_dataset
-    from alpaca_lora.sampler import epoch_batches
+    from alpaca_lora.data.prepare import prepare_dataset
+    from alpaca_lora.data.sampler import epoch_batches
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     if args.context_probe:
@@ -216,8 +216,8 @@ def run_baseline(args: argparse.Namespace, out: dict) -> None:
 
 def run_ours(args: argparse.Namespace, out: dict) -> None:
     from alpaca_lora import FinetuneConfig
-    from alpaca_lora.loss import causal_lm, token_losses_sum
-    from alpaca_lora.train import batch_loss, fit, save, setup
+    from alpaca_lora.kernels.cross_entropy import causal_lm, token_losses_sum
+    from alpaca_lora.train.recipe import batch_loss, fit, save, setup
 
     records, tokenized, _, batches = load_data(args)
     # The baseline's dtype: fp32 on a CPU (DESIGN: compare the same math), whatever "auto" picks there.

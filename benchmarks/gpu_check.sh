@@ -206,7 +206,7 @@ else:
     (pkg / "__init__.py").write_text('"""Placeholder made by benchmarks/gpu_check.sh; the GGUF file is empty."""\n')
     with open(pkg / stamp["gguf_file"], "wb") as fh:
         fh.truncate(stamp["gguf_size"])
-    target = cache / "smollm2-135m-instruct"  # alpaca_lora.embedded's folder name
+    target = cache / "smollm2-135m-instruct"  # alpaca_lora.model.embedded's folder name
     shutil.copytree(src, target, dirs_exist_ok=True)
     state = {"kind": "tokenizer-only stand-in (tokenizer, config, no weights)", "where": str(target),
              "files": sorted(p.name for p in target.iterdir())}

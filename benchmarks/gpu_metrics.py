@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from alpaca_lora.memory import projection_shapes
+from alpaca_lora.train.memory import projection_shapes
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from the vendors' datasheets, matched
 # against ``torch.cuda.get_device_name()``; the first matching key wins, so longer names come first.

@@ -94,10 +94,10 @@ def measure(base_model: str, micro_batch: int, cutoff_len: int, gradient_checkpo
     import transformers  # noqa: F401
 
     from alpaca_lora import FinetuneConfig, estimate_memory
-    from alpaca_lora.cpu_linear4bit import use_onednn_4bit_layers
-    from alpaca_lora.cpu_matmul import resolve_backend
-    from alpaca_lora.loss import token_losses_sum
-    from alpaca_lora.model import attach_lora, load_model
+    from alpaca_lora.kernels.cpu_linear4bit import use_onednn_4bit_layers
+    from alpaca_lora.kernels.cpu_matmul import resolve_backend
+    from alpaca_lora.kernels.cross_entropy import token_losses_sum
+    from alpaca_lora.model.load import attach_lora, load_model
 
     torch.manual_seed(0)
     gc.collect()

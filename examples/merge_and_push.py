@@ -16,7 +16,7 @@ import json
 import logging
 
 from alpaca_lora import merge, push_to_hub
-from alpaca_lora.generate import generate
+from alpaca_lora.inference.generate import generate
 
 
 def main() -> None:

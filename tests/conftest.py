@@ -33,7 +33,7 @@ def real_records(shared_data: Path) -> list[dict]:
 @pytest.fixture(scope="session")
 def smol_dir() -> Path:
     """The embedded default base (SmolLM2-135M-Instruct) as a local folder."""
-    from alpaca_lora.embedded import default_base_model
+    from alpaca_lora.model.embedded import default_base_model
 
     return default_base_model()
 
@@ -148,7 +148,7 @@ def with_custom_code(source: Path, folder: Path, where: str, marker: Path) -> Pa
 def lora_training_parts(tiny_model_dir: Path, steps: int = 2):
     """A full-precision tiny Llama with LoRA, AdamW after ``steps`` steps and a LambdaLR scheduler."""
     from alpaca_lora import FinetuneConfig
-    from alpaca_lora.model import attach_lora, load_model
+    from alpaca_lora.model.load import attach_lora, load_model
 
     model, _ = load_model(tiny_model_dir, None, "float32", device="cpu")
     model = attach_lora(model, FinetuneConfig(lora_r=4, lora_alpha=8, gradient_checkpointing=False))

@@ -12,14 +12,14 @@ import torch
 from safetensors import SafetensorError
 
 from alpaca_lora import FinetuneConfig
-from alpaca_lora.checkpoint import (
+from alpaca_lora.errors import CheckpointError
+from alpaca_lora.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     remove_incomplete,
     save_checkpoint,
 )
-from alpaca_lora.errors import CheckpointError
 from conftest import lora_training_parts
 
 
@@ -155,7 +155,7 @@ def test_damaged_or_incomplete_checkpoints_are_refused_by_name(parts, tmp_path):
 def test_resume_accepts_a_changed_backend_but_not_a_changed_recipe(tmp_path):
     from types import SimpleNamespace
 
-    from alpaca_lora.run_checkpoints import check_compatible
+    from alpaca_lora.train.resume import check_compatible
 
     fingerprint = {"base_model": {"config_sha256": "a"}, "data": {"sha256": "d"}}
     saved = {"config": FinetuneConfig(cpu_matmul="auto").to_dict(), "fingerprint": fingerprint}

@@ -10,11 +10,11 @@ import pytest
 import yaml
 
 from alpaca_lora import FinetuneConfig, estimate_memory
-from alpaca_lora.cli import main
-from alpaca_lora.cli_flags import field_docs
-from alpaca_lora.hub import export_files
-from alpaca_lora.inspection import inspect_data
-from alpaca_lora.memory import GIB
+from alpaca_lora.cli.flags import field_docs
+from alpaca_lora.cli.main import main
+from alpaca_lora.data.inspection import inspect_data
+from alpaca_lora.export.hub import export_files
+from alpaca_lora.train.memory import GIB
 from test_push import TOKEN, FakeHub
 
 
@@ -182,8 +182,8 @@ def test_flags_come_from_signatures_and_docstrings():
     import inspect
 
     from alpaca_lora import generate, merge
-    from alpaca_lora.cli import build_parser
-    from alpaca_lora.cli_flags import converter, docstring_args
+    from alpaca_lora.cli.flags import converter, docstring_args
+    from alpaca_lora.cli.main import build_parser
 
     docs = docstring_args(merge)
     assert set(docs) == set(inspect.signature(merge).parameters)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alpaca_lora.collator import InstructionCollator
-from alpaca_lora.data import load_instructions, prepare_dataset, tokenize_instruction
+from alpaca_lora.data.collator import InstructionCollator
+from alpaca_lora.data.prepare import load_instructions, prepare_dataset, tokenize_instruction
 from alpaca_lora.errors import ModelError
 
 

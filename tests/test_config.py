@@ -224,7 +224,7 @@ def test_train_on_inputs_no_is_not_true():
 def test_numpy_numbers_and_paths_become_python_values(tmp_path):
     import numpy as np
 
-    from alpaca_lora.prompts import get_template
+    from alpaca_lora.data.prompts import get_template
 
     cfg = FinetuneConfig(lora_r=np.int64(8), learning_rate=np.float32(1e-3), resume_from_checkpoint=tmp_path,
                          template=get_template("alpaca_short"))

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from alpaca_lora import FinetuneConfig, cpu_linear4bit, cpu_matmul
-from alpaca_lora.cpu_linear4bit import CpuLinear4bit, use_onednn_4bit_layers
-from alpaca_lora.cpu_matmul import linear, resolve_backend
 from alpaca_lora.errors import ConfigError
-from alpaca_lora.train import batch_loss, setup
+from alpaca_lora.kernels.cpu_linear4bit import CpuLinear4bit, use_onednn_4bit_layers
+from alpaca_lora.kernels.cpu_matmul import linear, resolve_backend
+from alpaca_lora.train.recipe import batch_loss, setup
 
 needs_onednn = pytest.mark.skipif(not cpu_matmul.onednn_available(), reason="this torch build has no oneDNN linear")
 RECORDS = [{"instruction": f"Add {i} and {i + 1}", "input": "", "output": f"The sum is {2 * i + 1}."}

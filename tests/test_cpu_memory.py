@@ -6,8 +6,8 @@ import platform
 import pytest
 
 from alpaca_lora import FinetuneConfig
-from alpaca_lora.cpu_memory import release_freed_memory_to_os
-from alpaca_lora.train import setup
+from alpaca_lora.kernels.cpu_memory import release_freed_memory_to_os
+from alpaca_lora.train.recipe import setup
 
 RECORDS = [{"instruction": "Say hi", "input": "", "output": "hi there"}] * 4
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
@@ -16,7 +16,7 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 @pytest.fixture(autouse=True)
 def _restore_malloc():
     """The setting is process-wide: give later tests glibc's usual ceiling back."""
-    from alpaca_lora import cpu_memory
+    from alpaca_lora.kernels import cpu_memory as cpu_memory
 
     yield
     cpu_memory._run_threshold.clear()
@@ -30,7 +30,7 @@ def test_applies_on_glibc_and_reports_it():
 
 @pytest.mark.parametrize("flag", [True, False])
 def test_setup_applies_it_only_when_configured(tiny_model_dir, tmp_path, caplog, flag):
-    caplog.set_level(logging.INFO, logger="alpaca_lora.cpu_memory")
+    caplog.set_level(logging.INFO, logger="alpaca_lora.kernels.cpu_memory")
     cfg = FinetuneConfig(val_set_size=0, max_steps=1, cutoff_len=96, release_cpu_memory=flag, device="cpu")
     run = setup(tiny_model_dir, RECORDS, tmp_path, cfg)
     run.metrics.close()
@@ -39,7 +39,7 @@ def test_setup_applies_it_only_when_configured(tiny_model_dir, tmp_path, caplog,
 
 
 def test_loading_threshold_is_undone_to_the_runs_own_or_the_ceiling(monkeypatch):
-    from alpaca_lora import cpu_memory
+    from alpaca_lora.kernels import cpu_memory as cpu_memory
 
     calls: list[tuple[int, int]] = []
     monkeypatch.setattr(cpu_memory, "_mallopt", lambda p, v: calls.append((p, v)) or True)
@@ -60,7 +60,7 @@ def test_loading_threshold_is_undone_to_the_runs_own_or_the_ceiling(monkeypatch)
 
 
 def test_a_trim_threshold_the_user_set_is_left_alone(monkeypatch):
-    from alpaca_lora import cpu_memory
+    from alpaca_lora.kernels import cpu_memory as cpu_memory
 
     calls: list[tuple[int, int]] = []
     monkeypatch.setattr(cpu_memory, "_mallopt", lambda p, v: calls.append((p, v)) or True)
@@ -74,7 +74,7 @@ def test_a_trim_threshold_the_user_set_is_left_alone(monkeypatch):
 
 
 def test_a_threshold_the_user_set_for_the_process_is_left_alone(monkeypatch):
-    from alpaca_lora import cpu_memory
+    from alpaca_lora.kernels import cpu_memory as cpu_memory
 
     calls: list[int] = []
     monkeypatch.setattr(cpu_memory, "_mallopt", lambda p, v: calls.append(v) or True)

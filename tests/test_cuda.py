@@ -106,7 +106,7 @@ def test_4bit_linear_forward_and_input_gradient_equal_the_dequantized_weights(dt
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory):
     """``trained(dtype)``: a default fine-tune of the tiny Llama on the GPU in ``dtype`` (one per dtype, cached)."""
-    from alpaca_lora.train import finetune
+    from alpaca_lora.train.recipe import finetune
 
     runs: dict[str, tuple] = {}
 
@@ -157,10 +157,10 @@ def test_half_precision_first_loss_equals_the_fp32_one(trained, dtype):
 def test_reloaded_adapter_scores_the_records_as_training_ended(trained, tiny_model_dir, dtype):
     from peft import PeftModel
 
-    from alpaca_lora.collator import InstructionCollator
-    from alpaca_lora.data import load_instructions, prepare_dataset
-    from alpaca_lora.loss import token_losses_sum
-    from alpaca_lora.model import load_model
+    from alpaca_lora.data.collator import InstructionCollator
+    from alpaca_lora.data.prepare import load_instructions, prepare_dataset
+    from alpaca_lora.kernels.cross_entropy import token_losses_sum
+    from alpaca_lora.model.load import load_model
 
     _, out, _ = trained(dtype)
     base, tok = load_model(tiny_model_dir, "nf4", dtype, device=DEVICE)
@@ -201,9 +201,9 @@ def _records(vocab: int) -> list[dict]:
 def test_packed_rows_give_the_padded_logits_and_loss(dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from alpaca_lora.collator import InstructionCollator
-    from alpaca_lora.loss import token_losses_sum
-    from alpaca_lora.packing import PackedCollator, attention_kind, body_kwargs, use_packed_attention
+    from alpaca_lora.data.collator import InstructionCollator
+    from alpaca_lora.data.packing import PackedCollator, attention_kind, body_kwargs, use_packed_attention
+    from alpaca_lora.kernels.cross_entropy import token_losses_sum
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -264,8 +264,8 @@ def test_merged_model_on_the_gpu_equals_the_unmerged_adapter(trained, tiny_model
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from alpaca_lora.merge import merge
-    from alpaca_lora.model import load_model
+    from alpaca_lora.export.merge import merge
+    from alpaca_lora.model.load import load_model
 
     _, adapter, _ = trained("bfloat16")
     merged = merge(adapter, tmp_path / "merged", dtype="float32")
@@ -288,8 +288,8 @@ def test_dequantized_merge_reproduces_the_4bit_training_forward_on_the_gpu(train
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from alpaca_lora.merge import merge
-    from alpaca_lora.model import load_model
+    from alpaca_lora.export.merge import merge
+    from alpaca_lora.model.load import load_model
 
     _, adapter, _ = trained("float32")
     merged = merge(adapter, tmp_path / "merged", dtype="float32", merge_into="dequantized")
@@ -309,8 +309,8 @@ def test_dequantized_merge_reproduces_the_4bit_training_forward_on_the_gpu(train
 @pytest.mark.parametrize("quantization", [None, "nf4"])
 def test_batched_greedy_generation_equals_one_by_one(tiny_model_dir, quantization):
     """Left-padded batches against single prompts; with NF4, batched decoding against the gemv kernel."""
-    from alpaca_lora.generate import generate
-    from alpaca_lora.model import load_model
+    from alpaca_lora.inference.generate import generate
+    from alpaca_lora.model.load import load_model
 
     model, tok = load_model(tiny_model_dir, quantization, "float32", device=DEVICE)
     assert next(model.parameters()).is_cuda

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alpaca_lora.data import (
+from alpaca_lora.data.prepare import (
     DROP_EMPTY_RESPONSE,
     DROP_PROMPT_FULL,
     PrepareReport,
@@ -23,8 +23,8 @@ from alpaca_lora.data import (
     split_dataset,
     tokenize_instruction,
 )
+from alpaca_lora.data.prompts import get_template
 from alpaca_lora.errors import ConfigError, DataError
-from alpaca_lora.prompts import get_template
 
 RECORDS = [
     {"instruction": "Add 2 and 3.", "input": "", "output": "5"},
@@ -153,7 +153,7 @@ def test_csv_details_bom_multiline_and_line_numbers(tmp_path):
 
 
 def test_auto_mapping_of_common_layouts(caplog):
-    caplog.set_level(logging.WARNING, logger="alpaca_lora.data")
+    caplog.set_level(logging.WARNING, logger="alpaca_lora.data.prepare")
     cases = [  # (record, expected (instruction, input, output), layout named in the notice)
         ({"prompt": "p", "completion": "c"}, ("p", "", "c"), "prompt/completion"),
         ({"instruction": "i", "context": "c", "response": "r", "category": "qa"}, ("i", "c", "r"), "dolly"),

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from alpaca_lora.demo import DemoConfig, format_report, run_demo
+from alpaca_lora.demo.run import DemoConfig, format_report, run_demo
 
 
 @pytest.mark.slow

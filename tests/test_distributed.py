@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from alpaca_lora import ConfigError
-from alpaca_lora.distributed import (
+from alpaca_lora.train.distributed import (
     Dist,
     LaunchEnv,
     check_world_size,
@@ -28,7 +28,7 @@ from alpaca_lora.distributed import (
     init_distributed,
     launch_env,
 )
-from alpaca_lora.train import finetune
+from alpaca_lora.train.recipe import finetune
 
 SCRIPT = Path(__file__).parent / "scripts" / "dist_finetune.py"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

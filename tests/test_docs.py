@@ -133,7 +133,7 @@ def _hooks():
 def test_cli_reference_shows_every_subcommand_and_flag():
     import dataclasses
 
-    from alpaca_lora.cli import build_parser
+    from alpaca_lora.cli.main import build_parser
     from alpaca_lora.config import FinetuneConfig
 
     hooks = _hooks()

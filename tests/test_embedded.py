@@ -31,8 +31,8 @@ def test_the_embedded_base_passes_the_hostile_folder_checks(smol_dir):
     """The strict base-folder checks (issue #19) accept the real model, and its fingerprint reads a sample only."""
     import time
 
-    from alpaca_lora.artifacts import base_fingerprint
-    from alpaca_lora.model import check_base_folder, check_vocabulary, load_tokenizer
+    from alpaca_lora.export.layout import base_fingerprint
+    from alpaca_lora.model.load import check_base_folder, check_vocabulary, load_tokenizer
 
     rows = check_base_folder(smol_dir)  # no custom code, intact headers, config.json covered by the weights
     assert rows == 49152

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from alpaca_lora.checkpoint import latest_checkpoint
 from alpaca_lora.config import FinetuneConfig
-from alpaca_lora.train import finetune
+from alpaca_lora.train.checkpoint import latest_checkpoint
+from alpaca_lora.train.recipe import finetune
 
 pytestmark = pytest.mark.slow
 

@@ -10,11 +10,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from alpaca_lora import ConfigError, ModelError
-from alpaca_lora.data import tokenize_prompt
-from alpaca_lora.generate import _load_folder, clear_cache, generate
-from alpaca_lora.merge import merge
-from alpaca_lora.prompts import get_template
-from alpaca_lora.train import finetune
+from alpaca_lora.data.prepare import tokenize_prompt
+from alpaca_lora.data.prompts import get_template
+from alpaca_lora.export.merge import merge
+from alpaca_lora.inference.generate import _load_folder, clear_cache, generate
+from alpaca_lora.train.recipe import finetune
 from conftest import save_tiny_llama
 
 FP32 = dict(compute_dtype="float32")
@@ -265,10 +265,10 @@ def test_an_untrained_adapter_warns_and_answers_as_the_base(run, tiny_model_dir,
     folder = _adapter_copy(run[0], tmp_path / "zero", tensors=lambda s: {
         k: torch.zeros_like(v) if "lora_B" in k else v for k, v in s.items()})
     clear_cache()
-    with caplog.at_level(logging.WARNING, logger="alpaca_lora.generate"):
+    with caplog.at_level(logging.WARNING, logger="alpaca_lora.inference.generate"):
         text = generate(folder, INSTRUCTIONS[1], max_new_tokens=6, **FP32)
     assert text == generate(tiny_model_dir, INSTRUCTIONS[1], max_new_tokens=6, **FP32)
-    warned = [r for r in caplog.records if r.name == "alpaca_lora.generate" and r.levelno == logging.WARNING]
+    warned = [r for r in caplog.records if r.name == "alpaca_lora.inference.generate" and r.levelno == logging.WARNING]
     assert len(warned) == 1 and "no-op" in warned[0].getMessage() and "lora_B" in warned[0].getMessage()
 
 
@@ -333,7 +333,7 @@ def test_max_new_tokens_past_the_context_is_clamped_with_a_warning(short_context
     prompt = INSTRUCTIONS[3]
     room = 96 - len(tokenize_prompt(get_template("alpaca").render(prompt), smol_tokenizer))
     kw = {"min_new_tokens": room, **FP32}  # no early EOS: the answer runs to the bound
-    with caplog.at_level(logging.WARNING, logger="alpaca_lora.generate"):
+    with caplog.at_level(logging.WARNING, logger="alpaca_lora.inference.generate"):
         clamped = generate(short_context_dir, prompt, max_new_tokens=2000, **kw)
     assert any(f"stops after {room} new tokens" in r.getMessage() for r in caplog.records)
     assert clamped == generate(short_context_dir, prompt, max_new_tokens=room, **kw)

@@ -27,8 +27,8 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from alpaca_lora import AlpacaLoraError, ConfigError, ModelError, generate
-from alpaca_lora.merge import merge
-from alpaca_lora.train import finetune
+from alpaca_lora.export.merge import merge
+from alpaca_lora.train.recipe import finetune
 from conftest import SHORT_RECORDS, InputTally, save_tiny_llama
 
 PROPERTY = settings(max_examples=60, deadline=None, derandomize=True,

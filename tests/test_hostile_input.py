@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from alpaca_lora import AlpacaLoraError, InstructionCollator, ModelError, load_instructions, tokenize_instruction
-from alpaca_lora.data import tokenize_prompt
-from alpaca_lora.prompts import get_template, list_templates
+from alpaca_lora.data.prepare import tokenize_prompt
+from alpaca_lora.data.prompts import get_template, list_templates
 from conftest import InputTally
 
 PROPERTY = settings(max_examples=80, deadline=None, derandomize=True,
@@ -281,7 +281,7 @@ def test_generate_refuses_an_adapter_on_a_base_it_was_not_trained_on(tiny_model_
     from transformers import AutoModelForCausalLM
 
     from alpaca_lora import generate
-    from alpaca_lora.artifacts import FINGERPRINT_FILE, base_fingerprint, write_json
+    from alpaca_lora.export.layout import FINGERPRINT_FILE, base_fingerprint, write_json
 
     adapter = tmp_path / "adapter"
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),

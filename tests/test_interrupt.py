@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from alpaca_lora.interrupt import stop_requests
+from alpaca_lora.train.interrupt import stop_requests
 
 
 def _deliver(sig, until=lambda: False):
@@ -82,7 +82,7 @@ def test_outside_the_main_thread_nothing_is_installed(own_handlers):
 def test_second_sigterm_terminates_the_process():
     script = textwrap.dedent("""
         import os, signal, sys, time
-        from alpaca_lora.interrupt import stop_requests
+        from alpaca_lora.train.interrupt import stop_requests
         with stop_requests() as stop:
             os.kill(os.getpid(), signal.SIGTERM)
             while not stop.requested:

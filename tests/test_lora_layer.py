@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from alpaca_lora import FinetuneConfig
-from alpaca_lora.lora_layer import (
+from alpaca_lora.kernels.lora_layer import (
     FusedLoraLinear,
     FusedLoraLinear4bit,
     _LoraUpdate,
     dropout_mask,
     register_fused_layers,
 )
-from alpaca_lora.model import attach_lora, load_model
+from alpaca_lora.model.load import attach_lora, load_model
 
 
 def _randomize_lora_b(*models: torch.nn.Module) -> None:

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from alpaca_lora.loss import token_losses_sum
+from alpaca_lora.kernels.cross_entropy import token_losses_sum
 
 
 @pytest.fixture()
@@ -54,7 +54,7 @@ def test_fused_linear_cross_entropy_matches_autograd_loss_and_gradients(bias, so
     """The gradient made in the forward pass equals autograd's through full logits, for every input."""
     import torch.nn.functional as F
 
-    from alpaca_lora.loss import linear_cross_entropy_sum
+    from alpaca_lora.kernels.cross_entropy import linear_cross_entropy_sum
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=bias)
@@ -81,7 +81,7 @@ def test_fused_linear_cross_entropy_matches_autograd_loss_and_gradients(bias, so
 
 def test_fused_loss_stores_no_logits_for_the_backward_pass():
     """What the loss keeps for backward is (N, H) gradients, never (N, V) logits."""
-    from alpaca_lora.loss import linear_cross_entropy_sum
+    from alpaca_lora.kernels.cross_entropy import linear_cross_entropy_sum
 
     head = torch.nn.Linear(8, 1000, bias=False).requires_grad_(False)
     hidden = torch.randn(64, 8, requires_grad=True)
@@ -94,7 +94,7 @@ def test_fused_loss_stores_no_logits_for_the_backward_pass():
 def test_cpu_chunks_hold_at_most_the_byte_cap_of_logits(monkeypatch):
     """On the CPU the chunk shrinks so its fp32 logits stay under CPU_CHUNK_BYTES; the sum does not change."""
     from alpaca_lora import config as config_mod
-    from alpaca_lora import loss as loss_mod
+    from alpaca_lora.kernels import cross_entropy as loss_mod
 
     head = torch.nn.Linear(8, 1000, bias=False).requires_grad_(False)
     hidden = torch.randn(64, 8)
@@ -110,7 +110,7 @@ def test_cpu_chunks_hold_at_most_the_byte_cap_of_logits(monkeypatch):
 
 
 def test_other_heads_take_the_autograd_path_with_the_same_result():
-    from alpaca_lora.loss import linear_cross_entropy_sum
+    from alpaca_lora.kernels.cross_entropy import linear_cross_entropy_sum
 
     class Head(torch.nn.Module):  # not an nn.Linear, like a LoRA-wrapped lm_head
         def __init__(self) -> None:

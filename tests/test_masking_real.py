@@ -11,8 +11,8 @@ from collections import Counter
 
 import pytest
 
-from alpaca_lora.data import DROP_PROMPT_FULL, load_instructions, prepare_dataset, tokenize_instruction
-from alpaca_lora.prompts import get_template
+from alpaca_lora.data.prepare import DROP_PROMPT_FULL, load_instructions, prepare_dataset, tokenize_instruction
+from alpaca_lora.data.prompts import get_template
 
 
 @pytest.mark.parametrize("cutoff_len", [128, 512])

@@ -16,11 +16,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from alpaca_lora import ConfigError, ModelError
-from alpaca_lora.artifacts import pickle_files
-from alpaca_lora.hub import export_files
-from alpaca_lora.merge import merge
-from alpaca_lora.model import load_model
-from alpaca_lora.train import finetune
+from alpaca_lora.export.hub import export_files
+from alpaca_lora.export.layout import pickle_files
+from alpaca_lora.export.merge import merge
+from alpaca_lora.model.load import load_model
+from alpaca_lora.train.recipe import finetune
 
 RECORDS = [
     {"instruction": "Name the color of the sky.", "input": "", "output": "blue"},
@@ -227,7 +227,7 @@ def test_an_untrained_adapter_is_refused_before_anything_is_written(adapter, tmp
 
 def test_a_wrong_merge_fails_verification_and_leaves_no_export(adapter, tmp_path, monkeypatch):
     """Break the merge math on purpose (a 10% wrong LoRA scale): the logit check must catch it."""
-    merge_module = importlib.import_module("alpaca_lora.merge")  # the module, even once merge() is exported
+    merge_module = importlib.import_module("alpaca_lora.export.merge")  # the module, even once merge() is exported
     scale = merge_module._scale
     monkeypatch.setattr(merge_module, "_scale", lambda *a: 1.1 * scale(*a))
     with pytest.raises(ModelError, match="verification failed"):
@@ -269,7 +269,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
         return int(line.split()[1]) * 1024
 
     baseline = status("VmRSS")
-    from alpaca_lora.merge import merge
+    from alpaca_lora.export.merge import merge
     merge(sys.argv[1], sys.argv[2], dtype="float16")
     print(json.dumps({"baseline": baseline, "peak": status("VmHWM")}))
 """)
@@ -367,7 +367,7 @@ def test_a_base_holding_nan_is_refused(adapter, tiny_model_dir, tmp_path):
 def test_a_damaged_record_of_the_run_leaves_the_card_blank_but_merges(adapter, tmp_path, caplog):
     copy = _edit(adapter, tmp_path / "records", files={"train_results.json": b"[1, 2]",
                                                        "fingerprint.json": b'{"data": [1]}'})
-    with caplog.at_level(logging.WARNING, logger="alpaca_lora.merge"):
+    with caplog.at_level(logging.WARNING, logger="alpaca_lora.export.merge"):
         out = merge(copy, tmp_path / "out", verify=False)
     assert (out / "README.md").is_file() and "Final metrics | `{}`" in (out / "README.md").read_text()
     assert any("train_results.json" in r.getMessage() for r in caplog.records)

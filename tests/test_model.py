@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from alpaca_lora import ConfigError, FinetuneConfig, ModelError
-from alpaca_lora.model import (
+from alpaca_lora.model.load import (
     attach_lora,
     load_model,
     load_tokenizer,
@@ -54,7 +54,7 @@ def test_unknown_target_lists_existing_modules(tiny_model_dir):
 ])
 def test_cpu_auto_dtype_follows_native_bf16(monkeypatch, flags, expected):
     """Each branch of the CPU check, forced: bf16 with native bf16 products, fp32 without."""
-    from alpaca_lora import model as model_module
+    from alpaca_lora.model import load as model_module
 
     monkeypatch.setattr(model_module, "cpu_flags", lambda: frozenset(flags))
     assert model_module.cpu_has_native_bf16() is (expected == torch.bfloat16)
@@ -65,7 +65,7 @@ def test_cpu_auto_dtype_follows_native_bf16(monkeypatch, flags, expected):
 
 
 def test_cpu_flags_are_read_from_the_flags_line():
-    from alpaca_lora.model import cpu_flags, cpu_has_native_bf16
+    from alpaca_lora.model.load import cpu_flags, cpu_has_native_bf16
 
     assert cpu_has_native_bf16(frozenset({"avx2", "amx_bf16", "amx_tile"}))
     assert cpu_has_native_bf16(frozenset({"avx2", "avx512_bf16"}))
@@ -94,7 +94,7 @@ def test_tokenizer_pad_falls_back_without_breaking_eos(tiny_model_dir):
 def test_setup_leaves_the_4bit_model_trainable_after_a_no_grad_probe(tiny_model_dir, tmp_path):
     """A no-grad forward right after setup() must not repack 4-bit weights for inference-only kernels."""
     from alpaca_lora import FinetuneConfig
-    from alpaca_lora.train import batch_loss, setup
+    from alpaca_lora.train.recipe import batch_loss, setup
 
     records = [{"instruction": "Say hi", "input": "", "output": "hi"}] * 4
     run = setup(tiny_model_dir, records, tmp_path, FinetuneConfig(val_set_size=0, max_steps=1, cutoff_len=96))
@@ -112,7 +112,7 @@ def test_cpu_load_keeps_no_tensor_inside_the_mapped_weight_file(tiny_model_dir):
     """An fp32 checkpoint's embedding is a view of the mmap'd file; after loading it must own its memory."""
     from transformers import AutoModelForCausalLM
 
-    from alpaca_lora.model import _mapped_weight_ranges, copy_file_backed_tensors, load_model
+    from alpaca_lora.model.load import _mapped_weight_ranges, copy_file_backed_tensors, load_model
 
     def pointing_into_files(model: torch.nn.Module) -> int:
         ranges = _mapped_weight_ranges()
@@ -136,7 +136,7 @@ def test_no_grad_forward_pauses_checkpointing_and_restores_it(tiny_model_dir, tm
     import warnings
 
     from alpaca_lora import FinetuneConfig
-    from alpaca_lora.train import evaluate, setup
+    from alpaca_lora.train.recipe import evaluate, setup
 
     records = [{"instruction": "Say hi", "input": "", "output": "hi"}] * 8
     run = setup(tiny_model_dir, records, tmp_path, FinetuneConfig(val_set_size=2, max_steps=1, cutoff_len=96))

@@ -6,9 +6,8 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from alpaca_lora import ConfigError
-from alpaca_lora.collator import InstructionCollator
-from alpaca_lora.loss import token_losses_sum
-from alpaca_lora.packing import (
+from alpaca_lora.data.collator import InstructionCollator
+from alpaca_lora.data.packing import (
     PACKED_ATTENTION,
     PackedCollator,
     attention_kind,
@@ -16,7 +15,8 @@ from alpaca_lora.packing import (
     body_kwargs,
     use_packed_attention,
 )
-from alpaca_lora.train import finetune
+from alpaca_lora.kernels.cross_entropy import token_losses_sum
+from alpaca_lora.train.recipe import finetune
 
 FEATURES = [
     {"input_ids": [5, 6, 7, 2], "labels": [-100, -100, 7, 2], "attention_mask": [1, 1, 1, 1]},

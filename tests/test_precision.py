@@ -15,14 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alpaca_lora.collator import InstructionCollator
 from alpaca_lora.config import FinetuneConfig
-from alpaca_lora.generate import clear_cache, generate
-from alpaca_lora.loss import token_losses_sum
-from alpaca_lora.merge import merge
-from alpaca_lora.model import attach_lora, load_model
-from alpaca_lora.packing import PackedCollator, attention_kind, body_kwargs, use_packed_attention
-from alpaca_lora.train import finetune
+from alpaca_lora.data.collator import InstructionCollator
+from alpaca_lora.data.packing import PackedCollator, attention_kind, body_kwargs, use_packed_attention
+from alpaca_lora.export.merge import merge
+from alpaca_lora.inference.generate import clear_cache, generate
+from alpaca_lora.kernels.cross_entropy import token_losses_sum
+from alpaca_lora.model.load import attach_lora, load_model
+from alpaca_lora.train.recipe import finetune
 from conftest import SHORT_RECORDS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -278,8 +278,8 @@ def test_merged_equals_unmerged(trained, tmp_path, dtype):
 
 def test_dequantized_merge_rounds_in_the_dtype_training_ran_in(tiny_model_dir, tmp_path, monkeypatch):
     """"auto" trained in bf16 on one CPU; a merge on a CPU where "auto" is fp32 still quantizes from bf16."""
-    from alpaca_lora import model as model_module
-    from alpaca_lora.merge import _plan, _plan_dequantized
+    from alpaca_lora.export.merge import _plan, _plan_dequantized
+    from alpaca_lora.model import load as model_module
 
     monkeypatch.setattr(model_module, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
     result = finetune(tiny_model_dir, SHORT_RECORDS[:4], tmp_path / "adapter", max_steps=2, **FAST)
@@ -312,8 +312,8 @@ def test_batched_generation_equals_one_by_one(trained, dtype):
 @pytest.mark.parametrize("amx", [True, False])
 def test_auto_dtype_on_a_cpu_with_and_without_native_bf16_trains(tiny_model_dir, tmp_path, monkeypatch, amx):
     """compute_dtype="auto" with the CPU check forced each way: bf16 with AMX, fp32 on AVX2 alone; both learn."""
-    from alpaca_lora import model as model_module
-    from alpaca_lora.train import fit, setup
+    from alpaca_lora.model import load as model_module
+    from alpaca_lora.train.recipe import fit, setup
 
     flags = frozenset({"avx2", "fma"} | ({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"} if amx else set()))
     monkeypatch.setattr(model_module, "cpu_flags", lambda: flags)
@@ -360,7 +360,7 @@ def test_fp16_gradients_underflow_without_loss_scaling_and_train_with_it(smol_to
 
 def test_fp16_overflowing_scale_skips_steps_then_trains(tiny_model_dir, tmp_path):
     """A scale far too high: overflowing steps are skipped (not a divergence), the scale halves, training goes on."""
-    from alpaca_lora.train import fit, save, setup
+    from alpaca_lora.train.recipe import fit, save, setup
 
     cfg = FinetuneConfig(**{**FAST, "batch_size": 8}, max_steps=32, compute_dtype="float16")
     run = setup(tiny_model_dir, SHORT_RECORDS, tmp_path, cfg)
@@ -385,7 +385,7 @@ def test_fp16_overflowing_scale_skips_steps_then_trains(tiny_model_dir, tmp_path
 
 def test_loss_scaler_rule_and_state():
     from alpaca_lora.errors import CheckpointError
-    from alpaca_lora.loss_scale import LossScaler
+    from alpaca_lora.train.loss_scale import LossScaler
 
     off = LossScaler(enabled=False)
     off.update(overflow=True)
@@ -419,9 +419,10 @@ def test_a_first_run_prints_no_bitsandbytes_notice_but_real_warnings_pass():
     import subprocess
     import sys
 
-    from alpaca_lora.bnb_import import _NOTICE_LOGGER, _NOTICE_PREFIX, _OptionalKernelNotice
+    from alpaca_lora.model.bnb_import import _NOTICE_LOGGER, _NOTICE_PREFIX, _OptionalKernelNotice
 
-    code = "import alpaca_lora.lora_layer, alpaca_lora.cpu_linear4bit; from alpaca_lora.cli import main"
+    code = ("import alpaca_lora.kernels.lora_layer, alpaca_lora.kernels.cpu_linear4bit; "
+            "from alpaca_lora.cli.main import main")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "kernels" not in proc.stderr, proc.stderr
     quiet = _OptionalKernelNotice()

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from alpaca_lora.data.prompts import PromptTemplate, get_template, list_templates
 from alpaca_lora.errors import ConfigError
-from alpaca_lora.prompts import PromptTemplate, get_template, list_templates
 
 BUILT_INS = list_templates()
 CUSTOM = {

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from alpaca_lora.hub import export_files
+from alpaca_lora.export.hub import export_files
 
 TOKEN = "hf_LoopbackTestToken0123456789abcdef"
 EXPECTED = ["README.md", "config.json", "generation_config.json", "merge_report.json",
@@ -127,7 +127,7 @@ def export(tiny_model_dir, tmp_path):
 PUSH_SCRIPT = textwrap.dedent("""
     import json, logging, sys
     logging.basicConfig(level=logging.DEBUG)  # everything any library logs goes to stderr
-    from alpaca_lora.hub import push_to_hub
+    from alpaca_lora.export.hub import push_to_hub
     try:
         print(json.dumps({"files": push_to_hub(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3]))}))
     except Exception as exc:
@@ -202,7 +202,7 @@ def test_hub_errors_never_echo_the_token(export, hub, tmp_path):
 
 def test_bad_repo_id_and_empty_folder(tmp_path, hub):
     from alpaca_lora import ConfigError, ModelError
-    from alpaca_lora.hub import push_to_hub
+    from alpaca_lora.export.hub import push_to_hub
 
     with pytest.raises(ConfigError, match="repo_id"):
         push_to_hub(tmp_path, "a/b/c", dry_run=True)
@@ -229,7 +229,7 @@ def test_a_symlinked_file_is_refused_by_dry_run_and_upload(export, hub, tmp_path
     import os
 
     from alpaca_lora import ModelError
-    from alpaca_lora.hub import push_to_hub
+    from alpaca_lora.export.hub import push_to_hub
 
     link = export / name
     link.unlink()
@@ -261,7 +261,7 @@ def test_the_folder_itself_may_be_a_symlink(export, hub, tmp_path):
 def test_a_file_swapped_for_a_link_after_listing_is_not_read(export, secret_outside):
     """The upload opens each listed file without following a link (O_NOFOLLOW), so a swap in between fails."""
     from alpaca_lora import ModelError
-    from alpaca_lora.hub import _open_regular
+    from alpaca_lora.export.hub import _open_regular
 
     with _open_regular(export / "config.json") as fh:
         assert fh.read() == (export / "config.json").read_bytes()

@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import load_file
 
 from alpaca_lora import CheckpointError, TrainingDiverged
-from alpaca_lora.train import finetune
+from alpaca_lora.train.recipe import finetune
 from conftest import SHORT_RECORDS
 
 RECORDS = SHORT_RECORDS[:6]

@@ -1,4 +1,4 @@
-from alpaca_lora.sampler import epoch_batches, steps_per_epoch
+from alpaca_lora.data.sampler import epoch_batches, steps_per_epoch
 
 
 def test_epoch_covers_every_record_once_and_is_deterministic():

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from alpaca_lora import AlpacaLoraError, ModelError, generate, load_model, merge
-from alpaca_lora.artifacts import (
+from alpaca_lora.export.layout import (
     FINGERPRINT_FILE,
     base_fingerprint,
     fingerprints_match,
@@ -29,7 +29,7 @@ from alpaca_lora.artifacts import (
     write_json,
 )
 from alpaca_lora.files import CODE_FILES
-from alpaca_lora.model import load_tokenizer
+from alpaca_lora.model.load import load_tokenizer
 from conftest import SHORT_RECORDS, InputTally, save_tiny_llama, with_custom_code
 
 TIME_LIMIT_S = 20.0  # per load; an honest load of the tiny base takes about half a second here
@@ -164,7 +164,7 @@ CUSTOM_CODE_SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     from alpaca_lora import finetune, generate, load_model, merge
-    from alpaca_lora.model import load_tokenizer
+    from alpaca_lora.model.load import load_tokenizer
     custom, custom_tok, adapter, adapter_tok, base, out = map(Path, sys.argv[1:7])
     records = json.loads(sys.argv[7])
     calls = {

@@ -8,9 +8,8 @@ from datetime import datetime
 
 import pytest
 
-from alpaca_lora.errors import ConfigError, DataError
-from alpaca_lora.prompts import get_template
-from alpaca_lora.tasks import (
+from alpaca_lora.data.prompts import get_template
+from alpaca_lora.demo.tasks import (
     TASK_KINDS,
     TaskScore,
     evaluate_tasks,
@@ -21,6 +20,7 @@ from alpaca_lora.tasks import (
     score_predictions,
     train_test_tasks,
 )
+from alpaca_lora.errors import ConfigError, DataError
 
 KEYS = {"instruction", "input", "output", "kind"}
 

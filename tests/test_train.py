@@ -8,9 +8,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from alpaca_lora import ConfigError, DataError, FinetuneConfig
-from alpaca_lora.artifacts import pickle_files
-from alpaca_lora.loss import token_losses_sum
-from alpaca_lora.train import finetune
+from alpaca_lora.export.layout import pickle_files
+from alpaca_lora.kernels.cross_entropy import token_losses_sum
+from alpaca_lora.train.recipe import finetune
 from conftest import SHORT_RECORDS
 
 RECORDS = SHORT_RECORDS
@@ -58,8 +58,8 @@ def test_output_folder_is_self_describing_and_pickle_free(trained):
 def test_tokens_seen_counts_non_padding_tokens(trained):
     result, _ = trained
     # 40 steps x 8 records: every record is seen 40 times, so tokens_seen is 40 x their total length.
-    from alpaca_lora.data import load_instructions, prepare_dataset
-    from alpaca_lora.model import load_tokenizer
+    from alpaca_lora.data.prepare import load_instructions, prepare_dataset
+    from alpaca_lora.model.load import load_tokenizer
 
     ds, _ = prepare_dataset(load_instructions(RECORDS), load_tokenizer(result.adapter_dir), cutoff_len=64)
     assert result.tokens_seen == 40 * sum(ds["length"])
@@ -70,7 +70,7 @@ def test_saved_adapter_is_nonempty_and_reproduces_trained_logits(trained, tiny_m
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert len(weights) == 2 * 4 * 2  # (A, B) x (q, k, v, o) x 2 layers
     assert any(float(w.abs().max()) > 0 for k, w in weights.items() if "lora_B" in k)
-    from alpaca_lora.model import load_model
+    from alpaca_lora.model.load import load_model
 
     base, tok = load_model(tiny_model_dir, "nf4", "float32", device="cpu")
     model = PeftModel.from_pretrained(base, out).eval()
@@ -90,9 +90,9 @@ def test_saved_adapter_is_nonempty_and_reproduces_trained_logits(trained, tiny_m
 def test_trained_model_loss_matches_logged_loss(trained, tiny_model_dir):
     """The reloaded adapter scores the training set as well as training ended (same weights)."""
     result, out = trained
-    from alpaca_lora.collator import InstructionCollator
-    from alpaca_lora.data import load_instructions, prepare_dataset
-    from alpaca_lora.model import load_model
+    from alpaca_lora.data.collator import InstructionCollator
+    from alpaca_lora.data.prepare import load_instructions, prepare_dataset
+    from alpaca_lora.model.load import load_model
 
     base, tok = load_model(tiny_model_dir, "nf4", "float32", device="cpu")
     model = PeftModel.from_pretrained(base, out).eval()
@@ -119,7 +119,7 @@ def test_unknown_override_lists_close_matches(tiny_model_dir, tmp_path):
 
 
 def test_all_records_dropped_fails_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
-    from alpaca_lora import train
+    from alpaca_lora.train import recipe as train
 
     def boom(*args, **kwargs):
         raise AssertionError("the model must not load when no record is trainable")
@@ -165,9 +165,9 @@ def test_evaluation_does_not_change_training(tiny_model_dir, tmp_path):
 
 def test_reloaded_adapter_reproduces_the_trained_model(tiny_model_dir, tmp_path):
     """The final eval loss is computed by the in-memory trained model; a reload must give the same number."""
-    from alpaca_lora.collator import InstructionCollator
-    from alpaca_lora.data import load_instructions, prepare_dataset, split_dataset
-    from alpaca_lora.model import load_model
+    from alpaca_lora.data.collator import InstructionCollator
+    from alpaca_lora.data.prepare import load_instructions, prepare_dataset, split_dataset
+    from alpaca_lora.model.load import load_model
 
     records = RECORDS * 2
     result = finetune(tiny_model_dir, records, tmp_path, max_steps=6,

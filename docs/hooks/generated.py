@@ -4,7 +4,7 @@ A page asks for a section with a marker line ``<!-- generated: NAME -->``; :func
 replaces it with the output of ``GENERATORS[NAME]``. An unknown name stops the build.
 
 - ``cli-reference``: the ``--help`` of ``alpaca-lora`` and of every subcommand, from
-  ``alpaca_lora.cli.build_parser()``.
+  ``alpaca_lora.cli.main.build_parser()``.
 - ``memory-24gb``: :func:`alpaca_lora.estimate_memory` for 7B, 8B and 13B Llama shapes.
 """
 
@@ -61,7 +61,7 @@ def _help(parser: argparse.ArgumentParser) -> str:
 
 def cli_reference() -> str:
     """Markdown for the top-level help and each subcommand's help, as ``alpaca-lora`` prints it."""
-    from alpaca_lora.cli import build_parser
+    from alpaca_lora.cli.main import build_parser
 
     parser = build_parser()
     parts = ["## alpaca-lora", "", "```text", _help(parser), "```"]

@@ -1,28 +1,44 @@
-"""alpaca_lora: LoRA/QLoRA instruction tuning of Llama-family models on one GPU."""
+"""alpaca_lora: LoRA/QLoRA instruction tuning of Llama-family models on one GPU.
 
-from alpaca_lora.collator import InstructionCollator
-from alpaca_lora.config import FinetuneConfig
-from alpaca_lora.data import load_instructions, tokenize_instruction
-from alpaca_lora.embedded import default_base_model
-from alpaca_lora.errors import (
-    AlpacaLoraError,
-    CheckpointError,
-    ConfigError,
-    DataError,
-    ModelError,
-    TrainingDiverged,
-    TrainingInterrupted,
-)
-from alpaca_lora.generate import generate
-from alpaca_lora.hub import push_to_hub
-from alpaca_lora.inspection import InspectionReport, inspect_data
-from alpaca_lora.memory import MemoryEstimate, estimate_memory
-from alpaca_lora.merge import merge
-from alpaca_lora.model import load_model
-from alpaca_lora.prompts import PromptTemplate, get_template, list_templates
-from alpaca_lora.train import FinetuneResult, finetune
+The public names below load on first use (PEP 562), so ``import alpaca_lora`` is cheap and imports
+neither torch nor transformers; ``from alpaca_lora import finetune`` loads what ``finetune`` needs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    "AlpacaLoraError": "alpaca_lora.errors",
+    "CheckpointError": "alpaca_lora.errors",
+    "ConfigError": "alpaca_lora.errors",
+    "DataError": "alpaca_lora.errors",
+    "ModelError": "alpaca_lora.errors",
+    "TrainingDiverged": "alpaca_lora.errors",
+    "TrainingInterrupted": "alpaca_lora.errors",
+    "FinetuneConfig": "alpaca_lora.config",
+    "InstructionCollator": "alpaca_lora.data.collator",
+    "load_instructions": "alpaca_lora.data.records",
+    "tokenize_instruction": "alpaca_lora.data.prepare",
+    "PromptTemplate": "alpaca_lora.data.prompts",
+    "get_template": "alpaca_lora.data.prompts",
+    "list_templates": "alpaca_lora.data.prompts",
+    "InspectionReport": "alpaca_lora.data.inspection",
+    "inspect_data": "alpaca_lora.data.inspection",
+    "default_base_model": "alpaca_lora.model.embedded",
+    "load_model": "alpaca_lora.model.load",
+    "MemoryEstimate": "alpaca_lora.train.memory",
+    "estimate_memory": "alpaca_lora.train.memory",
+    "FinetuneResult": "alpaca_lora.train.recipe",
+    "finetune": "alpaca_lora.train.recipe",
+    "merge": "alpaca_lora.export.merge",
+    "push_to_hub": "alpaca_lora.export.hub",
+    "generate": "alpaca_lora.inference.generate",
+}
 
 __all__ = [
     "AlpacaLoraError",
@@ -52,3 +68,41 @@ __all__ = [
     "push_to_hub",
     "tokenize_instruction",
 ]
+
+if TYPE_CHECKING:
+    from alpaca_lora.config import FinetuneConfig
+    from alpaca_lora.data.collator import InstructionCollator
+    from alpaca_lora.data.inspection import InspectionReport, inspect_data
+    from alpaca_lora.data.prepare import tokenize_instruction
+    from alpaca_lora.data.prompts import PromptTemplate, get_template, list_templates
+    from alpaca_lora.data.records import load_instructions
+    from alpaca_lora.errors import (
+        AlpacaLoraError,
+        CheckpointError,
+        ConfigError,
+        DataError,
+        ModelError,
+        TrainingDiverged,
+        TrainingInterrupted,
+    )
+    from alpaca_lora.export.hub import push_to_hub
+    from alpaca_lora.export.merge import merge
+    from alpaca_lora.inference.generate import generate
+    from alpaca_lora.model.embedded import default_base_model
+    from alpaca_lora.model.load import load_model
+    from alpaca_lora.train.memory import MemoryEstimate, estimate_memory
+    from alpaca_lora.train.recipe import FinetuneResult, finetune
+
+
+def __getattr__(name: str) -> Any:
+    """Load a public name from its module on first use and keep it in the package namespace."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'alpaca_lora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -2,6 +2,6 @@
 
 import sys
 
-from alpaca_lora.cli import main
+from alpaca_lora.cli.main import main
 
 sys.exit(main())

@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from alpaca_lora.data.prompts import PromptTemplate, get_template
 from alpaca_lora.errors import ConfigError, shown
-from alpaca_lora.prompts import PromptTemplate, get_template
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", None)
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -168,7 +168,7 @@ class FinetuneConfig:
     cpu_matmul: str = "auto"
     """fp32 matrix products of the 4-bit layers and the lm_head when training on a CPU: "onednn",
     "blas" (torch's default, MKL in the x86 wheels) or "auto" (oneDNN where it is measured faster on
-    this CPU, once per process). Same fp32 arithmetic either way; see ``alpaca_lora.cpu_matmul``."""
+    this CPU, once per process). Same fp32 arithmetic either way; see ``alpaca_lora.kernels.cpu_matmul``."""
     loss_chunk_size: int = 1024
     """Label positions per lm_head + cross-entropy chunk; bounds the logits held in memory. On the CPU a
     chunk also holds at most 30 MiB of logits (160 rows for a 49k vocabulary; see ``CPU_CHUNK_BYTES``)."""

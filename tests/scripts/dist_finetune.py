@@ -19,8 +19,8 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from alpaca_lora.config import FinetuneConfig
-from alpaca_lora.distributed import init_distributed
-from alpaca_lora.train import distribute, fit, save, setup
+from alpaca_lora.train.distributed import init_distributed
+from alpaca_lora.train.recipe import distribute, fit, save, setup
 
 
 class FailingCollator:

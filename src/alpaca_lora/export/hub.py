@@ -10,10 +10,10 @@ import stat
 from pathlib import Path
 from typing import BinaryIO
 
-from alpaca_lora import artifacts as art
 from alpaca_lora.errors import AlpacaLoraError, ConfigError, ModelError, shown
-from alpaca_lora.merge import EXPORT_FILES
-from alpaca_lora.merge import SHARD_NAME as _SHARD_NAME
+from alpaca_lora.export import layout as art
+from alpaca_lora.export.merge import EXPORT_FILES
+from alpaca_lora.export.merge import SHARD_NAME as _SHARD_NAME
 
 logger = logging.getLogger(__name__)
 

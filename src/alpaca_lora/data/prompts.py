@@ -3,7 +3,7 @@
 A template is four strings. ``prompt_input`` and ``prompt_no_input`` hold the placeholders
 ``{instruction}`` (both) and ``{input}`` (``prompt_input`` only); ``response_split`` is the header
 that ends every prompt, used to cut a response out of generated text. Templates live inside the
-package (``alpaca_lora/templates/*.json``) so they load the same way from any working directory.
+package (``alpaca_lora/data/templates/*.json``) so they load the same way from any working directory.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def _validate(t: PromptTemplate) -> list[str]:
 
 def list_templates() -> list[str]:
     """Return the names of the built-in templates, sorted."""
-    folder = resources.files("alpaca_lora") / "templates"
+    folder = resources.files("alpaca_lora.data") / "templates"
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
 
 
@@ -157,7 +157,7 @@ def get_template(template: str | Path | dict[str, Any] | PromptTemplate = "alpac
         raise ConfigError(f"template={shown(template)}: must be a built-in name {names}, a JSON file path, a dict "
                           f"with fields {list(_FIELDS)} or a PromptTemplate (got {type(template).__name__})")
     if isinstance(template, str) and template in names:
-        text = (resources.files("alpaca_lora") / "templates" / f"{template}.json").read_text("utf-8")
+        text = (resources.files("alpaca_lora.data") / "templates" / f"{template}.json").read_text("utf-8")
         return _from_dict(json.loads(text), template, f"built-in template {template!r}")
     path = Path(template)
     if _is_file(path):

@@ -3,7 +3,7 @@
 Weights are read one tensor at a time, shards are written incrementally, and a forward pass loads
 each module's parameters only while that module runs.
 
-This is what lets :func:`alpaca_lora.merge.merge` merge and verify a model in a fraction of its
+This is what lets :func:`alpaca_lora.export.merge.merge` merge and verify a model in a fraction of its
 size in memory.
 """
 

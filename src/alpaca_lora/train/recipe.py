@@ -20,20 +20,33 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from alpaca_lora import artifacts as art
-from alpaca_lora.checkpoint import (
+from alpaca_lora.config import FinetuneConfig, check_field_names
+from alpaca_lora.data.collator import InstructionCollator
+from alpaca_lora.data.packing import PackedCollator, attention_kind, batch_tokens, body_kwargs, use_packed_attention
+from alpaca_lora.data.prepare import data_fingerprint, load_instructions, prepare_dataset, split_dataset
+from alpaca_lora.data.prompts import get_template
+from alpaca_lora.data.sampler import epoch_batches, steps_per_epoch
+from alpaca_lora.errors import CheckpointError, ConfigError, ModelError
+from alpaca_lora.export import layout as art
+from alpaca_lora.files import non_finite
+from alpaca_lora.kernels.cpu_matmul import resolve_backend
+from alpaca_lora.kernels.cpu_memory import release_freed_memory_to_os
+from alpaca_lora.kernels.cross_entropy import forward_losses_sum, token_losses_sum
+from alpaca_lora.model.load import (
+    attach_lora,
+    load_model,
+    load_tokenizer,
+    resolve_compute_dtype,
+    trainable_parameters,
+)
+from alpaca_lora.train.checkpoint import (
     WRITE_ERRORS,
     capture_rng,
     disk_full,
     latest_checkpoint,
     remove_incomplete,
 )
-from alpaca_lora.collator import InstructionCollator
-from alpaca_lora.config import FinetuneConfig, check_field_names
-from alpaca_lora.cpu_matmul import resolve_backend
-from alpaca_lora.cpu_memory import release_freed_memory_to_os
-from alpaca_lora.data import data_fingerprint, load_instructions, prepare_dataset, split_dataset
-from alpaca_lora.distributed import (
+from alpaca_lora.train.distributed import (
     Dist,
     check_world_size,
     clip_grad_norm,
@@ -45,31 +58,18 @@ from alpaca_lora.distributed import (
     trainable,
     wrap_fsdp,
 )
-from alpaca_lora.errors import CheckpointError, ConfigError, ModelError
-from alpaca_lora.files import non_finite
-from alpaca_lora.interrupt import StopRequest, stop_requests
-from alpaca_lora.loss import forward_losses_sum, token_losses_sum
-from alpaca_lora.loss_scale import LossScaler
-from alpaca_lora.metrics import MetricsLogger, plot_losses
-from alpaca_lora.model import (
-    attach_lora,
-    load_model,
-    load_tokenizer,
-    resolve_compute_dtype,
-    trainable_parameters,
-)
-from alpaca_lora.optim import build_optimizer
-from alpaca_lora.packing import PackedCollator, attention_kind, batch_tokens, body_kwargs, use_packed_attention
-from alpaca_lora.preflight import preflight_summary
-from alpaca_lora.prompts import get_template
-from alpaca_lora.run_checkpoints import (
+from alpaca_lora.train.interrupt import StopRequest, stop_requests
+from alpaca_lora.train.loss_scale import LossScaler
+from alpaca_lora.train.metrics import MetricsLogger, plot_losses
+from alpaca_lora.train.optim import build_optimizer
+from alpaca_lora.train.preflight import preflight_summary
+from alpaca_lora.train.resume import (
     maybe_resume,
     save_run_checkpoint,
     stop_broken_weights,
     stop_diverged,
     stop_interrupted,
 )
-from alpaca_lora.sampler import epoch_batches, steps_per_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def resolve_config(config: FinetuneConfig | None, overrides: dict[str, Any]) -> 
 def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConfig, dist: Dist | None = None) -> _Run:
     """Validate and tokenize the data, then load the model, attach LoRA and build the optimizer.
 
-    ``dist`` is this process's place in a multi-process run (see :mod:`alpaca_lora.distributed`);
+    ``dist`` is this process's place in a multi-process run (see :mod:`alpaca_lora.train.distributed`);
     None trains in one process. Local work only: no collective runs here.
     """
     dist = dist or init_distributed(cfg.device, cfg.ddp_timeout, environ={})
@@ -242,7 +242,7 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
     model = attach_lora(model, cfg).train()
     matmul = "blas" if cfg.fsdp else resolve_backend(cfg.cpu_matmul, device, dtype)
     if matmul == "onednn":
-        from alpaca_lora.cpu_linear4bit import use_onednn_4bit_layers
+        from alpaca_lora.kernels.cpu_linear4bit import use_onednn_4bit_layers
 
         logger.info("CPU fp32 matmul through oneDNN in %d 4-bit layers and the lm_head", use_onednn_4bit_layers(model))
     n_trainable, total = trainable_parameters(model)
@@ -380,7 +380,7 @@ def train_step(run: _Run, micro_batches: list[list[int]]) -> tuple[float, float,
     non-finite loss or gradient norm is returned without updating anything (weights, optimizer
     moments, scheduler), so the model stays at its last good state. In fp16 the loss is multiplied
     by the loss scale before ``backward`` and the gradients divided by it before clipping; an
-    overflow there (a finite loss with a non-finite norm) halves the scale (:mod:`alpaca_lora.loss_scale`).
+    overflow there (a finite loss with a non-finite norm) halves the scale (:mod:`alpaca_lora.train.loss_scale`).
     """
     model, cfg, dist = run.model, run.cfg, run.dist
     model.train()

@@ -1,7 +1,7 @@
-"""bitsandbytes' 4-bit linear layer with its CPU fp32 products through oneDNN (:mod:`alpaca_lora.cpu_matmul`).
+"""bitsandbytes' 4-bit linear layer with its CPU fp32 products through oneDNN (:mod:`alpaca_lora.kernels.cpu_matmul`).
 
 :class:`CpuLinear4bit` is bitsandbytes' ``Linear4bit`` with a CPU fp32 path that dequantizes and
-multiplies through :func:`~alpaca_lora.cpu_matmul.linear`, forward and backward;
+multiplies through :func:`~alpaca_lora.kernels.cpu_matmul.linear`, forward and backward;
 :func:`use_onednn_4bit_layers` turns the ``Linear4bit`` layers of a loaded model into it (same object
 and state, subclass only). Anything else (another device or dtype, a weight repacked for CPU
 inference, a ``[K, N]`` quantized weight, a forward under autocast) takes bitsandbytes' own forward.
@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from alpaca_lora.bnb_import import import_bitsandbytes
-from alpaca_lora.cpu_matmul import linear
+from alpaca_lora.kernels.cpu_matmul import linear
+from alpaca_lora.model.bnb_import import import_bitsandbytes
 
 bnb = import_bitsandbytes()
 

@@ -1,7 +1,7 @@
 """The ``alpaca-lora`` command. The only module that reads ``sys.argv``; nothing imports it.
 
 Subcommands: ``finetune``, ``merge``, ``generate``, ``push``, ``inspect``, ``estimate`` and ``demo``.
-Their flags are generated (see :mod:`alpaca_lora.cli_flags`) from :class:`FinetuneConfig` and from
+Their flags are generated (see :mod:`alpaca_lora.cli.flags`) from :class:`FinetuneConfig` and from
 the signatures and docstrings of the functions they call, so the command line and the Python API
 cannot drift apart. ``--config run.yaml`` (or .json) supplies ``FinetuneConfig`` fields; flags
 override it. Exit codes: 0 success, 2 usage error (unknown flag or config key, with close matches;
@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from alpaca_lora.cli_flags import ArgumentParser, add_dataclass_flags, add_flag, add_signature_flags, docstring_args
+from alpaca_lora.cli.flags import ArgumentParser, add_dataclass_flags, add_flag, add_signature_flags, docstring_args
 from alpaca_lora.config import FinetuneConfig
 from alpaca_lora.errors import AlpacaLoraError, ConfigError, TrainingInterrupted
 
@@ -38,13 +38,13 @@ class _Usage(Exception):
 
 def build_parser() -> ArgumentParser:
     """Build the argument parser with every subcommand (this imports the library: torch, transformers)."""
-    from alpaca_lora.demo import BUDGETS, DemoConfig
-    from alpaca_lora.generate import generate
-    from alpaca_lora.hub import push_to_hub
-    from alpaca_lora.inspection import inspect_data
-    from alpaca_lora.memory import estimate_memory
-    from alpaca_lora.merge import merge
-    from alpaca_lora.train import finetune
+    from alpaca_lora.data.inspection import inspect_data
+    from alpaca_lora.demo.run import BUDGETS, DemoConfig
+    from alpaca_lora.export.hub import push_to_hub
+    from alpaca_lora.export.merge import merge
+    from alpaca_lora.inference.generate import generate
+    from alpaca_lora.train.memory import estimate_memory
+    from alpaca_lora.train.recipe import finetune
 
     parser = ArgumentParser(prog="alpaca-lora", description="LoRA/QLoRA instruction tuning of Llama-family models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -110,7 +110,7 @@ def _config(args: argparse.Namespace) -> FinetuneConfig:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from alpaca_lora.train import finetune
+    from alpaca_lora.train.recipe import finetune
 
     cfg = _config(args)
     result = finetune(args.base_model, args.data, config=cfg, **_given(args, {"output_dir"}))  # else its default
@@ -120,7 +120,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from alpaca_lora.merge import merge
+    from alpaca_lora.export.merge import merge
 
     kwargs = _given(args, {"base_model", "dtype", "max_shard_size", "merge_into", "allow_base_mismatch", "verify"})
     out = merge(args.adapter_dir, args.output_dir, **kwargs)
@@ -135,7 +135,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from alpaca_lora.generate import generate
+    from alpaca_lora.inference.generate import generate
 
     kwargs = {k: v for k, v in vars(args).items()
               if k not in ("command", "debug", "quiet", "model_or_dir", "instruction")}
@@ -155,7 +155,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from alpaca_lora.hub import push_to_hub
+    from alpaca_lora.export.hub import push_to_hub
 
     kwargs = _given(args, {"private", "dry_run", "commit_message"})
     files = push_to_hub(args.folder, args.repo_id, **kwargs)
@@ -167,7 +167,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from alpaca_lora.inspection import format_inspection, inspect_data
+    from alpaca_lora.data.inspection import format_inspection, inspect_data
 
     names = {"cutoff_len", "template", "train_on_inputs", "add_eos_token", "column_map"}
     kwargs = {k: v for k, v in _config(args).to_dict().items() if k in names} if args.config is not None else {}
@@ -178,8 +178,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
-    from alpaca_lora.embedded import default_base_model
-    from alpaca_lora.memory import estimate_memory, format_fit, parse_memory_size
+    from alpaca_lora.model.embedded import default_base_model
+    from alpaca_lora.train.memory import estimate_memory, format_fit, parse_memory_size
 
     cfg = _config(args)
     base = getattr(args, "base_model", None) or default_base_model()
@@ -200,7 +200,7 @@ _COMMANDS = {"finetune": _cmd_finetune, "merge": _cmd_merge, "generate": _cmd_ge
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from alpaca_lora.demo import DemoConfig, format_report, run_demo
+    from alpaca_lora.demo.run import DemoConfig, format_report, run_demo
 
     cfg = DemoConfig(**_given(args, {f.name for f in dataclasses.fields(DemoConfig)}))
     print(format_report(run_demo(cfg)))

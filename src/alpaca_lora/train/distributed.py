@@ -224,7 +224,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0, environ: M
             multi-process launch.
 
     """
-    from alpaca_lora.model import resolve_device
+    from alpaca_lora.model.load import resolve_device
 
     launch = launch_env(environ)
     if launch.world_size == 1:

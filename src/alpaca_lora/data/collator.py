@@ -1,6 +1,6 @@
 """InstructionCollator: right-pads tokenized records into tensors; labels are padded by position.
 
-Masking happens once, in :func:`alpaca_lora.data.tokenize_instruction`; this module only pads.
+Masking happens once, in :func:`alpaca_lora.data.prepare.tokenize_instruction`; this module only pads.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ precision; results differ only in summation order, within 1e-6 relative).
   ``"auto"`` times both once per process on a 512 x 1024 x 1024 product and takes oneDNN when it
   is available, gives the same result, and is at least 10% faster.
 - :func:`linear` is ``F.linear`` on either backend.
-- :mod:`alpaca_lora.cpu_linear4bit` runs bitsandbytes' 4-bit layers through :func:`linear`.
+- :mod:`alpaca_lora.kernels.cpu_linear4bit` runs bitsandbytes' 4-bit layers through :func:`linear`.
 """
 
 from __future__ import annotations

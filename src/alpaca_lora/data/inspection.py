@@ -3,7 +3,7 @@
 :func:`inspect_data` answers, before a run, the questions people otherwise ask after one: how many
 records are bad and why, how long the examples are in tokens against ``cutoff_len``, how many will
 be truncated or dropped, and what one training example looks like with its loss mask.
-The counts come from the same code as training (:func:`~alpaca_lora.data.prepare_dataset`), so
+The counts come from the same code as training (:func:`~alpaca_lora.data.prepare.prepare_dataset`), so
 they are what ``finetune`` will do with the same settings.
 
 In the decoded example the masked prompt span (labels -100, no loss) is shown between ``[[`` and
@@ -19,10 +19,10 @@ from typing import Any
 import datasets
 import numpy as np
 
-from alpaca_lora.data import IGNORE_INDEX, prepare_dataset, tokenize_instruction
+from alpaca_lora.data.prepare import IGNORE_INDEX, prepare_dataset, tokenize_instruction
+from alpaca_lora.data.prompts import PromptTemplate, get_template
+from alpaca_lora.data.records import FIELDS, read_records
 from alpaca_lora.errors import DataError
-from alpaca_lora.prompts import PromptTemplate, get_template
-from alpaca_lora.records import FIELDS, read_records
 
 MASK_OPEN, MASK_CLOSE = "[[", "]]"
 PERCENTILES = (50, 90, 99, 100)
@@ -110,10 +110,10 @@ def inspect_data(
         ModelError: No tokenizer can be loaded for ``base_model``.
 
     """
-    from alpaca_lora.model import load_tokenizer
+    from alpaca_lora.model.load import load_tokenizer
 
     if base_model is None:
-        from alpaca_lora.embedded import default_base_model
+        from alpaca_lora.model.embedded import default_base_model
 
         base_model = default_base_model()
     tmpl = get_template(template)
@@ -147,7 +147,7 @@ def inspect_data(
 
 
 def _prompt_length(record: dict[str, str], tokenizer: Any, template: PromptTemplate) -> int:
-    from alpaca_lora.data import tokenize_prompt
+    from alpaca_lora.data.prepare import tokenize_prompt
 
     return len(tokenize_prompt(template.render(record["instruction"], record["input"] or None), tokenizer))
 

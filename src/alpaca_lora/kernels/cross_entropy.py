@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from alpaca_lora.config import cpu_chunk_rows
-from alpaca_lora.cpu_matmul import linear
-from alpaca_lora.model import active_compute_dtype, checkpointing_paused
+from alpaca_lora.kernels.cpu_matmul import linear
+from alpaca_lora.model.load import active_compute_dtype, checkpointing_paused
 
 IGNORE_INDEX = -100
 
@@ -163,7 +163,7 @@ def linear_cross_entropy_sum(
         softcap: Final logit soft-capping (Gemma 2), or None.
         chunk_size: Rows per chunk (on the CPU at most ``CPU_CHUNK_BYTES`` of fp32 logits).
         onednn: Run a plain ``nn.Linear`` head's CPU fp32 products through oneDNN
-            (:mod:`alpaca_lora.cpu_matmul`).
+            (:mod:`alpaca_lora.kernels.cpu_matmul`).
 
     Returns:
         A scalar fp32 tensor; differentiable in ``hidden`` (and in the head's weights if they train).
@@ -203,7 +203,7 @@ def token_losses_sum(
         labels: ``(B, T)`` target ids, -100 where no loss is taken (same layout as ``input_ids``;
             the shift by one happens here).
         chunk_size: Label positions per lm_head + cross-entropy chunk.
-        onednn: Run the lm_head's CPU fp32 products through oneDNN (:mod:`alpaca_lora.cpu_matmul`).
+        onednn: Run the lm_head's CPU fp32 products through oneDNN (:mod:`alpaca_lora.kernels.cpu_matmul`).
         **body_kwargs: Passed to the decoder body (e.g. ``position_ids`` for packed batches).
 
     Returns:

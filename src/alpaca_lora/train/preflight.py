@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from alpaca_lora.config import FinetuneConfig
-from alpaca_lora.data import PrepareReport
+from alpaca_lora.data.prepare import PrepareReport
 from alpaca_lora.errors import AlpacaLoraError
-from alpaca_lora.memory import GIB, estimate_memory
-from alpaca_lora.model import trainable_parameters
+from alpaca_lora.model.load import trainable_parameters
+from alpaca_lora.train.memory import GIB, estimate_memory
 
 
 def preflight_summary(

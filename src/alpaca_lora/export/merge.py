@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
-from alpaca_lora import artifacts as art
 from alpaca_lora import files
+from alpaca_lora.data.prompts import PromptTemplate, get_template
 from alpaca_lora.errors import ConfigError, ModelError, shown
-from alpaca_lora.prompts import PromptTemplate, get_template
-from alpaca_lora.streaming import (
+from alpaca_lora.export import layout as art
+from alpaca_lora.export.streamed import (
     SafetensorsWriter,
     read_tensor,
     release_free_memory,
@@ -211,7 +211,7 @@ def parse_size(size: int | str) -> int:
 
 def _plan(adapter_dir: Path, base_model: str | Path | None, allow_mismatch: bool) -> _Plan:
     """Read and check everything the merge needs before a byte is written: adapter, template, base, tokenizer."""
-    from alpaca_lora.model import load_tokenizer
+    from alpaca_lora.model.load import load_tokenizer
 
     if not art.is_run_folder(adapter_dir):
         raise ModelError(f"{adapter_dir} holds no {art.ADAPTER_CONFIG}; pass the output folder of finetune()")
@@ -287,7 +287,7 @@ def _scale(adapter: files.LoraAdapter, module: str) -> float:
 
 def _plan_dequantized(plan: _Plan) -> None:
     """Mark the weights training held in 4-bit: every linear layer except the output embedding."""
-    from alpaca_lora.model import resolve_compute_dtype, resolve_device
+    from alpaca_lora.model.load import resolve_compute_dtype, resolve_device
 
     cfg_file = plan.adapter_dir / art.CONFIG_FILE
     cfg = art.read_json(cfg_file) if cfg_file.is_file() else {}
@@ -353,7 +353,7 @@ def _finite(plan: _Plan, name: str, merged: torch.Tensor, dtype: torch.dtype) ->
 
 
 def _roundtrip_4bit(w: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    from alpaca_lora.bnb_import import import_bitsandbytes
+    from alpaca_lora.model.bnb_import import import_bitsandbytes
 
     bnbf = import_bitsandbytes().functional
 

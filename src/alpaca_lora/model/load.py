@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from alpaca_lora import files
-from alpaca_lora.bnb_import import import_bitsandbytes
-from alpaca_lora.cpu_memory import heap_returned_while
 from alpaca_lora.errors import ConfigError, ModelError, shown
+from alpaca_lora.kernels.cpu_memory import heap_returned_while
+from alpaca_lora.model.bnb_import import import_bitsandbytes
 
 logger = logging.getLogger(__name__)
 
@@ -560,7 +560,7 @@ def attach_lora(model: Any, config: Any) -> Any:
         task_type="CAUSAL_LM",
     )
     if getattr(config, "fused_lora", False):
-        from alpaca_lora.lora_layer import register_fused_layers
+        from alpaca_lora.kernels.lora_layer import register_fused_layers
 
         register_fused_layers(lora, model, targets)
     torch.manual_seed(config.seed)  # LoRA A is random: make it reproducible

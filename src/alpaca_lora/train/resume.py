@@ -12,13 +12,13 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from alpaca_lora import artifacts as art
-from alpaca_lora.checkpoint import RngState, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from alpaca_lora.errors import CheckpointError, TrainingDiverged, TrainingInterrupted
-from alpaca_lora.interrupt import StopRequest
+from alpaca_lora.export import layout as art
+from alpaca_lora.train.checkpoint import RngState, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from alpaca_lora.train.interrupt import StopRequest
 
 if TYPE_CHECKING:
-    from alpaca_lora.train import _Run
+    from alpaca_lora.train.recipe import _Run
 
 logger = logging.getLogger(__name__)
 

@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
-from alpaca_lora import artifacts as art
 from alpaca_lora import files
-from alpaca_lora.data import tokenize_prompt
+from alpaca_lora.data.prepare import tokenize_prompt
+from alpaca_lora.data.prompts import PromptTemplate, get_template
 from alpaca_lora.errors import ConfigError, ModelError, shown
-from alpaca_lora.model import checkpointing_paused
-from alpaca_lora.prompts import PromptTemplate, get_template
+from alpaca_lora.export import layout as art
+from alpaca_lora.model.load import checkpointing_paused
 
 logger = logging.getLogger(__name__)
 
@@ -327,7 +327,7 @@ def _resolve(model_or_dir: Any, tokenizer: Any, quantization: str | None, comput
     if tokenizer is None:
         if folder is None or not (folder / "tokenizer_config.json").is_file():
             raise ConfigError("a loaded model needs tokenizer=: its folder is unknown or holds no tokenizer")
-        from alpaca_lora.model import load_tokenizer
+        from alpaca_lora.model.load import load_tokenizer
 
         tokenizer = load_tokenizer(folder)
     return model_or_dir, tokenizer, folder
@@ -367,7 +367,7 @@ def _load_folder(folder: str, quantization: str | None, compute_dtype: str, base
     ranks and targets that do not match the weights, NaN/inf values) and against the base before peft
     applies it (files.check_lora_fits), so peft never meets a damaged adapter.
     """
-    from alpaca_lora.model import load_model, load_tokenizer
+    from alpaca_lora.model.load import load_model, load_tokenizer
 
     path = Path(folder)
     if art.is_run_folder(path):

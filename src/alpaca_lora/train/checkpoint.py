@@ -24,8 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from alpaca_lora.artifacts import ADAPTER_WEIGHTS, CHECKPOINT_PREFIX, write_json
 from alpaca_lora.errors import CheckpointError, shown
+from alpaca_lora.export.layout import ADAPTER_WEIGHTS, CHECKPOINT_PREFIX, write_json
 from alpaca_lora.files import load_safetensors, non_finite, read_json
 
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint

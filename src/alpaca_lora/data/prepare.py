@@ -24,9 +24,9 @@ from typing import Any
 import datasets
 import numpy as np
 
+from alpaca_lora.data.prompts import PromptTemplate, get_template
+from alpaca_lora.data.records import FIELDS, load_instructions, read_records, unencodable_at
 from alpaca_lora.errors import ConfigError, DataError, shown
-from alpaca_lora.prompts import PromptTemplate, get_template
-from alpaca_lora.records import FIELDS, load_instructions, read_records, unencodable_at
 
 logger = logging.getLogger(__name__)
 

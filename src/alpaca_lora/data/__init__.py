@@ -1,0 +1,1 @@
+"""Instruction data, from records on disk to a micro-batch: read, template, tokenize and mask, pack, sample."""

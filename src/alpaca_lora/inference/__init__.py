@@ -1,0 +1,1 @@
+"""Answering instructions with a tuned model."""
