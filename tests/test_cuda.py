@@ -202,8 +202,9 @@ def test_packed_rows_give_the_padded_logits_and_loss(dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from alpaca_lora.data.collator import InstructionCollator
-    from alpaca_lora.data.packing import PackedCollator, attention_kind, body_kwargs, use_packed_attention
+    from alpaca_lora.data.packing import PackedCollator, attention_kind, body_kwargs
     from alpaca_lora.kernels.cross_entropy import token_losses_sum
+    from alpaca_lora.kernels.packed_attention import use_packed_attention
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,

@@ -13,9 +13,9 @@ from alpaca_lora.data.packing import (
     attention_kind,
     batch_tokens,
     body_kwargs,
-    use_packed_attention,
 )
 from alpaca_lora.kernels.cross_entropy import token_losses_sum
+from alpaca_lora.kernels.packed_attention import use_packed_attention
 from alpaca_lora.train.recipe import finetune
 
 FEATURES = [

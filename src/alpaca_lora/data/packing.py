@@ -11,13 +11,9 @@ in which each token sees only the earlier tokens of its own record; ``position_i
 for every record, so rotary embeddings match too. The loss is then the same as on the padded
 batch (``tests/test_packing.py`` checks packed == unpacked to 1e-5).
 
-A dense ``N x N`` mask makes attention cost grow with the square of the packed row, not of each
-record: 1,000 tokens in four records cost four times the attention of the records alone, which
-on a CPU ate most of what packing saved. :func:`use_packed_attention` therefore switches the
-model to ``"alpaca_lora_packed"``, an attention function registered with transformers'
-``AttentionInterface``: given the records' boundaries (``cu_seq_lens_q``, the same keyword the
-flash-attention varlen kernels take), it runs causal sdpa on each record on its own, so
-attention costs the sum of the squared record lengths. Without boundaries it is plain sdpa.
+Records are packed end to end, so the block mask costs the square of the packed row;
+:mod:`alpaca_lora.kernels.packed_attention` holds the attention function that costs each record's
+own square instead.
 
 The first label of every record is set to -100: in an unpacked row the first token is never a
 target (position t predicts token t+1), and in a packed row it would otherwise become the target
@@ -30,15 +26,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from alpaca_lora.errors import ConfigError
 
 IGNORE_INDEX = -100
 PACKED_ATTENTION = "alpaca_lora_packed"
+"""Name of the record-wise attention (:mod:`alpaca_lora.kernels.packed_attention`) in transformers' registry."""
 # Attention kernels that take the 4D block mask as given: boolean (True = attend) or additive float.
 _BOOL_MASK = {"sdpa", "flex_attention", PACKED_ATTENTION}
 _FLOAT_MASK = {"eager"}
@@ -62,64 +55,6 @@ def attention_kind(model: Any) -> str:
         f"packing=True needs an attention implementation that takes a 4D mask (sdpa or eager), but the model "
         f"uses {impl!r}; load it with attn_implementation='sdpa' or set packing=False"
     )
-
-
-def packed_sdpa_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    cu_seq_lens_q: torch.Tensor | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """Causal sdpa over each packed record separately; plain sdpa when no boundaries are given.
-
-    Args:
-        module: The attention module (supplies ``training``).
-        query: ``(1, H, N, D)``.
-        key: ``(1, H_kv, N, D)``.
-        value: ``(1, H_kv, N, D)``.
-        attention_mask: Ignored when ``cu_seq_lens_q`` is given (the records' own causal masks apply).
-        dropout: Attention dropout probability (training only).
-        scaling: Softmax scale (``1/sqrt(D)`` when None).
-        cu_seq_lens_q: ``(R + 1,)`` cumulative record lengths ``[0, l1, l1 + l2, ...]``.
-        **kwargs: Passed on to transformers' sdpa when there are no boundaries.
-
-    Returns:
-        ``(attn_output, None)`` with ``attn_output`` of shape ``(1, N, H, D)``, as transformers expects.
-
-    """
-    if cu_seq_lens_q is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    # sdpa shares each key/value head among its query heads itself: no (1, H, N, D) copies of them.
-    gqa = query.shape[1] != key.shape[1]
-    bounds = cu_seq_lens_q.tolist()
-    p = dropout if module.training else 0.0
-    pieces = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=p,
-                                             is_causal=True, scale=scaling, enable_gqa=gqa)
-              for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
-    return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None  # (1, N, H, D)
-
-
-AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
-AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
-
-
-def use_packed_attention(model: Any) -> bool:
-    """Switch a model using sdpa to the record-wise packed attention; return whether it was switched.
-
-    Other implementations are left alone: eager takes the block mask, and flash-attention kernels
-    read the same ``cu_seq_lens_q`` boundaries natively.
-    """
-    config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
-        return False
-    model.set_attn_implementation(PACKED_ATTENTION)
-    return model.config._attn_implementation == PACKED_ATTENTION
 
 
 class PackedCollator:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from alpaca_lora.config import FinetuneConfig, check_field_names
 from alpaca_lora.data.collator import InstructionCollator
-from alpaca_lora.data.packing import PackedCollator, attention_kind, batch_tokens, body_kwargs, use_packed_attention
+from alpaca_lora.data.packing import PackedCollator, attention_kind, batch_tokens, body_kwargs
 from alpaca_lora.data.prepare import data_fingerprint, load_instructions, prepare_dataset, split_dataset
 from alpaca_lora.data.prompts import get_template
 from alpaca_lora.data.sampler import epoch_batches, steps_per_epoch
@@ -32,6 +32,7 @@ from alpaca_lora.files import non_finite
 from alpaca_lora.kernels.cpu_matmul import resolve_backend
 from alpaca_lora.kernels.cpu_memory import release_freed_memory_to_os
 from alpaca_lora.kernels.cross_entropy import forward_losses_sum, token_losses_sum
+from alpaca_lora.kernels.packed_attention import use_packed_attention
 from alpaca_lora.model.load import (
     attach_lora,
     load_model,
