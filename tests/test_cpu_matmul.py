@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alpaca_lora import FinetuneConfig, cpu_linear4bit, cpu_matmul
+from alpaca_lora import FinetuneConfig
 from alpaca_lora.errors import ConfigError
-from alpaca_lora.kernels.cpu_linear4bit import CpuLinear4bit, use_onednn_4bit_layers
+from alpaca_lora.kernels import cpu_linear4bit, cpu_matmul
+from alpaca_lora.kernels.cpu_linear4bit import CpuLinear4bit, restore_4bit_layers, use_onednn_4bit_layers
 from alpaca_lora.kernels.cpu_matmul import linear, resolve_backend
 from alpaca_lora.train.recipe import batch_loss, setup
 
@@ -55,6 +56,22 @@ def test_cpu_linear4bit_has_bitsandbytes_outputs_and_input_gradients():
     with torch.no_grad():  # evaluation takes the same path (no CPU inference repack of the weight)
         assert torch.allclose(fast(x2), out_ref, rtol=1e-5, atol=1e-5)
     assert not getattr(fast.weight.quant_state, "packing_format_for_cpu", False)
+
+
+@needs_onednn
+def test_restoring_gives_back_the_bitsandbytes_layers_and_outputs():
+    ref, fast = _quantized_pair()
+    model = torch.nn.Sequential(torch.nn.Sequential(fast), torch.nn.ReLU())
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        before = model(x)
+        assert use_onednn_4bit_layers(model) == 1 and type(fast) is CpuLinear4bit
+        assert restore_4bit_layers(model) == 1 and type(fast) is bnb.nn.Linear4bit
+        assert [type(m) for m in model.modules()] == [torch.nn.Sequential, torch.nn.Sequential,
+                                                       bnb.nn.Linear4bit, torch.nn.ReLU]
+        assert torch.equal(model(x), before)
+        assert torch.equal(before, torch.relu(ref(x)))
+    assert restore_4bit_layers(model) == 0
 
 
 def test_other_dtypes_take_the_bitsandbytes_forward(monkeypatch):

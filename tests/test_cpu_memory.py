@@ -19,9 +19,7 @@ def _restore_malloc():
     from alpaca_lora.kernels import cpu_memory as cpu_memory
 
     yield
-    cpu_memory._run_threshold.clear()
-    cpu_memory._set_mmap_threshold(cpu_memory.MMAP_THRESHOLD_MAX)
-    cpu_memory._mallopt(cpu_memory.M_TRIM_THRESHOLD, cpu_memory.TRIM_THRESHOLD_MAX)
+    cpu_memory.restore_memory_settings()
 
 
 def test_applies_on_glibc_and_reports_it():
@@ -38,12 +36,11 @@ def test_setup_applies_it_only_when_configured(tiny_model_dir, tmp_path, caplog,
     assert applied is (flag and GLIBC)
 
 
-def test_loading_threshold_is_undone_to_the_runs_own_or_the_ceiling(monkeypatch):
+def test_loading_threshold_is_undone_to_the_ceiling_and_a_run_sets_its_own_after(monkeypatch):
     from alpaca_lora.kernels import cpu_memory as cpu_memory
 
     calls: list[tuple[int, int]] = []
     monkeypatch.setattr(cpu_memory, "_mallopt", lambda p, v: calls.append((p, v)) or True)
-    monkeypatch.setattr(cpu_memory, "_run_threshold", [])
     for var in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
         monkeypatch.delenv(var, raising=False)
     with cpu_memory.heap_returned_while():
@@ -51,12 +48,17 @@ def test_loading_threshold_is_undone_to_the_runs_own_or_the_ceiling(monkeypatch)
     # glibc's own ceiling, not the low loading value, and a trim threshold that keeps the step's heap
     assert calls[1:] == [(cpu_memory.M_MMAP_THRESHOLD, cpu_memory.MMAP_THRESHOLD_MAX),
                          (cpu_memory.M_TRIM_THRESHOLD, cpu_memory.TRIM_THRESHOLD_MAX)]
-    cpu_memory.release_freed_memory_to_os(512 * 1024)
     calls.clear()
     with pytest.raises(RuntimeError), cpu_memory.heap_returned_while():
         raise RuntimeError("loading failed")
-    assert calls[-1] == (cpu_memory.M_MMAP_THRESHOLD, 512 * 1024)  # a release_cpu_memory run keeps its setting
-    assert all(p != cpu_memory.M_TRIM_THRESHOLD for p, _ in calls)
+    assert calls[1:] == [(cpu_memory.M_MMAP_THRESHOLD, cpu_memory.MMAP_THRESHOLD_MAX),
+                         (cpu_memory.M_TRIM_THRESHOLD, cpu_memory.TRIM_THRESHOLD_MAX)]
+    calls.clear()
+    cpu_memory.release_freed_memory_to_os(512 * 1024)  # a release_cpu_memory run, after loading
+    assert calls == [(cpu_memory.M_MMAP_THRESHOLD, 512 * 1024)]  # the trim threshold is not touched
+    assert cpu_memory.restore_memory_settings()
+    assert calls[1:] == [(cpu_memory.M_MMAP_THRESHOLD, cpu_memory.MMAP_THRESHOLD_MAX),
+                         (cpu_memory.M_TRIM_THRESHOLD, cpu_memory.TRIM_THRESHOLD_MAX)]
 
 
 def test_a_trim_threshold_the_user_set_is_left_alone(monkeypatch):
@@ -64,7 +66,6 @@ def test_a_trim_threshold_the_user_set_is_left_alone(monkeypatch):
 
     calls: list[tuple[int, int]] = []
     monkeypatch.setattr(cpu_memory, "_mallopt", lambda p, v: calls.append((p, v)) or True)
-    monkeypatch.setattr(cpu_memory, "_run_threshold", [])
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")

@@ -3,8 +3,9 @@
 :class:`CpuLinear4bit` is bitsandbytes' ``Linear4bit`` with a CPU fp32 path that dequantizes and
 multiplies through :func:`~alpaca_lora.kernels.cpu_matmul.linear`, forward and backward;
 :func:`use_onednn_4bit_layers` turns the ``Linear4bit`` layers of a loaded model into it (same object
-and state, subclass only). Anything else (another device or dtype, a weight repacked for CPU
-inference, a ``[K, N]`` quantized weight, a forward under autocast) takes bitsandbytes' own forward.
+and state, subclass only) and :func:`restore_4bit_layers` turns them back. Anything else (another
+device or dtype, a weight repacked for CPU inference, a ``[K, N]`` quantized weight, a forward under
+autocast) takes bitsandbytes' own forward.
 """
 
 from __future__ import annotations
@@ -79,5 +80,23 @@ def use_onednn_4bit_layers(model: torch.nn.Module) -> int:
     for module in model.modules():
         if type(module) is bnb.nn.Linear4bit:
             module.__class__ = CpuLinear4bit
+            n += 1
+    return n
+
+
+def restore_4bit_layers(model: torch.nn.Module) -> int:
+    """Undo :func:`use_onednn_4bit_layers`: turn every :class:`CpuLinear4bit` of ``model`` back into ``Linear4bit``.
+
+    Args:
+        model: A model :func:`use_onednn_4bit_layers` was applied to.
+
+    Returns:
+        How many layers were changed back.
+
+    """
+    n = 0
+    for module in model.modules():
+        if type(module) is CpuLinear4bit:
+            module.__class__ = bnb.nn.Linear4bit
             n += 1
     return n

@@ -1,29 +1,12 @@
-"""Give freed tensor memory back to the operating system at once when training on a Linux CPU.
+"""glibc's malloc thresholds, set by named calls: freed tensor memory back to the OS on a Linux CPU.
 
-glibc's malloc serves allocations below a threshold (which it raises on its own, up to 32 MB)
-from its heap, and keeps what is freed there for reuse. A training step frees and allocates
-activations of a few MB each, layer after layer, and the heap fragments: measured on the
-SmolLM2-135M shape (one packed micro-batch of 680 tokens), the forward pass left RSS 590 MB above
-what ``malloc_trim`` could release, while autograd held only 47 MB. With the threshold set to
-256 KiB, such tensors get their own memory mappings and are unmapped when freed, and the peak RSS
-of that forward pass fell from 1.82 GB to 1.37 GB.
+A training step frees and allocates activations of a few MB each, and glibc's heap keeps what is
+freed; a lower mmap threshold unmaps such tensors when freed, at the cost of a page fault for every
+fresh page. Why and what it measured: ``docs/performance.md``, "Returning freed memory to the OS".
 
-The price is a page fault for every fresh page of every such tensor, about half the tokens per
-second. Since then the peak of a run comes from loading (the fused loss removed most of the
-training-step growth), and in the training benchmark (SmolLM2-135M
-shape, cutoff 512, micro-batch 4) this setting no longer lowers it: 1,286 MB against 1,287 MB,
-at 0.5x the speed. So it is off by default; it may still help a long-context CPU run whose
-training step, not its loading, sets the peak.
-
-The setting is process-wide and stays for the life of the process; it is applied only on Linux
-with glibc and only when ``FinetuneConfig.release_cpu_memory`` is True and training runs on the CPU.
-
-Loading is different: it allocates and frees a few hundred large temporaries once (quantizing
-every weight), so :func:`heap_returned_while` applies the low threshold around ``from_pretrained``
-on the CPU only. There it lowered the loading peak of the SmolLM2-135M shape from 1350 MB to
-1233 MB at no measurable cost. Afterwards the threshold is 32 MB, the ceiling glibc's own
-adjustment would reach (training speed and peak measured the same as glibc's default), unless
-``release_freed_memory_to_os`` had set one for the whole run.
+Every setting here is made by a call and undone by one (:func:`restore_memory_settings`, or the end
+of :func:`heap_returned_while`); glibc keeps them process-wide, this module keeps no state but the
+C library handle, loaded on first use (:func:`libc`). Elsewhere than Linux with glibc nothing is set.
 """
 
 from __future__ import annotations
@@ -44,11 +27,11 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 256 * 1024
 MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 TRIM_THRESHOLD_MAX = 2 * MMAP_THRESHOLD_MAX  # what glibc's own adjustment pairs with that threshold
-_run_threshold: list[int] = []  # the threshold release_freed_memory_to_os set for the whole run, if any
 
 
 @functools.lru_cache(maxsize=1)
-def _libc() -> ctypes.CDLL | None:
+def libc() -> ctypes.CDLL | None:
+    """The process's glibc, loaded on the first call and cached; None on other systems and C libraries."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     name = ctypes.util.find_library("c")
@@ -59,11 +42,11 @@ def _libc() -> ctypes.CDLL | None:
 
 
 def _mallopt(param: int, value: int) -> bool:
-    libc = _libc()
-    if libc is None:
+    lib = libc()
+    if lib is None:
         return False
     try:
-        return bool(libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)))
+        return bool(lib.mallopt(ctypes.c_int(param), ctypes.c_int(value)))
     except AttributeError:
         return False
 
@@ -72,8 +55,16 @@ def _set_mmap_threshold(threshold: int) -> bool:
     return _mallopt(M_MMAP_THRESHOLD, threshold)
 
 
+def _user_set(name: str, tunable: str) -> bool:
+    """Whether the user set a malloc parameter for the process (environment variable or glibc tunable)."""
+    return name in os.environ or tunable in os.environ.get("GLIBC_TUNABLES", "")
+
+
 def release_freed_memory_to_os(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     """Set glibc's mmap threshold so allocations of ``threshold`` bytes or more are unmapped when freed.
+
+    The setting lasts until :func:`restore_memory_settings`. Call it after the model has loaded:
+    loading (:func:`heap_returned_while`) ends by putting glibc's ceiling back.
 
     Args:
         threshold: Allocation size, in bytes, from which malloc uses a private mapping.
@@ -84,8 +75,25 @@ def release_freed_memory_to_os(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     """
     ok = _set_mmap_threshold(threshold)
     if ok:
-        _run_threshold[:] = [threshold]
         logger.info("malloc: allocations >= %d KiB are returned to the OS when freed", threshold // 1024)
+    return ok
+
+
+def restore_memory_settings() -> bool:
+    """Put back the pair glibc's own adjustment settles on: a 32 MB mmap and a 64 MB trim threshold.
+
+    Setting the mmap threshold by hand freezes the trim threshold at 128 KiB; the top of the heap then
+    went back to the OS between training steps and faulted in again, page by page (12,000 to 25,000
+    page faults in some micro-batches of the SmolLM2-135M shape, none with the 64 MB trim threshold).
+    A trim threshold the user set (``MALLOC_TRIM_THRESHOLD_`` or its tunable) is left alone.
+
+    Returns:
+        True when the mmap threshold was set; False on other platforms or C libraries.
+
+    """
+    ok = _set_mmap_threshold(MMAP_THRESHOLD_MAX)
+    if ok and not _user_set("MALLOC_TRIM_THRESHOLD_", "trim_threshold"):
+        _mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_MAX)
     return ok
 
 
@@ -93,24 +101,13 @@ def release_freed_memory_to_os(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
 def heap_returned_while(threshold: int = MMAP_THRESHOLD_BYTES) -> Iterator[None]:
     """Return freed allocations of ``threshold`` bytes or more to the OS inside the block (Linux glibc).
 
-    On leaving, the threshold becomes the one :func:`release_freed_memory_to_os` set for the run,
-    or 32 MB with a 64 MB trim threshold: the pair glibc's own adjustment settles on. Setting the mmap
-    threshold by hand freezes the trim threshold at 128 KiB; the top of the heap then went back to
-    the OS between training steps and faulted in again, page by page (12,000 to 25,000 page faults
-    in some micro-batches of the SmolLM2-135M shape, none with the 64 MB trim threshold). Elsewhere
-    this does nothing, and so it does where the user set the threshold for the process
-    (``MALLOC_MMAP_THRESHOLD_`` or a ``glibc.malloc.mmap_threshold`` tunable); a trim threshold the
-    user set (``MALLOC_TRIM_THRESHOLD_`` or its tunable) is left alone.
+    On leaving, :func:`restore_memory_settings` puts glibc's ceiling back. Elsewhere this does
+    nothing, and so it does where the user set the threshold for the process
+    (``MALLOC_MMAP_THRESHOLD_`` or a ``glibc.malloc.mmap_threshold`` tunable).
     """
-    user_set = "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", "")
-    applied = not user_set and _set_mmap_threshold(threshold)
+    applied = not _user_set("MALLOC_MMAP_THRESHOLD_", "mmap_threshold") and _set_mmap_threshold(threshold)
     try:
         yield
     finally:
-        if applied and _run_threshold:
-            _set_mmap_threshold(_run_threshold[0])
-        elif applied:
-            _set_mmap_threshold(MMAP_THRESHOLD_MAX)
-            tunables = os.environ.get("GLIBC_TUNABLES", "")
-            if "MALLOC_TRIM_THRESHOLD_" not in os.environ and "trim_threshold" not in tunables:
-                _mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_MAX)
+        if applied:
+            restore_memory_settings()

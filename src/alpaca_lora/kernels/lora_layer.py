@@ -188,6 +188,10 @@ def register_fused_layers(lora_config: Any, model: torch.nn.Module, targets: str
     subclasses of ``torch.nn.Linear``, so the mapping is registered only when the targeted modules
     are all plain ``nn.Linear`` or all 4-bit ``Linear4bit``; anything else keeps peft's layers.
 
+    The mapping goes into ``lora_config`` only, nothing global: peft's ``_register_custom_module``
+    (0.21, its documented, experimental way to supply custom LoRA layers; there is no public one)
+    updates that instance's ``_custom_modules`` dict, which ``LoraModel`` reads for this config alone.
+
     Args:
         lora_config: The ``peft.LoraConfig`` the adapters will be created from.
         model: The model the adapters will be attached to.
