@@ -93,7 +93,6 @@ def test_fused_loss_stores_no_logits_for_the_backward_pass():
 
 def test_cpu_chunks_hold_at_most_the_byte_cap_of_logits(monkeypatch):
     """On the CPU the chunk shrinks so its fp32 logits stay under CPU_CHUNK_BYTES; the sum does not change."""
-    from alpaca_lora import config as config_mod
     from alpaca_lora.kernels import cross_entropy as loss_mod
 
     head = torch.nn.Linear(8, 1000, bias=False).requires_grad_(False)
@@ -103,7 +102,7 @@ def test_cpu_chunks_hold_at_most_the_byte_cap_of_logits(monkeypatch):
     rows: list[int] = []
     inner = loss_mod._chunk_loss_and_grads
     monkeypatch.setattr(loss_mod, "_chunk_loss_and_grads", lambda h, *a: rows.append(len(h)) or inner(h, *a))
-    monkeypatch.setattr(config_mod, "CPU_CHUNK_BYTES", 10 * 4 * 1000)  # room for 10 rows of 1000 logits
+    monkeypatch.setattr(loss_mod, "CPU_CHUNK_BYTES", 10 * 4 * 1000)  # room for 10 rows of 1000 logits
     capped = loss_mod.linear_cross_entropy_sum(head, hidden, target, chunk_size=64)
     assert rows == [10] * 6 + [4]
     assert torch.allclose(capped, uncapped, atol=1e-4)

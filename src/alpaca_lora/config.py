@@ -28,19 +28,6 @@ from alpaca_lora.errors import ConfigError, shown
 QUANTIZATIONS = ("nf4", "fp4", "int8", None)
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 CPU_MATMULS = ("auto", "onednn", "blas")
-CPU_CHUNK_BYTES = 30 * 1024 * 1024
-"""On the CPU, a chunk's fp32 logits stay below glibc's largest heap-served allocation (32 MB).
-
-Larger buffers get a fresh memory mapping each time, and every one of its pages faults in again:
-on the SmolLM2-135M shape (49,152-token vocabulary), 311 label rows in one 61 MB chunk cost about
-15,000 page faults a micro-batch. Capped at 160 rows, the buffer is reused from the heap.
-"""
-
-
-def cpu_chunk_rows(chunk_size: int, vocab: int) -> int:
-    """``chunk_size`` label rows, fewer if their fp32 logits would pass ``CPU_CHUNK_BYTES`` (CPU runs)."""
-    return min(chunk_size, max(1, CPU_CHUNK_BYTES // (4 * vocab)))
-
 SCHEDULERS = ("linear", "cosine", "constant")
 REPORTERS = ("none", "tensorboard", "wandb")
 INT_MAX = 2**31 - 1
@@ -171,7 +158,8 @@ class FinetuneConfig:
     this CPU, once per process). Same fp32 arithmetic either way; see ``alpaca_lora.kernels.cpu_matmul``."""
     loss_chunk_size: int = 1024
     """Label positions per lm_head + cross-entropy chunk; bounds the logits held in memory. On the CPU a
-    chunk also holds at most 30 MiB of logits (160 rows for a 49k vocabulary; see ``CPU_CHUNK_BYTES``)."""
+    chunk also holds at most 30 MiB of logits (160 rows for a 49k vocabulary; see
+    ``alpaca_lora.kernels.cross_entropy.CPU_CHUNK_BYTES``)."""
     device: str = "auto"
     """Where to train: "auto" (CUDA if present, else CPU), "cpu", "cuda" or "cuda:N" (under torchrun
     or accelerate launch, "auto" and "cuda" mean the GPU of the process's LOCAL_RANK)."""

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
+from alpaca_lora.data.labels import IGNORE_INDEX
 from alpaca_lora.errors import ModelError
 
-IGNORE_INDEX = -100
 _KEYS = ("input_ids", "attention_mask", "labels")
 
 

@@ -19,7 +19,8 @@ from typing import Any
 import datasets
 import numpy as np
 
-from alpaca_lora.data.prepare import IGNORE_INDEX, prepare_dataset, tokenize_instruction
+from alpaca_lora.data.labels import IGNORE_INDEX
+from alpaca_lora.data.prepare import prepare_dataset, tokenize_instruction
 from alpaca_lora.data.prompts import PromptTemplate, get_template
 from alpaca_lora.data.records import FIELDS, read_records
 from alpaca_lora.errors import DataError

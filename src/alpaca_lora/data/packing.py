@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
+from alpaca_lora.data.labels import IGNORE_INDEX
 from alpaca_lora.errors import ConfigError
 
-IGNORE_INDEX = -100
 PACKED_ATTENTION = "alpaca_lora_packed"
 """Name of the record-wise attention (:mod:`alpaca_lora.kernels.packed_attention`) in transformers' registry."""
 # Attention kernels that take the 4D block mask as given: boolean (True = attend) or additive float.

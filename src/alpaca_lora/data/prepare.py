@@ -24,13 +24,13 @@ from typing import Any
 import datasets
 import numpy as np
 
+from alpaca_lora.data.labels import IGNORE_INDEX
 from alpaca_lora.data.prompts import PromptTemplate, get_template
 from alpaca_lora.data.records import FIELDS, load_instructions, read_records, unencodable_at
 from alpaca_lora.errors import ConfigError, DataError, shown
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 DROP_PROMPT_FULL = "prompt fills cutoff_len"
 DROP_EMPTY_RESPONSE = "empty response"
 _PROGRESS_MIN = 2000  # records from which prepare_dataset shows a progress bar

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from alpaca_lora import files
-from alpaca_lora.config import FinetuneConfig, check_field_names, cpu_chunk_rows
+from alpaca_lora.config import FinetuneConfig, check_field_names
 from alpaca_lora.errors import ConfigError, ModelError, shown
 from alpaca_lora.export.layout import resolve_local
+from alpaca_lora.kernels.cross_entropy import cpu_chunk_rows
 from alpaca_lora.model.load import resolve_compute_dtype
 
 GIB = 1024**3
