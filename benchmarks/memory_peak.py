@@ -97,7 +97,8 @@ def measure(base_model: str, micro_batch: int, cutoff_len: int, gradient_checkpo
     from alpaca_lora.kernels.cpu_linear4bit import use_onednn_4bit_layers
     from alpaca_lora.kernels.cpu_matmul import resolve_backend
     from alpaca_lora.kernels.cross_entropy import token_losses_sum
-    from alpaca_lora.model.load import attach_lora, load_model
+    from alpaca_lora.model.load import load_model
+    from alpaca_lora.model.lora import attach_lora
 
     torch.manual_seed(0)
     gc.collect()

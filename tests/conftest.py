@@ -148,7 +148,8 @@ def with_custom_code(source: Path, folder: Path, where: str, marker: Path) -> Pa
 def lora_training_parts(tiny_model_dir: Path, steps: int = 2):
     """A full-precision tiny Llama with LoRA, AdamW after ``steps`` steps and a LambdaLR scheduler."""
     from alpaca_lora import FinetuneConfig
-    from alpaca_lora.model.load import attach_lora, load_model
+    from alpaca_lora.model.load import load_model
+    from alpaca_lora.model.lora import attach_lora
 
     model, _ = load_model(tiny_model_dir, None, "float32", device="cpu")
     model = attach_lora(model, FinetuneConfig(lora_r=4, lora_alpha=8, gradient_checkpointing=False))

@@ -1,6 +1,7 @@
 import pytest
 
-from alpaca_lora import ModelError, embedded
+from alpaca_lora import ModelError
+from alpaca_lora.model import embedded
 
 
 def test_cache_dir_respects_overrides(monkeypatch, tmp_path):
@@ -32,7 +33,8 @@ def test_the_embedded_base_passes_the_hostile_folder_checks(smol_dir):
     import time
 
     from alpaca_lora.export.layout import base_fingerprint
-    from alpaca_lora.model.load import check_base_folder, check_vocabulary, load_tokenizer
+    from alpaca_lora.model.checks import check_base_folder, check_vocabulary
+    from alpaca_lora.model.load import load_tokenizer
 
     rows = check_base_folder(smol_dir)  # no custom code, intact headers, config.json covered by the weights
     assert rows == 49152

@@ -13,7 +13,8 @@ from alpaca_lora.kernels.lora_layer import (
     dropout_mask,
     register_fused_layers,
 )
-from alpaca_lora.model.load import attach_lora, load_model
+from alpaca_lora.model.load import load_model
+from alpaca_lora.model.lora import attach_lora
 
 
 def _randomize_lora_b(*models: torch.nn.Module) -> None:

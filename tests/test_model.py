@@ -2,13 +2,8 @@ import pytest
 import torch
 
 from alpaca_lora import ConfigError, FinetuneConfig, ModelError
-from alpaca_lora.model.load import (
-    attach_lora,
-    load_model,
-    load_tokenizer,
-    resolve_compute_dtype,
-    resolve_target_modules,
-)
+from alpaca_lora.model.load import load_model, load_tokenizer, resolve_compute_dtype
+from alpaca_lora.model.lora import attach_lora, resolve_target_modules
 from conftest import with_custom_code
 
 
@@ -255,3 +250,27 @@ def test_lora_targets_outside_the_decoders_linear_layers_are_refused_up_front(ti
     message = str(info.value)
     assert "decoder" in message and "'down_proj'" in message and "'lm_head'" not in message.split("are ")[-1]
     assert resolve_target_modules(model, ["q_proj", "down_proj"]) == ["q_proj", "down_proj"]
+
+
+def test_attach_lora_seeds_lora_a_from_the_config_and_leaves_the_callers_rng_alone(tiny_model_dir):
+    """LoRA A is what torch.manual_seed(config.seed) gives, every time, and the caller's RNG state is kept."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = FinetuneConfig(lora_r=4, seed=7, fused_lora=False, gradient_checkpointing=False)
+
+    def lora_a(model):
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    torch.manual_seed(1234)
+    torch.rand(3)  # a state of the caller's own
+    before = torch.get_rng_state()
+    first = lora_a(attach_lora(load_model(tiny_model_dir, None, "float32", device="cpu")[0], cfg))
+    assert torch.equal(torch.get_rng_state(), before)
+    second = lora_a(attach_lora(load_model(tiny_model_dir, None, "float32", device="cpu")[0], cfg))
+    assert first and first.keys() == second.keys() and all(torch.equal(first[n], second[n]) for n in first)
+    model, _ = load_model(tiny_model_dir, None, "float32", device="cpu")
+    torch.manual_seed(cfg.seed)  # the weights a global seed gives
+    reference = lora_a(get_peft_model(model, LoraConfig(r=4, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                                        bias="none", task_type="CAUSAL_LM")))
+    assert reference.keys() == first.keys() and all(torch.equal(first[n], reference[n]) for n in first)

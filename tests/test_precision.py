@@ -22,7 +22,8 @@ from alpaca_lora.export.merge import merge
 from alpaca_lora.inference.generate import clear_cache, generate
 from alpaca_lora.kernels.cross_entropy import token_losses_sum
 from alpaca_lora.kernels.packed_attention import use_packed_attention
-from alpaca_lora.model.load import attach_lora, load_model
+from alpaca_lora.model.load import load_model
+from alpaca_lora.model.lora import attach_lora
 from alpaca_lora.train.recipe import finetune
 from conftest import SHORT_RECORDS
 

@@ -28,7 +28,7 @@ from alpaca_lora.export.layout import (
     weights_digest,
     write_json,
 )
-from alpaca_lora.files import CODE_FILES
+from alpaca_lora.model.folder_checks import CODE_FILES
 from alpaca_lora.model.load import load_tokenizer
 from conftest import SHORT_RECORDS, InputTally, save_tiny_llama, with_custom_code
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from alpaca_lora import files
 from alpaca_lora.errors import ModelError, shown
+from alpaca_lora.model import folder_checks
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -141,7 +142,7 @@ def base_fingerprint(base_model: str | Path) -> dict[str, Any]:
 
 def resolve_local(base_model: str | Path) -> Path | None:
     """Return a local folder for ``base_model``: the folder itself, or a Hub id's cached snapshot."""
-    return files.local_model_folder(base_model)
+    return folder_checks.local_model_folder(base_model)
 
 
 FINGERPRINT_KEYS = ("architecture", "shapes_sha256", "weights_sha256")
@@ -178,8 +179,8 @@ def resolve_adapter_base(adapter_dir: Path, base_model: str | Path | None = None
             folder or the base asks to run its own code (``auto_map``).
 
     """
-    files.refuse_special_files(adapter_dir)
-    files.refuse_custom_code(adapter_dir)
+    folder_checks.refuse_special_files(adapter_dir)
+    folder_checks.refuse_custom_code(adapter_dir)
     fp_file = Path(adapter_dir) / FINGERPRINT_FILE
     recorded = (read_json(fp_file) if fp_file.is_file() else {}).get("base_model", {})
     if not isinstance(recorded, dict):  # treating it as absent would switch the base check off
@@ -192,8 +193,8 @@ def resolve_adapter_base(adapter_dir: Path, base_model: str | Path | None = None
     for candidate in candidates:
         folder = resolve_local(candidate)
         if folder is not None:
-            files.refuse_special_files(folder)  # before anything reads it for the adapter
-            files.refuse_custom_code(folder)
+            folder_checks.refuse_special_files(folder)  # before anything reads it for the adapter
+            folder_checks.refuse_custom_code(folder)
             name = str(base_model or recorded.get("name_or_path") or candidate)
             return name, folder, fingerprints_match(recorded, base_fingerprint(folder))
     if base_model is None:

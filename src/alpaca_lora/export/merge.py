@@ -42,6 +42,7 @@ from alpaca_lora.export.streamed import (
     streamed_logits,
     tensor_metas,
 )
+from alpaca_lora.model import adapter_files
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class _Plan:
     base_name: str
     base_dir: Path
     lora_config: dict[str, Any]
-    adapter: files.LoraAdapter
+    adapter: adapter_files.LoraAdapter
     template: PromptTemplate
     probe_ids: torch.Tensor  # (2, T): the verification's probe, tokenized when the tokenizer was checked
     base_files: dict[str, Path]  # base tensor name -> safetensors file
@@ -102,8 +103,8 @@ def merge(
     """Fold a LoRA adapter into its base model and write a standalone, pickle-free model folder.
 
     The update ``W + (alpha / r) * B @ A`` is computed in fp32 and cast to ``dtype`` tensor by tensor,
-    so memory stays near one tensor whatever the model size (DESIGN mistake 8: the base is re-read
-    unquantized, never merged into 4-bit weights).
+    so memory stays near one tensor whatever the model size. The base is re-read unquantized, never
+    merged into 4-bit weights, whose rounding would be baked into the export.
 
     ``merge_into`` chooses the weights the update is added to:
 
@@ -218,7 +219,7 @@ def _plan(adapter_dir: Path, base_model: str | Path | None, allow_mismatch: bool
     weights = adapter_dir / art.ADAPTER_WEIGHTS
     if not weights.is_file():
         raise ModelError(f"{weights} is missing; the adapter folder is incomplete, re-run finetune or copy it again")
-    adapter = files.read_lora_adapter(adapter_dir / art.ADAPTER_CONFIG, weights)
+    adapter = adapter_files.read_lora_adapter(adapter_dir / art.ADAPTER_CONFIG, weights)
     lora = art.read_json(adapter_dir / art.ADAPTER_CONFIG)
     used = [k for k, off in _UNSUPPORTED.items() if lora.get(k, off) != off] + (
         ["bias"] if adapter.config.bias != "none" else [])
@@ -236,7 +237,7 @@ def _plan(adapter_dir: Path, base_model: str | Path | None, allow_mismatch: bool
     shapes = {n.removesuffix(".weight"): (s[0], s[1]) for n, s in art.safetensors_shapes(base_dir).items()
               if n.endswith(".weight") and len(s) == 2 and n in base_files}
     recorded = not diffs and (adapter_dir / art.FINGERPRINT_FILE).is_file()  # the very base it was trained on
-    files.check_lora_fits(adapter, shapes, base_dir, complete=recorded)
+    adapter_files.check_lora_fits(adapter, shapes, base_dir, complete=recorded)
     if adapter.untrained:  # refused before anything is written (tloen/alpaca-lora#293 exported such adapters)
         raise ModelError(f"the adapter in {adapter_dir} does not change the model's logits at all: it is untrained or "
                          "was saved empty (every lora_B matrix is zero, e.g. saved at step 0); re-run finetune")
@@ -280,7 +281,7 @@ def _base_files(base_dir: Path) -> dict[str, Path]:
     return found
 
 
-def _scale(adapter: files.LoraAdapter, module: str) -> float:
+def _scale(adapter: adapter_files.LoraAdapter, module: str) -> float:
     """LoRA scaling of ``module``: alpha / r, or alpha / sqrt(r) with rsLoRA, by peft's pattern rules."""
     return adapter.scale(module)
 

@@ -34,12 +34,12 @@ from alpaca_lora.kernels.cpu_memory import release_freed_memory_to_os
 from alpaca_lora.kernels.cross_entropy import forward_losses_sum, token_losses_sum
 from alpaca_lora.kernels.packed_attention import use_packed_attention
 from alpaca_lora.model.load import (
-    attach_lora,
     load_model,
     load_tokenizer,
     resolve_compute_dtype,
     trainable_parameters,
 )
+from alpaca_lora.model.lora import attach_lora
 from alpaca_lora.train.checkpoint import (
     WRITE_ERRORS,
     capture_rng,
