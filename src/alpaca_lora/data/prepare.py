@@ -302,7 +302,9 @@ def prepare_dataset(
                 index += 1
                 longest_prompt = max(longest_prompt, n_prompt)
                 n_label = sum(1 for x in features["labels"] if x != IGNORE_INDEX)
-                if n_label == 0:  # loss 0/NaN if trained on (DESIGN mistake 4)
+                # No label left (the prompt fills cutoff_len, or the response is empty): its loss would be
+                # 0 or NaN (a mean over no tokens), so it is dropped here and counted in the report.
+                if n_label == 0:
                     drops[DROP_PROMPT_FULL if status == DROP_PROMPT_FULL else DROP_EMPTY_RESPONSE] += 1
                     continue
                 truncated += status != "ok"

@@ -1,12 +1,8 @@
 """fp32 matrix products on the CPU through oneDNN rather than torch's default BLAS.
 
-Training a 4-bit model on a CPU spends most of each step in fp32 matrix products: every frozen
-``Linear4bit`` dequantizes its weight and multiplies (forward, the checkpointed recompute and the
-backward pass), and the lm_head does the same for the label positions. torch's x86 wheels run
-``torch.mm`` through MKL. oneDNN, which the same wheels carry, picks its kernels from the CPU's
-instruction set. On the benchmark machine (an AMD EPYC with AVX-512) MKL reached 150-190 GFLOP/s
-on the SmolLM2-135M shapes and oneDNN 360-430 GFLOP/s, with the same fp32 arithmetic (no reduced
-precision; results differ only in summation order, within 1e-6 relative).
+A 4-bit model trained on a CPU spends most of each step in fp32 products, and oneDNN picks kernels
+for the CPU's instruction set, with the same fp32 arithmetic; what it measured: ``docs/performance.md``,
+"CPU matrix products through oneDNN".
 
 - :func:`resolve_backend` turns ``FinetuneConfig.cpu_matmul`` into ``"onednn"`` or ``"blas"``.
   ``"auto"`` times both once per process on a 512 x 1024 x 1024 product and takes oneDNN when it
