@@ -32,7 +32,7 @@ def test_the_embedded_base_passes_the_hostile_folder_checks(smol_dir):
     """The strict base-folder checks (issue #19) accept the real model, and its fingerprint reads a sample only."""
     import time
 
-    from alpaca_lora.export.layout import base_fingerprint
+    from alpaca_lora.export.fingerprint import base_fingerprint
     from alpaca_lora.model.checks import check_base_folder, check_vocabulary
     from alpaca_lora.model.load import load_tokenizer
 

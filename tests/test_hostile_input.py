@@ -281,7 +281,8 @@ def test_generate_refuses_an_adapter_on_a_base_it_was_not_trained_on(tiny_model_
     from transformers import AutoModelForCausalLM
 
     from alpaca_lora import generate
-    from alpaca_lora.export.layout import FINGERPRINT_FILE, base_fingerprint, write_json
+    from alpaca_lora.export.fingerprint import base_fingerprint
+    from alpaca_lora.export.layout import FINGERPRINT_FILE, write_json
 
     adapter = tmp_path / "adapter"
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),

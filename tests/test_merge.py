@@ -227,9 +227,9 @@ def test_an_untrained_adapter_is_refused_before_anything_is_written(adapter, tmp
 
 def test_a_wrong_merge_fails_verification_and_leaves_no_export(adapter, tmp_path, monkeypatch):
     """Break the merge math on purpose (a 10% wrong LoRA scale): the logit check must catch it."""
-    merge_module = importlib.import_module("alpaca_lora.export.merge")  # the module, even once merge() is exported
-    scale = merge_module._scale
-    monkeypatch.setattr(merge_module, "_scale", lambda *a: 1.1 * scale(*a))
+    plan_module = importlib.import_module("alpaca_lora.export.plan")
+    scale = plan_module._scale
+    monkeypatch.setattr(plan_module, "_scale", lambda *a: 1.1 * scale(*a))
     with pytest.raises(ModelError, match="verification failed"):
         merge(adapter, tmp_path / "out", dtype="float32")
     assert not list((tmp_path / "out").iterdir())

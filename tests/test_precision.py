@@ -280,7 +280,7 @@ def test_merged_equals_unmerged(trained, tmp_path, dtype):
 
 def test_dequantized_merge_rounds_in_the_dtype_training_ran_in(tiny_model_dir, tmp_path, monkeypatch):
     """"auto" trained in bf16 on one CPU; a merge on a CPU where "auto" is fp32 still quantizes from bf16."""
-    from alpaca_lora.export.merge import _plan, _plan_dequantized
+    from alpaca_lora.export.plan import plan_dequantized, plan_merge
     from alpaca_lora.model import load as model_module
 
     monkeypatch.setattr(model_module, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
@@ -288,8 +288,8 @@ def test_dequantized_merge_rounds_in_the_dtype_training_ran_in(tiny_model_dir, t
     assert result.compute_dtype == "bfloat16"
     assert json.loads((tmp_path / "adapter" / "train_results.json").read_text())["compute_dtype"] == "bfloat16"
     monkeypatch.setattr(model_module, "cpu_flags", lambda: frozenset({"avx2"}))  # another machine
-    plan = _plan(tmp_path / "adapter", None, False)
-    _plan_dequantized(plan)
+    plan = plan_merge(tmp_path / "adapter", None, False)
+    plan_dequantized(plan)
     assert plan.quant_dtype == torch.bfloat16
     merged = merge(tmp_path / "adapter", tmp_path / "merged", dtype="float32", merge_into="dequantized")
     assert json.loads((merged / "merge_report.json").read_text())["verification"]["passed"]

@@ -21,13 +21,8 @@ from pathlib import Path
 import pytest
 
 from alpaca_lora import AlpacaLoraError, ModelError, generate, load_model, merge
-from alpaca_lora.export.layout import (
-    FINGERPRINT_FILE,
-    base_fingerprint,
-    fingerprints_match,
-    weights_digest,
-    write_json,
-)
+from alpaca_lora.export.fingerprint import base_fingerprint, fingerprints_match, weights_digest
+from alpaca_lora.export.layout import FINGERPRINT_FILE, write_json
 from alpaca_lora.model.folder_checks import CODE_FILES
 from alpaca_lora.model.load import load_tokenizer
 from conftest import SHORT_RECORDS, InputTally, save_tiny_llama, with_custom_code

@@ -1,4 +1,4 @@
-"""Streamed safetensors: tensor-by-tensor reads and writes, and a forward pass loaded module by module.
+"""Safetensors tensor by tensor: reads and writes, and a forward pass loaded module by module.
 
 Weights are read one tensor at a time, shards are written incrementally, and a forward pass loads
 each module's parameters only while that module runs.
@@ -9,13 +9,10 @@ size in memory.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import json
 import math
-import platform
 import struct
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,12 +22,12 @@ import torch
 
 from alpaca_lora import files
 from alpaca_lora.errors import ModelError, shown
+from alpaca_lora.kernels.cpu_memory import libc
 
 ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
               torch.bool: "BOOL"}
 FROM_ST = {code: dtype for dtype, code in ST_DTYPES.items()}
-_LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" else None
 
 
 def read_tensor(files: dict[str, Path], name: str) -> torch.Tensor:
@@ -62,7 +59,7 @@ def read_tensor(files: dict[str, Path], name: str) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def read_header(path: Path, mtime_ns: int) -> tuple[dict[str, Any], int]:
-    """The checked JSON header of a safetensors file and the offset where its tensor data starts.
+    """:func:`alpaca_lora.files.safetensors_header`, cached by path and modification time (``mtime_ns``).
 
     Raises:
         ModelError: The file is truncated or its header is damaged (naming the file).
@@ -203,5 +200,6 @@ def release_free_memory() -> None:
     Weights of a few MB come from the malloc heap, where freed blocks between live ones stay
     resident; without a trim, streaming every layer of a model ratchets RSS up by a random amount.
     """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    lib = libc()
+    if lib is not None:
+        lib.malloc_trim(0)

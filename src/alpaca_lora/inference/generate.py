@@ -23,6 +23,7 @@ from alpaca_lora import files
 from alpaca_lora.data.prepare import tokenize_prompt
 from alpaca_lora.data.prompts import PromptTemplate, get_template
 from alpaca_lora.errors import ConfigError, ModelError, shown
+from alpaca_lora.export import fingerprint
 from alpaca_lora.export import layout as art
 from alpaca_lora.inference.arguments import (
     check_options,
@@ -248,7 +249,7 @@ def _linear_shapes(model: Any) -> dict[str, tuple[int, int]]:
 
 def _adapter_base(folder: Path, base_model: str | None) -> Path:
     """The base an adapter folder records (refused if it differs from the fingerprint), or ``base_model``."""
-    _, base, diffs = art.resolve_adapter_base(folder, base_model)
+    _, base, diffs = fingerprint.resolve_adapter_base(folder, base_model)
     if diffs:
         raise ModelError(f"the base {base} is not the model the adapter in {folder} was trained on "
                          f"({'; '.join(diffs)}); pass the original as base_model=")

@@ -28,6 +28,7 @@ from alpaca_lora.data.prompts import get_template
 from alpaca_lora.data.sampler import epoch_batches, steps_per_epoch
 from alpaca_lora.errors import CheckpointError, ConfigError, ModelError
 from alpaca_lora.export import layout as art
+from alpaca_lora.export.fingerprint import base_fingerprint
 from alpaca_lora.files import non_finite
 from alpaca_lora.kernels.cpu_matmul import resolve_backend
 from alpaca_lora.kernels.cpu_memory import release_freed_memory_to_os
@@ -260,7 +261,7 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
     output_dir.mkdir(parents=True, exist_ok=True)
     for junk in remove_incomplete(output_dir):  # left by a save that was killed
         logger.info("removed %s, an incomplete checkpoint of an earlier run", junk)
-    fingerprint = {"base_model": art.base_fingerprint(base_model),
+    fingerprint = {"base_model": base_fingerprint(base_model),
                    "data": data_fingerprint(records, source=data if isinstance(data, (str, Path)) else None)}
     run = _Run(cfg=cfg, output_dir=output_dir, base_model=str(base_model), tokenizer=tokenizer, model=model,
                train_set=train_set, val_set=val_set, collator=_collator(cfg, tokenizer, model, dtype),

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alpaca_lora.errors import CheckpointError, TrainingDiverged, TrainingInterrupted
-from alpaca_lora.export import layout as art
+from alpaca_lora.export.fingerprint import fingerprints_match
 from alpaca_lora.train.checkpoint import RngState, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from alpaca_lora.train.interrupt import StopRequest
 
@@ -59,7 +59,7 @@ def check_compatible(state: dict[str, Any], run: _Run, folder: Path) -> None:
     if changed:
         raise CheckpointError(f"checkpoint {folder} was written with a different config ({'; '.join(changed)}); "
                               "resume with the same settings or start a new output_dir")
-    diffs = art.fingerprints_match(state.get("fingerprint", {}).get("base_model", {}),
+    diffs = fingerprints_match(state.get("fingerprint", {}).get("base_model", {}),
                                    run.fingerprint["base_model"])
     if state.get("fingerprint", {}).get("data", {}).get("sha256") != run.fingerprint["data"]["sha256"]:
         diffs.append("the training data differs from the data the checkpoint was trained on")

@@ -1,0 +1,204 @@
+"""What a merge reads, checked before a byte is written: the adapter, its base, and each merged tensor.
+
+:func:`plan_merge` reads and checks the adapter, finds and checks its base (fingerprint, shapes), the
+prompt template and the tokenizer, and maps every base tensor to its safetensors file;
+:func:`merged_tensor` then gives one merged weight at a time, computed in fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alpaca_lora import files
+from alpaca_lora.data.prompts import PromptTemplate, get_template
+from alpaca_lora.errors import ConfigError, ModelError, shown
+from alpaca_lora.export import fingerprint
+from alpaca_lora.export import layout as art
+from alpaca_lora.export.safetensors_stream import read_tensor, skeleton
+from alpaca_lora.model import adapter_files
+from alpaca_lora.model.dtypes import DTYPES
+
+logger = logging.getLogger(__name__)
+
+# Adapter features whose merge is more than W + scale * B @ A (peft's merge_and_unload handles some), with
+# the value that leaves each off; peft switches most on with any other value, even 0 or [].
+_UNSUPPORTED = {**dict.fromkeys(("use_dora", "fan_in_fan_out", "lora_bias", "use_qalora"), False),
+                **dict.fromkeys(("modules_to_save", "layer_replication", "trainable_token_indices", "target_parameters",
+                                 "alora_invocation_tokens", "monteclora_config", "velora_config", "kasa_config",
+                                 "arrow_config", "use_bdlora"), None)}
+_PROBE = ("Name three primary colors.", "Low-rank adapters add a small update to each frozen weight matrix.")
+
+
+@dataclass
+class MergePlan:
+    """What the merge reads: the adapter's updates and where each base tensor lives."""
+
+    adapter_dir: Path
+    base_name: str
+    base_dir: Path
+    lora_config: dict[str, Any]
+    adapter: adapter_files.LoraAdapter
+    template: PromptTemplate
+    probe_ids: torch.Tensor  # (2, T): the verification's probe, tokenized when the tokenizer was checked
+    base_files: dict[str, Path]  # base tensor name -> safetensors file
+    updates: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)  # weight -> A, B, scale
+    fingerprint_diffs: list[str] = field(default_factory=list)
+    quantize: set[str] = field(default_factory=set)  # weights rounded through 4-bit first ("dequantized")
+    quant_type: str | None = None
+    quant_dtype: torch.dtype = torch.float32
+
+
+def plan_merge(adapter_dir: Path, base_model: str | Path | None, allow_mismatch: bool) -> MergePlan:
+    """Read and check everything the merge needs before a byte is written: adapter, template, base, tokenizer."""
+    from alpaca_lora.model.load import load_tokenizer
+
+    if not art.is_run_folder(adapter_dir):
+        raise ModelError(f"{adapter_dir} holds no {art.ADAPTER_CONFIG}; pass the output folder of finetune()")
+    weights = adapter_dir / art.ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise ModelError(f"{weights} is missing; the adapter folder is incomplete, re-run finetune or copy it again")
+    adapter = adapter_files.read_lora_adapter(adapter_dir / art.ADAPTER_CONFIG, weights)
+    lora = art.read_json(adapter_dir / art.ADAPTER_CONFIG)
+    used = [k for k, off in _UNSUPPORTED.items() if lora.get(k, off) != off] + (
+        ["bias"] if adapter.config.bias != "none" else [])
+    if used:
+        raise ModelError(f"the adapter in {adapter_dir} uses {used}; merge() folds plain LoRA on linear layers. "
+                         "Merge it with peft's merge_and_unload() on a full-precision model instead")
+    base_name, base_dir, diffs = fingerprint.resolve_adapter_base(adapter_dir, base_model)
+    if diffs and not allow_mismatch:
+        raise ModelError(f"the base {base_dir} is not the model the adapter in {adapter_dir} was trained on "
+                         f"({'; '.join(diffs)}). Pass the original base as base_model=, or allow_base_mismatch=True "
+                         "if you are sure the weights are compatible")
+    if diffs:
+        logger.warning("base %s differs from the one %s was trained on: %s", base_dir, adapter_dir, "; ".join(diffs))
+    files_by_tensor = tensor_files(base_dir)
+    shapes = {n.removesuffix(".weight"): (s[0], s[1]) for n, s in art.safetensors_shapes(base_dir).items()
+              if n.endswith(".weight") and len(s) == 2 and n in files_by_tensor}
+    recorded = not diffs and (adapter_dir / art.FINGERPRINT_FILE).is_file()  # the very base it was trained on
+    adapter_files.check_lora_fits(adapter, shapes, base_dir, complete=recorded)
+    if adapter.untrained:  # refused before anything is written (tloen/alpaca-lora#293 exported such adapters)
+        raise ModelError(f"the adapter in {adapter_dir} does not change the model's logits at all: it is untrained or "
+                         "was saved empty (every lora_B matrix is zero, e.g. saved at step 0); re-run finetune")
+    base_config(base_dir)
+    has_tokenizer = any((adapter_dir / f).is_file() for f in art.TOKENIZER_FILES)
+    template = _template(adapter_dir)
+    probe = _probe_ids(load_tokenizer(adapter_dir if has_tokenizer else base_dir), template)  # what the export ships
+    plan = MergePlan(adapter_dir, base_name, base_dir, lora, adapter, template, probe, files_by_tensor,
+                     fingerprint_diffs=diffs)
+    plan.updates = {f"{m}.weight": (a.float(), b.float(), _scale(adapter, m)) for m, (a, b) in adapter.pairs.items()}
+    return plan
+
+
+def _template(adapter_dir: Path) -> PromptTemplate:
+    """The adapter's saved prompt template (``alpaca`` when it saved none); a damaged one is a ModelError."""
+    saved = adapter_dir / art.TEMPLATE_FILE
+    if not saved.is_file():
+        return get_template("alpaca")
+    try:
+        return get_template(art.read_json(saved))
+    except ConfigError as exc:
+        raise ModelError(f"{saved} is not a usable prompt template ({exc}); restore it from the training run") from None
+
+
+def tensor_files(base_dir: Path) -> dict[str, Path]:
+    """Map every tensor of the base checkpoint to its safetensors file (index file or all shards), headers checked."""
+    index = base_dir / art.INDEX_FILE
+    if index.is_file():
+        weight_map = art.read_json(index).get("weight_map")
+        if not (isinstance(weight_map, dict) and all(isinstance(v, str) and v == Path(v).name
+                                                     and (base_dir / v).is_file() for v in weight_map.values())):
+            raise ModelError(f"{index} has no weight_map of tensor names to safetensors files of {base_dir}; the "
+                             "index is damaged or the shards are missing: copy or download the base again")
+        files.check_weight_files(base_dir)
+        return {k: base_dir / v for k, v in weight_map.items()}
+    found: dict[str, Path] = {}
+    for file in sorted(base_dir.glob("*.safetensors")):
+        found.update(dict.fromkeys(files.tensor_shapes(file), file))
+    if not found:
+        raise ModelError(f"{base_dir} holds no *.safetensors weights; only safetensors are loaded, "
+                         "convert the checkpoint with transformers' save_pretrained(safe_serialization=True)")
+    return found
+
+
+def _scale(adapter: adapter_files.LoraAdapter, module: str) -> float:
+    """LoRA scaling of ``module``: alpha / r, or alpha / sqrt(r) with rsLoRA, by peft's pattern rules."""
+    return adapter.scale(module)
+
+
+def plan_dequantized(plan: MergePlan) -> None:
+    """Mark the weights training held in 4-bit: every linear layer except the output embedding."""
+    from alpaca_lora.model.load import resolve_compute_dtype, resolve_device
+
+    cfg_file = plan.adapter_dir / art.CONFIG_FILE
+    cfg = art.read_json(cfg_file) if cfg_file.is_file() else {}
+    if cfg.get("quantization") not in ("nf4", "fp4"):
+        raise ConfigError(f"merge_into='dequantized' needs an adapter trained on a 4-bit (nf4/fp4) base, but "
+                          f"{cfg_file} records quantization={shown(cfg.get('quantization'))}; use "
+                          "merge_into='original'")
+    plan.quant_type = cfg["quantization"]
+    # Training quantized the weights after casting them to the compute dtype; do the same. "auto" differs
+    # between machines (bf16 or fp32 on a CPU), so the dtype the run recorded comes first.
+    results_file = plan.adapter_dir / art.RESULTS_FILE
+    results = art.read_json(results_file) if results_file.is_file() else {}
+    trained_in = results.get("compute_dtype") if isinstance(results, dict) else None
+    recorded = trained_in if trained_in in DTYPES else cfg.get("compute_dtype", "auto")
+    if recorded != "auto" and recorded not in DTYPES:
+        raise ModelError(f"{cfg_file} records compute_dtype={shown(recorded)}, not a dtype training uses; the file "
+                         "is damaged: restore it from the training run, or use merge_into='original'")
+    plan.quant_dtype = resolve_compute_dtype(recorded, resolve_device("auto"))
+    model = skeleton(plan.base_dir)
+    head = model.get_output_embeddings()
+    linear = (n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    plan.quantize = {f"{n}.weight" for n in linear}
+
+
+
+def base_tensor(plan: MergePlan, name: str) -> torch.Tensor:
+    """The base tensor ``name``: fp32 when floating, rounded through 4-bit first for "dequantized"."""
+    w = read_tensor(plan.base_files, name)
+    if not w.is_floating_point():
+        return w
+    return _roundtrip_4bit(w, plan) if name in plan.quantize else w.float()
+
+
+def merged_tensor(plan: MergePlan, name: str) -> torch.Tensor:
+    """The base tensor ``name`` plus its LoRA update (computed in fp32)."""
+    w = base_tensor(plan, name)
+    if name in plan.updates:
+        a, b, scale = plan.updates[name]
+        w += scale * (b @ a)  # (out, r) @ (r, in)
+    return w
+
+
+
+def _roundtrip_4bit(w: torch.Tensor, plan: MergePlan) -> torch.Tensor:
+    from alpaca_lora.model.bnb_import import import_bitsandbytes
+
+    bnbf = import_bitsandbytes().functional
+
+    q, state = bnbf.quantize_4bit(w.to(plan.quant_dtype).contiguous(), blocksize=64, compress_statistics=True,
+                                  quant_type=plan.quant_type, quant_storage=torch.uint8)
+    return bnbf.dequantize_4bit(q, state).float()
+
+
+def base_config(base_dir: Path) -> Any:
+    """The base's transformers config, read before the merge writes anything."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(base_dir), trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{base_dir / 'config.json'} cannot be read as a model config ({type(exc).__name__}: "
+                         f"{shown(str(exc))}); the base is damaged: copy or download it again") from None
+
+
+def _probe_ids(tokenizer: Any, template: PromptTemplate) -> torch.Tensor:
+    """A fixed (2, T) batch of token ids: an Alpaca prompt and a plain sentence, cut to one length."""
+    rows = [tokenizer(t)["input_ids"] for t in (template.render(_PROBE[0]), _PROBE[1])]
+    n = min(32, *map(len, rows))
+    return torch.tensor([r[:n] for r in rows])
