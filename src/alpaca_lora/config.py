@@ -7,21 +7,34 @@ Names follow tloen/alpaca-lora where one exists (``batch_size``, ``micro_batch_s
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import functools
 import json
-import math
 import numbers
 import os
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
+from alpaca_lora.config_checks import (
+    FLOAT32_MAX,
+    INT_MAX,
+    MAX_EPOCHS,
+    MAX_LORA_R,
+    SEED_MAX,
+    bool_problem,
+    check_names,
+    choice_problem,
+    int_problem,
+    is_choice,
+    is_finite,
+    keyword_checked,
+    number_fix,
+    number_problem,
+)
+from alpaca_lora.config_file import read_config_file
 from alpaca_lora.data.prompts import PromptTemplate, get_template
 from alpaca_lora.errors import ConfigError, shown
 
@@ -30,45 +43,6 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 CPU_MATMULS = ("auto", "onednn", "blas")
 SCHEDULERS = ("linear", "cosine", "constant")
 REPORTERS = ("none", "tensorboard", "wandb")
-INT_MAX = 2**31 - 1
-"""Largest count (steps, examples, tokens, seconds) a config accepts: beyond it something is wrong."""
-MAX_LORA_R = 65_536
-"""Largest LoRA rank: the hidden size of the largest Llama-family models is smaller."""
-SEED_MAX = 2**32 - 1
-"""Largest seed (numpy seeds its generator from 32 bits)."""
-MAX_EPOCHS = 1_000_000
-"""Largest ``num_epochs`` (a step count derived from more would not fit a training loop)."""
-MAX_CONFIG_BYTES = 2**20
-"""Largest config file read: a config holds a few dozen fields, a megabyte is not one."""
-MAX_CONFIG_VALUES = 10_000
-"""Most values a config file may hold, counting what every YAML alias repeats: a 1.3 KB file of nested
-aliases (a "billion laughs") expands to hundreds of millions, which no message or check should walk."""
-MAX_CONFIG_DEPTH = 64
-"""Deepest nesting of values in a config file (a template dict is two levels deep)."""
-
-
-_Class = TypeVar("_Class", bound=type)
-
-
-def keyword_checked(cls: _Class) -> _Class:
-    """Make the dataclass ``cls`` refuse unknown keyword names with a ConfigError listing close matches.
-
-    Applied at class definition, above ``@dataclass``: ``FinetuneConfig(lora_rank=8)`` then says
-    "did you mean lora_r?", as ``finetune(lora_rank=8)`` does, instead of Python's bare ``TypeError``.
-    """
-    init = cls.__init__
-    names = [f.name for f in dataclasses.fields(cls)]
-
-    @functools.wraps(init)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        if len(args) > len(names):
-            raise ConfigError(f"{cls.__name__}() takes at most {len(names)} values by position, got {len(args)}; "
-                              f"pass fields by name, e.g. {cls.__name__}({names[0]}=...)")
-        check_names(kwargs, names, f"{cls.__name__}()", cls.__name__)
-        init(self, *args, **kwargs)
-
-    cls.__init__ = __init__  # type: ignore[misc]  # our own class, at its definition
-    return cls
 
 
 @keyword_checked
@@ -213,7 +187,7 @@ class FinetuneConfig:
         for name in _BOOLS:
             p.append(bool_problem(name, getattr(self, name)))
         for name, choices in _CHOICES.items():
-            if not _is_choice(getattr(self, name), choices):
+            if not is_choice(getattr(self, name), choices):
                 p.append(choice_problem(name, getattr(self, name), choices))
         p.append(_val_set_size_problem(self.val_set_size))
         p.extend(self._structured_problems())
@@ -224,7 +198,7 @@ class FinetuneConfig:
                 f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}; "
                 f"use batch_size={fixed}"
             )
-        if self.fsdp is True and _is_choice(self.quantization, ("int8",)):
+        if self.fsdp is True and is_choice(self.quantization, ("int8",)):
             p.append("fsdp=True with quantization='int8': FSDP shards 4-bit bases ('nf4', 'fp4') or full-precision "
                      "ones (None); use quantization='nf4'")
         return p
@@ -236,7 +210,7 @@ class FinetuneConfig:
         if not isinstance(reporters, list):
             p.append(f"report_to={shown(self.report_to)}: must be a name or a list of names from {list(REPORTERS)}")
         else:
-            bad = [r for r in reporters if not _is_choice(r, REPORTERS)]
+            bad = [r for r in reporters if not is_choice(r, REPORTERS)]
             if bad:
                 p.append(choice_problem("report_to", bad[0], REPORTERS))
         t = self.lora_target_modules
@@ -290,7 +264,10 @@ class FinetuneConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> FinetuneConfig:
-        """Load a config from a JSON or YAML file (see :func:`read_config_file` for what is refused)."""
+        """Load a config from a JSON or YAML file.
+
+        See :func:`~alpaca_lora.config_file.read_config_file` for what is refused.
+        """
         return cls.from_dict(read_config_file(path), source=str(path))
 
     def replace(self, **overrides: Any) -> FinetuneConfig:
@@ -300,8 +277,6 @@ class FinetuneConfig:
 
 
 RECORD_FIELDS = ("instruction", "input", "output")
-FLOAT32_MAX = 3.4028234663852886e38
-"""Largest float32: torch's AdamW refuses a larger learning rate with "value cannot be converted" mid-step."""
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
 _INTS = {
     "batch_size": (1, INT_MAX), "micro_batch_size": (1, INT_MAX), "max_steps": (1, INT_MAX),
@@ -324,88 +299,12 @@ _FLOATS: dict[str, tuple[Callable[[float], bool], str]] = {
 _BOOLS = tuple(name for name, default in _DEFAULTS.items() if isinstance(default, bool))
 _CHOICES = {"lr_scheduler": SCHEDULERS, "quantization": QUANTIZATIONS, "compute_dtype": COMPUTE_DTYPES,
             "cpu_matmul": CPU_MATMULS}
-_TRUE_WORDS = ("true", "yes", "on", "1", "y", "t")
-_FALSE_WORDS = ("false", "no", "off", "0", "n", "f", "none", "")
-
-
-def _is_finite(value: int | float) -> bool:
-    """True for a finite float and for an int a float can hold (``math.isfinite`` overflows on huge ints)."""
-    return math.isfinite(value) if isinstance(value, float) else abs(value) <= sys.float_info.max
-
-
-def _number_fix(name: str, value: Any, example: Any) -> str:
-    """How to fix a non-number: the number a text spells, the int a whole float is, else an example."""
-    if isinstance(value, str) and len(value) < 40:
-        try:
-            finite = math.isfinite(float(value))
-        except ValueError:
-            finite = False
-        if finite:
-            return f"; write a number, not text: {name}={value.strip()}"
-    if isinstance(value, float) and math.isfinite(value) and value == int(value) and isinstance(example, int):
-        return f"; use {name}={int(value)}"
-    return f"; e.g. {name}={example!r} (the default)" if example is not None else ""
-
-
-def int_problem(name: str, value: Any, low: int, high: int, *, optional: bool = False, example: Any = None) -> str:
-    """Say what is wrong with an int field's ``value`` ("" when it is a real int in ``[low, high]``).
-
-    Bools and whole floats are refused: ``True`` is not a count, and ``8.0`` is a float that fails
-    later in ``range()`` or a tensor shape.
-    """
-    if optional and value is None:
-        return ""
-    if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
-        return ""
-    kind = f"an int in [{low}, {high}]" + (" or None" if optional else "")
-    if isinstance(value, int) and not isinstance(value, bool):
-        fix = f"; e.g. {name}={example!r} (the default)" if example is not None else ""
-    else:
-        fix = _number_fix(name, value, example if example is not None else low)
-    return f"{name}={shown(value)}: must be {kind}{fix}"
-
-
-def number_problem(name: str, value: Any, ok: Callable[[float], bool], allowed: str, *, example: Any = None) -> str:
-    """Say what is wrong with a float field's ``value`` ("" when it is a finite number for which ``ok`` holds)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and _is_finite(value) and ok(value):
-        return ""
-    fix = _number_fix(name, value, example) if not isinstance(value, (int, float)) or isinstance(value, bool) else (
-        f"; e.g. {name}={example!r} (the default)" if example is not None else "")
-    return f"{name}={shown(value)}: must be a finite number {allowed}{fix}"
-
-
-def bool_problem(name: str, value: Any) -> str:
-    """Say what is wrong with a bool field's ``value`` ("" for True or False).
-
-    Text is refused: any non-empty string is true in Python, so ``train_on_inputs="no"`` would mean yes.
-    """
-    if isinstance(value, bool):
-        return ""
-    word = value.strip().lower() if isinstance(value, str) else value
-    if isinstance(word, (str, int)) and not isinstance(word, bool):
-        if word in _TRUE_WORDS or word == 1:
-            return f"{name}={shown(value)}: must be True or False, not {type(value).__name__}; use {name}=True"
-        if word in _FALSE_WORDS or word == 0:
-            return f"{name}={shown(value)}: must be True or False, not {type(value).__name__}; use {name}=False"
-    return f"{name}={shown(value)}: must be True or False"
-
-
-def _is_choice(value: Any, allowed: tuple) -> bool:
-    return (value is None or isinstance(value, str)) and value in allowed
-
-
-def choice_problem(name: str, value: Any, allowed: tuple) -> str:
-    """Say that ``value`` is not one of ``allowed``, with the closest one when it looks like a typo."""
-    close = (difflib.get_close_matches(value, [a for a in allowed if isinstance(a, str)], n=1)
-             if isinstance(value, str) and len(value) <= 100 else [])
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"{name}={shown(value)}: must be one of {list(allowed)}{hint}"
 
 
 def _val_set_size_problem(v: Any) -> str:
     allowed = f"0 (no evaluation), a fraction in (0, 1) or a whole record count in [1, {INT_MAX}]"
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not _is_finite(v) or v < 0:
-        return f"val_set_size={shown(v)}: must be {allowed}{_number_fix('val_set_size', v, 0.05)}"
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not is_finite(v) or v < 0:
+        return f"val_set_size={shown(v)}: must be {allowed}{number_fix('val_set_size', v, 0.05)}"
     if v >= 1 and (v > INT_MAX or v != int(v)):
         return f"val_set_size={shown(v)}: a value >= 1 is a record count, so it must be whole and at most {INT_MAX}"
     return ""
@@ -424,185 +323,9 @@ def _template_problem(t: Any) -> str:
     return f"template={shown(t)}: must be {names} (got {type(t).__name__})"
 
 
-# ---- config files -------------------------------------------------------------------------------
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a JSON (``.json`` or any other suffix) or YAML (``.yaml``/``.yml``) config file into a dict.
-
-    Args:
-        path: The file.
-
-    Returns:
-        The mapping of field names to values it holds (not yet validated).
-
-    Raises:
-        ConfigError: Naming the file when it is missing, a folder, empty, larger than
-            ``MAX_CONFIG_BYTES``, not UTF-8, unparsable, nested deeper than ``MAX_CONFIG_DEPTH``,
-            holding more than ``MAX_CONFIG_VALUES`` values once YAML aliases are expanded, or not
-            a mapping.
-
-    """
-    if isinstance(path, str) and not path.strip():
-        raise ConfigError("the config file path is empty; pass a .json or .yaml file of FinetuneConfig fields")
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"config file {path} is a folder; pass a .json or .yaml file of FinetuneConfig fields")
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_CONFIG_BYTES + 1)  # never more: the "file" may be /dev/zero
-    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
-        raise ConfigError(f"cannot read config file {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES:,} bytes; a config holds a few "
-                          "dozen fields: is it the right file?")
-    text = _decode(path, raw)
-    if not text.strip():
-        raise ConfigError(f"config file {path} is empty; write FinetuneConfig fields in it, e.g. 'lora_r: 8' (YAML)")
-    data = _parse(path, text)
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} holds a {type(data).__name__}; it must hold a mapping of field names "
-                          "to values, e.g. 'lora_r: 8' (YAML) or {\"lora_r\": 8} (JSON)")
-    return data
-
-
-def _decode(path: Path, raw: bytes) -> str:
-    if raw[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
-        raise ConfigError(f"config file {path} is UTF-32 text; save it as UTF-8")
-    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        raise ConfigError(f"config file {path} is UTF-16 text; save it as UTF-8")
-    if b"\x00" in raw:
-        line = raw[: raw.index(b"\x00")].count(b"\n") + 1
-        raise ConfigError(f"config file {path} holds a NUL byte on line {line}: it is binary or UTF-16/32 text, "
-                          "not a config; save it as UTF-8 text")
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte {raw[exc.start]:#04x} on line {line}); "
-                          "save it as UTF-8") from None
-
-
-def _parse(path: Path, text: str) -> Any:
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            return _yaml_load(text, str(path))
-        return json.loads(text)
-    except ConfigError:
-        raise
-    except RecursionError:
-        raise ConfigError(f"config file {path} is nested too deeply to be a config (at most "
-                          f"{MAX_CONFIG_DEPTH} levels)") from None
-    except Exception as exc:  # noqa: BLE001 - YAMLError, ValueError (an over-long int), and PyYAML's own slips:
-        # `!!timestamp 'x'` ends in an AttributeError inside its constructor
-        raise ConfigError(f"config file {path} does not parse: {shown(' '.join(str(exc).split()), 400)}") from None
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that reads ``1e-4`` as a float and stops composing past ``MAX_CONFIG_VALUES`` nodes.
-
-    YAML 1.1 reads an exponent without a dot as text; a config means a number. The node count bounds
-    the parse itself (an alias counts once here; :func:`_check_expansion` counts what it repeats).
-    """
-
-    def __init__(self, stream: str, source: str) -> None:
-        super().__init__(stream)
-        self.name = source  # marks in parse errors name the file, not "<unicode string>"
-        self.nodes = 0
-
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
-        self.nodes += 1
-        if self.nodes > MAX_CONFIG_VALUES:
-            raise ConfigError(f"config file {self.name} holds more than {MAX_CONFIG_VALUES:,} values; a config holds "
-                              "a few dozen fields: is it the right file?")
-        return super().compose_node(parent, index)
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
-    list("-+0123456789."),
-)
-
-
-def _yaml_load(text: str, source: str = "<config>") -> Any:
-    """Parse one YAML document, refusing one whose aliases expand past ``MAX_CONFIG_VALUES`` values."""
-    loader = _YamlLoader(text, source)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _check_expansion(node, source)
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-def _check_expansion(root: yaml.Node, source: str) -> None:
-    """Count the nodes of ``root`` as if every alias were a copy; refuse cycles, depth and size past the limits.
-
-    Sizes are memoized per node, so a "billion laughs" file is counted in as many steps as it has nodes.
-    """
-    sizes: dict[int, int] = {}
-    open_nodes: set[int] = set()
-
-    def size(node: yaml.Node, depth: int) -> int:
-        key = id(node)
-        if key in sizes:
-            return sizes[key]
-        if key in open_nodes:
-            raise ConfigError(f"config file {source} has an alias inside the value it names (a cycle); "
-                              "write the values out")
-        if depth > MAX_CONFIG_DEPTH:
-            raise ConfigError(f"config file {source} is nested deeper than {MAX_CONFIG_DEPTH} levels; "
-                              "a config is a flat mapping of fields")
-        open_nodes.add(key)
-        if isinstance(node, yaml.MappingNode):
-            children = [child for pair in node.value for child in pair]
-        else:
-            children = node.value if isinstance(node, yaml.SequenceNode) else []
-        total = 1
-        for child in children:
-            total += size(child, depth + 1)
-            if total > MAX_CONFIG_VALUES:
-                raise ConfigError(f"config file {source} holds more than {MAX_CONFIG_VALUES:,} values once its YAML "
-                                  "aliases (*name) are expanded; a config holds a few dozen fields: write them out "
-                                  "instead of nesting aliases")
-        open_nodes.discard(key)
-        sizes[key] = total
-        return total
-
-    size(root, 0)
-
-
 def field_names() -> list[str]:
     """Return the names of all FinetuneConfig fields."""
     return [f.name for f in dataclasses.fields(FinetuneConfig)]
-
-
-def check_names(data: Any, names: list[str], source: str, what: str) -> None:
-    """Raise ConfigError naming every key of ``data`` not in ``names``, with close matches.
-
-    Args:
-        data: The mapping (or keyword arguments) to check.
-        names: The known names.
-        source: Where the keys came from, for the message (a file, "finetune() keyword arguments").
-        what: The class whose fields they should be, e.g. "FinetuneConfig".
-
-    """
-    bad = []
-    for key in data:
-        if not isinstance(key, str):
-            bad.append(f"{shown(key, 60)} (a field name is text)")
-        elif key not in names:
-            close = difflib.get_close_matches(key, names, n=3, cutoff=0.6) if len(key) <= 100 else []
-            bad.append(shown(key, 60) + (f" (did you mean {', '.join(close)}?)" if close else ""))
-    if bad:
-        more = f" and {len(bad) - 10:,} more" if len(bad) > 10 else ""
-        raise ConfigError(
-            f"unknown {what} field(s) in {source}: {'; '.join(bad[:10])}{more}. "
-            f"See help(alpaca_lora.{what}) for every field."
-        )
 
 
 def check_field_names(data: dict[str, Any], source: str) -> None:

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alpaca_lora.config import (
-    COMPUTE_DTYPES,
+from alpaca_lora.config import COMPUTE_DTYPES
+from alpaca_lora.config_checks import (
     INT_MAX,
     SEED_MAX,
     bool_problem,
