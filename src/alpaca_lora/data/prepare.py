@@ -24,9 +24,10 @@ from typing import Any
 import datasets
 import numpy as np
 
+from alpaca_lora.data.encoding import unencodable_at
 from alpaca_lora.data.labels import IGNORE_INDEX
 from alpaca_lora.data.prompts import PromptTemplate, get_template
-from alpaca_lora.data.records import FIELDS, load_instructions, read_records, unencodable_at
+from alpaca_lora.data.records import FIELDS, load_instructions, read_records
 from alpaca_lora.errors import ConfigError, DataError, shown
 
 logger = logging.getLogger(__name__)

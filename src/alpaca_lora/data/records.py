@@ -18,6 +18,7 @@ from typing import Any
 
 import datasets
 
+from alpaca_lora.data.encoding import surrogate_problem, unencodable_at
 from alpaca_lora.errors import ConfigError, DataError, shown
 
 logger = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ def _check_record(obj: Any, mapping: dict[str, str | None]) -> tuple[dict[str, s
             return None, f"field {label} is empty"
         bad = unencodable_at(value)
         if bad is not None:
-            return None, f"field {label} {_surrogate_problem(value, bad)}"
+            return None, f"field {label} {surrogate_problem(value, bad)}"
         record[target] = value
     return record, None
 
@@ -205,29 +206,6 @@ def _kind(value: Any) -> str:
 
 def _encodable(text: str) -> bool:
     return unencodable_at(text) is None
-
-
-def unencodable_at(text: str) -> int | None:
-    """Index of the first character of ``text`` that UTF-8 cannot encode (a lone surrogate), or None.
-
-    Undecodable bytes of a file become such surrogates when read; a Python string may hold one too.
-    A tokenizer fails on them deep inside, so records holding one are refused here, by name.
-    """
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return exc.start
-    return None
-
-
-def _surrogate_problem(text: str, at: int) -> str:
-    """Why ``text`` cannot be encoded, given the index of its first lone surrogate."""
-    code = ord(text[at])
-    if 0xDC80 <= code <= 0xDCFF:  # what a file's undecodable byte becomes (surrogateescape)
-        return (f"holds bytes that are not valid UTF-8 (byte {code - 0xDC00:#04x} at character {at}); save the data "
-                "as UTF-8")
-    return (f"holds a lone surrogate ({text[at]!a} at character {at}), which cannot be encoded as UTF-8 and which no "
-            "tokenizer reads; fix the text (e.g. text.encode('utf-8', 'replace').decode())")
 
 
 def _names(columns: list[str], limit: int = 20) -> str:
