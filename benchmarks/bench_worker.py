@@ -217,7 +217,8 @@ def run_baseline(args: argparse.Namespace, out: dict) -> None:
 def run_ours(args: argparse.Namespace, out: dict) -> None:
     from alpaca_lora import FinetuneConfig
     from alpaca_lora.kernels.cross_entropy import causal_lm, token_losses_sum
-    from alpaca_lora.train.recipe import batch_loss, fit, save, setup
+    from alpaca_lora.train.recipe import fit, micro_batch_loss, save
+    from alpaca_lora.train.setup import setup
 
     records, tokenized, _, batches = load_data(args)
     # The baseline's dtype: fp32 on a CPU (DESIGN: compare the same math), whatever "auto" picks there.
@@ -237,7 +238,7 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
         probe_batch = run.collator([run.train_set[i] for i in batches[0]])
         dropout_eval(run.model)
         with torch.no_grad():
-            s, n = batch_loss(run, probe_batch)
+            s, n = micro_batch_loss(run, probe_batch)
         dropout_train(run.model)
         out["probe_loss"], out["probe_label_tokens"] = float(s) / n, n
         out["rss_loaded_mb"] = rss_mb("VmRSS")

@@ -153,17 +153,15 @@ def test_damaged_or_incomplete_checkpoints_are_refused_by_name(parts, tmp_path):
 
 
 def test_resume_accepts_a_changed_backend_but_not_a_changed_recipe(tmp_path):
-    from types import SimpleNamespace
-
-    from alpaca_lora.train.resume import check_compatible
+    from alpaca_lora.train.checkpoint import check_compatible
 
     fingerprint = {"base_model": {"config_sha256": "a"}, "data": {"sha256": "d"}}
     saved = {"config": FinetuneConfig(cpu_matmul="auto").to_dict(), "fingerprint": fingerprint}
     # the matmul backend, the device and the step budget change how fast, not what is trained
-    run = SimpleNamespace(cfg=FinetuneConfig(cpu_matmul="blas", max_steps=99), fingerprint=fingerprint)
-    check_compatible(saved, run, tmp_path)
+    cfg = FinetuneConfig(cpu_matmul="blas", max_steps=99)
+    check_compatible(saved, cfg, fingerprint, tmp_path)
     with pytest.raises(CheckpointError, match="lora_r: 16 -> 8"):
-        check_compatible(saved, SimpleNamespace(cfg=FinetuneConfig(lora_r=8), fingerprint=fingerprint), tmp_path)
+        check_compatible(saved, FinetuneConfig(lora_r=8), fingerprint, tmp_path)
     other_data = {**fingerprint, "data": {"sha256": "e"}}
     with pytest.raises(CheckpointError, match="training data differs"):
-        check_compatible(saved, SimpleNamespace(cfg=run.cfg, fingerprint=other_data), tmp_path)
+        check_compatible(saved, cfg, other_data, tmp_path)

@@ -10,7 +10,8 @@ from alpaca_lora.errors import ConfigError
 from alpaca_lora.kernels import cpu_linear4bit, cpu_matmul
 from alpaca_lora.kernels.cpu_linear4bit import CpuLinear4bit, restore_4bit_layers, use_onednn_4bit_layers
 from alpaca_lora.kernels.cpu_matmul import linear, resolve_backend
-from alpaca_lora.train.recipe import batch_loss, setup
+from alpaca_lora.train.recipe import micro_batch_loss
+from alpaca_lora.train.setup import setup
 
 needs_onednn = pytest.mark.skipif(not cpu_matmul.onednn_available(), reason="this torch build has no oneDNN linear")
 RECORDS = [{"instruction": f"Add {i} and {i + 1}", "input": "", "output": f"The sum is {2 * i + 1}."}
@@ -119,7 +120,7 @@ def test_training_loss_and_gradients_do_not_depend_on_the_backend(tiny_model_dir
         for name, p in run.model.named_parameters():  # lora_B starts at zero; make the update count
             if "lora_B" in name:
                 p.data.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
-        total, n = batch_loss(run, run.collator([run.train_set[i] for i in range(4)]))
+        total, n = micro_batch_loss(run, run.collator([run.train_set[i] for i in range(4)]))
         total.backward()
         grads = {k: p.grad.clone() for k, p in run.model.named_parameters() if p.grad is not None}
         results[backend] = (total.item(), n, grads)

@@ -7,7 +7,7 @@ import pytest
 
 from alpaca_lora import FinetuneConfig
 from alpaca_lora.kernels.cpu_memory import release_freed_memory_to_os
-from alpaca_lora.train.recipe import setup
+from alpaca_lora.train.setup import setup
 
 RECORDS = [{"instruction": "Say hi", "input": "", "output": "hi there"}] * 4
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"

@@ -23,12 +23,12 @@ from alpaca_lora.train.distributed import (
     Dist,
     LaunchEnv,
     check_world_size,
-    fsdp_requested,
     global_step_shard,
     init_distributed,
     launch_env,
 )
 from alpaca_lora.train.recipe import finetune
+from alpaca_lora.train.strategy import FullyShardedStrategy, Strategy, choose_strategy
 
 SCRIPT = Path(__file__).parent / "scripts" / "dist_finetune.py"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -94,7 +94,9 @@ def test_launch_env_reads_torchrun_and_accelerate_variables():
     accelerate = {**torchrun, "ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_FSDP": "true",
                   "FSDP_SHARDING_STRATEGY": "FULL_SHARD"}
     assert launch_env(accelerate) == LaunchEnv(3, 4, 1)
-    assert fsdp_requested(accelerate) and not fsdp_requested(torchrun)
+    assert isinstance(choose_strategy(False, Dist(LaunchEnv(), torch.device("cpu"), None, False), accelerate),
+                      FullyShardedStrategy)
+    assert type(choose_strategy(False, Dist(LaunchEnv(), torch.device("cpu"), None, False), torchrun)) is Strategy
     with pytest.raises(ConfigError, match="RANK=4 WORLD_SIZE=4"):
         launch_env({"RANK": "4", "WORLD_SIZE": "4", "LOCAL_RANK": "0"})
     with pytest.raises(ConfigError, match="WORLD_SIZE='two'"):

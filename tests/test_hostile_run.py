@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from alpaca_lora import CheckpointError, ConfigError, FinetuneConfig, TrainingDiverged
 from alpaca_lora.files import non_finite
 from alpaca_lora.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from alpaca_lora.train.recipe import finetune, fit, setup
+from alpaca_lora.train.recipe import finetune, fit
+from alpaca_lora.train.setup import setup
 from conftest import SHORT_RECORDS, InputTally, lora_training_parts
 
 RECORDS = SHORT_RECORDS[:6]
@@ -97,8 +98,8 @@ def test_an_output_dir_that_is_a_file_fails_before_the_model_loads(tiny_model_di
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before output_dir was checked")
 
-    monkeypatch.setattr("alpaca_lora.train.recipe.load_model", must_not_load)
-    monkeypatch.setattr("alpaca_lora.train.recipe.load_tokenizer", must_not_load)
+    monkeypatch.setattr("alpaca_lora.train.setup.load_base", must_not_load)
+    monkeypatch.setattr("alpaca_lora.train.setup.load_tokenizer", must_not_load)
     with pytest.raises(ConfigError, match="a file, not a folder"):
         finetune(tiny_model_dir, RECORDS, out, max_steps=1, **SETTINGS)
 

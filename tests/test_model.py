@@ -89,12 +89,13 @@ def test_tokenizer_pad_falls_back_without_breaking_eos(tiny_model_dir):
 def test_setup_leaves_the_4bit_model_trainable_after_a_no_grad_probe(tiny_model_dir, tmp_path):
     """A no-grad forward right after setup() must not repack 4-bit weights for inference-only kernels."""
     from alpaca_lora import FinetuneConfig
-    from alpaca_lora.train.recipe import batch_loss, setup
+    from alpaca_lora.train.recipe import micro_batch_loss
+    from alpaca_lora.train.setup import setup
 
     records = [{"instruction": "Say hi", "input": "", "output": "hi"}] * 4
     run = setup(tiny_model_dir, records, tmp_path, FinetuneConfig(val_set_size=0, max_steps=1, cutoff_len=96))
     with torch.no_grad():
-        batch_loss(run, run.collator([run.train_set[i] for i in range(2)]))
+        micro_batch_loss(run, run.collator([run.train_set[i] for i in range(2)]))
     import bitsandbytes as bnb
 
     layers = [m for m in run.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -131,7 +132,8 @@ def test_no_grad_forward_pauses_checkpointing_and_restores_it(tiny_model_dir, tm
     import warnings
 
     from alpaca_lora import FinetuneConfig
-    from alpaca_lora.train.recipe import evaluate, setup
+    from alpaca_lora.train.recipe import evaluate
+    from alpaca_lora.train.setup import setup
 
     records = [{"instruction": "Say hi", "input": "", "output": "hi"}] * 8
     run = setup(tiny_model_dir, records, tmp_path, FinetuneConfig(val_set_size=2, max_steps=1, cutoff_len=96))

@@ -315,7 +315,8 @@ def test_batched_generation_equals_one_by_one(trained, dtype):
 def test_auto_dtype_on_a_cpu_with_and_without_native_bf16_trains(tiny_model_dir, tmp_path, monkeypatch, amx):
     """compute_dtype="auto" with the CPU check forced each way: bf16 with AMX, fp32 on AVX2 alone; both learn."""
     from alpaca_lora.model import load as model_module
-    from alpaca_lora.train.recipe import fit, setup
+    from alpaca_lora.train.recipe import fit
+    from alpaca_lora.train.setup import setup
 
     flags = frozenset({"avx2", "fma"} | ({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"} if amx else set()))
     monkeypatch.setattr(model_module, "cpu_flags", lambda: flags)
@@ -362,7 +363,8 @@ def test_fp16_gradients_underflow_without_loss_scaling_and_train_with_it(smol_to
 
 def test_fp16_overflowing_scale_skips_steps_then_trains(tiny_model_dir, tmp_path):
     """A scale far too high: overflowing steps are skipped (not a divergence), the scale halves, training goes on."""
-    from alpaca_lora.train.recipe import fit, save, setup
+    from alpaca_lora.train.recipe import fit, save
+    from alpaca_lora.train.setup import setup
 
     cfg = FinetuneConfig(**{**FAST, "batch_size": 8}, max_steps=32, compute_dtype="float16")
     run = setup(tiny_model_dir, SHORT_RECORDS, tmp_path, cfg)

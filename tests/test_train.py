@@ -124,7 +124,7 @@ def test_all_records_dropped_fails_before_the_model_loads(tiny_model_dir, tmp_pa
     def boom(*args, **kwargs):
         raise AssertionError("the model must not load when no record is trainable")
 
-    monkeypatch.setattr(train, "load_model", boom)
+    monkeypatch.setattr(train, "load_base", boom)
     with pytest.raises(DataError, match="cutoff_len"):
         finetune(tiny_model_dir, RECORDS, tmp_path, cutoff_len=8, val_set_size=0)
 
@@ -187,3 +187,22 @@ def test_tensorboard_reporter_writes_events(tiny_model_dir, tmp_path):
     finetune(tiny_model_dir, RECORDS, tmp_path, max_steps=2, report_to="tensorboard", **FAST)
     events = list((tmp_path / "runs").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_a_run_reads_the_tokenizer_once(tiny_model_dir, tmp_path, monkeypatch):
+    """The data needs the tokenizer before the model loads; the model load reuses it rather than reading it again."""
+    from alpaca_lora.model import load as load_module
+    from alpaca_lora.train import setup as setup_module
+
+    calls = []
+
+    def counted(real):
+        def wrapper(*args, **kwargs):
+            calls.append(args[0])
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(setup_module, "load_tokenizer", counted(setup_module.load_tokenizer))
+    monkeypatch.setattr(load_module, "load_tokenizer", counted(load_module.load_tokenizer))
+    result = finetune(tiny_model_dir, RECORDS, tmp_path / "out", max_steps=1, **FAST)
+    assert result.steps == 1 and len(calls) == 1, calls

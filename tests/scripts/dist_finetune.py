@@ -2,7 +2,7 @@
 
 Usage: dist_finetune.py MODEL_DIR OUTPUT_DIR DUMP_DIR CONFIG_JSON [--fail-on-rank R --fail-at-step S]
 
-The steps of ``finetune()`` (setup -> distribute -> fit -> save) are called one by one so that the
+The steps of ``finetune()`` (setup -> fit -> save) are called one by one so that the
 trained model of every rank is reachable: each rank writes its LoRA weights to
 ``DUMP_DIR/rank{R}.safetensors`` and its result to ``DUMP_DIR/rank{R}.json``. With ``--fail-on-rank``
 that rank's collator raises at the given optimizer step, mid-training.
@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 
 from alpaca_lora.config import FinetuneConfig
 from alpaca_lora.train.distributed import init_distributed
-from alpaca_lora.train.recipe import distribute, fit, save, setup
+from alpaca_lora.train.recipe import fit, save
+from alpaca_lora.train.setup import setup
 
 
 class FailingCollator:
@@ -51,7 +52,6 @@ def main() -> int:
     try:
         with dist.guard("setup"):
             run = setup(args.model_dir, spec["records"], Path(args.output_dir), cfg, dist)
-        distribute(run)
         if dist.rank == args.fail_on_rank:
             run.collator = FailingCollator(run.collator, args.fail_at_call)
         try:

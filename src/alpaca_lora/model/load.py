@@ -195,6 +195,23 @@ def load_model(
             does not fit the embedding, or the load fails.
 
     """
+    return load_base(base_model, quantization, compute_dtype, device=device, quant_storage=quant_storage)
+
+
+def load_base(
+    base_model: str | Path,
+    quantization: str | None = "nf4",
+    compute_dtype: str = "auto",
+    *,
+    device: str = "auto",
+    quant_storage: str | None = None,
+    tokenizer: Any = None,
+) -> tuple[Any, Any]:
+    """:func:`load_model`, reusing ``tokenizer`` when the caller loaded it already (fine-tuning does, for the data).
+
+    A given tokenizer is checked against the model's embedding like a loaded one; the other
+    arguments, the result and the errors are those of :func:`load_model`.
+    """
     from transformers import AutoModelForCausalLM
 
     if quantization is not None:
@@ -203,7 +220,7 @@ def load_model(
     dtype = resolve_compute_dtype(compute_dtype, dev)
     folder = folder_checks.local_model_folder(base_model)
     embedding_rows = check_base_folder(folder) if folder is not None else None
-    tokenizer = load_tokenizer(base_model)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(base_model)
     if embedding_rows is not None:
         check_vocabulary(tokenizer, embedding_rows, base_model)
     # On the CPU, loading frees hundreds of large quantization temporaries: hand them back at once.

@@ -11,33 +11,47 @@ only after the new one is in place. Hidden leftovers of a killed save are ignore
 from __future__ import annotations
 
 import errno
-import math
+import logging
 import os
-import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from alpaca_lora.config import FinetuneConfig
 from alpaca_lora.errors import CheckpointError, shown
+from alpaca_lora.export.fingerprint import fingerprints_match
 from alpaca_lora.export.layout import ADAPTER_WEIGHTS, CHECKPOINT_PREFIX, write_json
 from alpaca_lora.files import load_safetensors, non_finite, read_json
+from alpaca_lora.train.checkpoint_state import (
+    OPTIMIZER_META,
+    RNG_META,
+    RNG_TENSORS,
+    RngState,
+    capture_rng,
+    check_rng_state,
+    checked_optimizer_state,
+    checked_scheduler_state,
+    flatten_optimizer,
+    jsonable,
+    restore_rng,
+)
 
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 OPTIMIZER_TENSORS = "optimizer.safetensors"
-OPTIMIZER_META = "optimizer.json"
 SCHEDULER_FILE = "scheduler.json"
-RNG_TENSORS = "rng_state.safetensors"
-RNG_META = "rng_state.json"
 _TMP_TAG = ".tmp-"  # .checkpoint-N.tmp-XXXX: being written
 _OLD_TAG = ".old-"  # .checkpoint-N.old-XXXX: being removed
 
-RngState = tuple[dict[str, torch.Tensor], dict[str, Any]]
+if TYPE_CHECKING:
+    from alpaca_lora.train.loss_scale import LossScaler
+    from alpaca_lora.train.state import Run
+
+logger = logging.getLogger(__name__)
 WRITE_ERRORS = (OSError, SafetensorError)  # what a failed write raises
 
 
@@ -96,7 +110,7 @@ def save_checkpoint(
     """
     output_dir = Path(output_dir)
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    tensors, meta = _flatten_optimizer(optimizer.state_dict())
+    tensors, meta = flatten_optimizer(optimizer.state_dict())
     bad = non_finite({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}) + non_finite(tensors)
     if bad:  # training stops before this can happen; a checkpoint must never hold a state that is not good
         raise CheckpointError(f"refusing to write {final}: {', '.join(bad[:3])} hold NaN or infinite values; "
@@ -108,7 +122,7 @@ def save_checkpoint(
         model.save_pretrained(tmp, safe_serialization=True)
         save_file(tensors, str(tmp / OPTIMIZER_TENSORS))
         write_json(tmp / OPTIMIZER_META, meta)
-        write_json(tmp / SCHEDULER_FILE, _jsonable(scheduler.state_dict()))
+        write_json(tmp / SCHEDULER_FILE, jsonable(scheduler.state_dict()))
         save_file(rng_tensors, str(tmp / RNG_TENSORS))
         write_json(tmp / RNG_META, rng_meta)
         write_json(tmp / STATE_FILE, state)
@@ -222,9 +236,9 @@ def load_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, 
     if bad:
         raise CheckpointError(f"checkpoint {folder} holds NaN or infinite values ({', '.join(bad[:3])}"
                               f"{' ...' if len(bad) > 3 else ''}): it is not a good state; {fix}")
-    optimizer_state = _checked_optimizer_state(folder, moments, meta, optimizer)
-    scheduler_state = _check_scheduler_state(folder, scheduler_state, scheduler)
-    _check_rng_state(folder, *rng)
+    optimizer_state = checked_optimizer_state(folder, moments, meta, optimizer)
+    scheduler_state = checked_scheduler_state(folder, scheduler_state, scheduler)
+    check_rng_state(folder, *rng)
     current = {k: v.detach().clone() for k, v in get_adapter_state(model).items()}
     try:
         result = set_peft_model_state_dict(model, weights)
@@ -238,7 +252,7 @@ def load_checkpoint(folder: Path, model: Any, optimizer: torch.optim.Optimizer, 
         raise CheckpointError(f"checkpoint {folder} holds adapter weights this model lacks: {unexpected[:5]}")
     optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(scheduler_state)
-    _set_rng_state(*rng)
+    restore_rng(*rng)
     return state
 
 
@@ -249,150 +263,73 @@ def get_adapter_state(model: Any) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(model)
 
 
-def _checked_optimizer_state(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
-                             optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Rebuild the optimizer state and check it fits ``optimizer``'s parameters, shape by shape."""
-    where = f"checkpoint {folder}: the optimizer state"
-    fix = "the checkpoint is damaged or from another run; resume from an earlier checkpoint-N folder or start again"
-    groups = meta.get("param_groups")
-    ours = optimizer.state_dict()["param_groups"]
-    if not (isinstance(groups, list) and len(groups) == len(ours) and all(isinstance(g, dict) for g in groups)
-            and [len(g.get("params", [])) if isinstance(g.get("params"), list) else -1 for g in groups]
-            == [len(g["params"]) for g in ours]):
-        raise CheckpointError(f"{where} has parameter groups that do not match this run's; {fix}")
-    for g, o in zip(groups, ours, strict=True):
-        for key, value in g.items():
-            mine = list(o[key]) if isinstance(o.get(key), tuple) else o.get(key)
-            items = list(zip(value, mine, strict=False)) if isinstance(value, list) and isinstance(mine, list) else []
-            if key != "params" and key in o and (not _same_kind(value, mine) or (isinstance(value, list) and (
-                    len(value) != len(mine) or not all(_same_kind(a, b) for a, b in items)))):
-                raise CheckpointError(f"{where}: {key}={shown(value, 40)} where this run has {shown(o[key], 40)}; "
-                                      f"{fix}")
-    scalars = meta.get("scalars", {})
-    if not isinstance(scalars, dict) or not all(isinstance(v, dict) for v in scalars.values()):
-        raise CheckpointError(f"{where} is damaged ({OPTIMIZER_META}); {fix}")
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    try:
-        state = _unflatten_optimizer(tensors, {"scalars": scalars, "param_groups": groups})
-    except (ValueError, TypeError, AttributeError):
-        raise CheckpointError(f"{where} has tensors named in no known way; {fix}") from None
-    for idx, values in state["state"].items():
-        if not 0 <= idx < len(params):
-            raise CheckpointError(f"{where} names parameter {idx}, but this run has {len(params)}; {fix}")
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[idx].shape:
-                raise CheckpointError(f"{where}: {key} of parameter {idx} has shape {list(value.shape)}, the "
-                                      f"parameter {list(params[idx].shape)}; {fix}")
-    return state
+# ---- a run's checkpoints: write one, resume from one -------------------------------------------
+
+# Fields that may change between a checkpoint and its resume without changing what was trained.
+RESUMABLE_CHANGES = {"num_epochs", "max_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
+                     "resume_from_checkpoint", "report_to", "device", "packing",
+                     "release_cpu_memory", "ddp_timeout", "cpu_matmul"}
 
 
-def _check_scheduler_state(folder: Path, saved: dict[str, Any], scheduler: Any) -> dict[str, Any]:
-    """Return the scheduler state to load: all of this run's keys, each of the type this run's scheduler holds.
+def save_run_checkpoint(run: Run, rng: RngState | None = None) -> Path | None:
+    """Write ``checkpoint-N`` of ``run`` on rank 0 (every rank resumes from it); None where none can be written.
 
-    A scheduler's ``load_state_dict`` sets every key it is given as an attribute, so a hand-edited file
-    could replace any of them; keys this scheduler does not have (from another torch version) are dropped.
+    Args:
+        run: The run; its state gives N.
+        rng: The random-number state to record (from before a step that is being undone); None for now's.
+
     """
-    ours = _jsonable(scheduler.state_dict())
-    missing = [k for k in ours if k not in saved]
-    if missing:
-        raise CheckpointError(f"checkpoint {folder}: the scheduler state lacks {missing[:5]}; the checkpoint is "
-                              "damaged or from another torch version. Resume from an earlier checkpoint-N folder or "
-                              "start again")
-    kept = {k: v for k, v in saved.items() if k in ours}
-    for key, value in kept.items():
-        mine = ours[key]
-        pairs = list(zip(value, mine, strict=False)) if isinstance(value, list) and isinstance(mine, list) else []
-        if not _same_kind(value, mine) or (isinstance(value, list) and (
-                len(value) != len(mine) or not all(_same_kind(a, b) for a, b in pairs))):
-            raise CheckpointError(f"checkpoint {folder}: the scheduler state has {key}={shown(value, 60)} where this "
-                                  f"run's scheduler has {shown(mine, 60)}; the checkpoint is damaged or from another "
-                                  "run. Resume from an earlier checkpoint-N folder or start again")
-    return kept
+    if not run.strategy.writes_checkpoints:
+        logger.warning("step %d: no checkpoint written, %s runs do not write resumable checkpoints yet",
+                       run.state.step, run.strategy.name.upper())
+        return None
+    state = {"step": run.state.step, "tokens_seen": run.state.tokens_seen, "total_steps": run.total_steps,
+             "config": run.cfg.to_dict(), "fingerprint": run.fingerprint, "loss_scale": run.scaler.state_dict()}
+    folder = None
+    with run.strategy.guard(f"checkpoint at step {run.state.step}"):
+        if run.strategy.is_main:
+            folder = save_checkpoint(run.output_dir, run.state.step, run.model, run.optimizer, run.scheduler, state,
+                                     keep=run.cfg.save_total_limit, rng=rng)
+    run.state.saved_checkpoint = folder
+    return folder
 
 
-def _same_kind(a: Any, b: Any) -> bool:
-    """Same JSON kind: numbers match numbers (finite ones), other values match their own type."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b)
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return math.isfinite(a)
-    return type(a) is type(b)
+def resume(cfg: FinetuneConfig, output_dir: Path, fingerprint: dict[str, Any], model: Any,
+           optimizer: torch.optim.Optimizer, scheduler: Any, scaler: LossScaler) -> int | None:
+    """Restore the checkpoint ``cfg.resume_from_checkpoint`` names; return its step, or None without one.
+
+    Raises:
+        CheckpointError: No checkpoint to resume from, a damaged one, or one of another run (other
+            settings, base model or data).
+
+    """
+    target = cfg.resume_from_checkpoint
+    if not target:
+        return None
+    folder = latest_checkpoint(output_dir) if target is True else Path(target)
+    if folder is None:
+        raise CheckpointError(f"resume_from_checkpoint=True but {output_dir} holds no complete checkpoint; "
+                              "start without resume_from_checkpoint or pass the path of a checkpoint folder")
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint {folder} does not exist; pass a checkpoint-N folder of this run")
+    check_compatible(read_state(folder), cfg, fingerprint, folder)
+    state = load_checkpoint(folder, model, optimizer, scheduler)
+    if "loss_scale" in state:  # written by every checkpoint since fp16 loss scaling
+        scaler.load_state_dict(state["loss_scale"])
+    logger.info("resumed from %s at step %d", folder, state["step"])
+    return state["step"]
 
 
-def _check_rng_state(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Check the RNG state has the shapes Python, NumPy and torch will accept, before any is set."""
-    fix = "the checkpoint is damaged; resume from an earlier checkpoint-N folder or start again"
-    cpu, keys = tensors.get("torch_cpu"), tensors.get("numpy_keys")
-    ok = (isinstance(cpu, torch.Tensor) and cpu.dtype == torch.uint8 and cpu.shape == torch.get_rng_state().shape
-          and isinstance(keys, torch.Tensor) and keys.shape == (624,)
-          and bool(((keys >= 0) & (keys < 2**32)).all()))
-    ok = ok and all(k in ("torch_cpu", "numpy_keys") or (k.startswith("torch_cuda_") and t.dtype == torch.uint8
-                                                          and t.dim() == 1) for k, t in tensors.items())
-    py, np_meta = meta.get("python"), meta.get("numpy")
-    ok = ok and isinstance(py, list) and len(py) == 3 and isinstance(py[1], list) and len(py[1]) == 625 \
-        and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32 for x in py[1][:624]) \
-        and isinstance(py[1][624], int) and 0 <= py[1][624] <= 624 \
-        and isinstance(np_meta, list) and len(np_meta) == 4 and np_meta[0] == "MT19937" \
-        and isinstance(np_meta[1], int) and 0 <= np_meta[1] <= 624 and isinstance(np_meta[2], int) \
-        and isinstance(np_meta[3], (int, float))
-    if not ok:
-        raise CheckpointError(f"checkpoint {folder}: the random-number state ({RNG_TENSORS}, {RNG_META}) is "
-                              f"damaged; {fix}")
-
-
-# ---- optimizer state <-> safetensors + JSON ---------------------------------------------------
-
-
-def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, param_state in sd["state"].items():
-        for key, value in param_state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(idx), {})[key] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    for idx, values in meta.get("scalars", {}).items():
-        state.setdefault(int(idx), {}).update(values)
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _jsonable(sd: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in sd.items() if isinstance(v, (int, float, str, list, bool, type(None)))}
-
-
-# ---- RNG state ---------------------------------------------------------------------------------
-
-
-def capture_rng() -> RngState:
-    """Return the Python, NumPy, torch CPU and CUDA generator states (tensors, JSON metadata)."""
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda_{i}"] = s
-    py = random.getstate()
-    np_state = np.random.get_state()
-    tensors["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
-    meta = {"python": [py[0], list(py[1]), py[2]], "numpy": [np_state[0], int(np_state[2]), int(np_state[3]),
-                                                                float(np_state[4])]}
-    return tensors, meta
-
-
-def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["torch_cpu"])
-    if torch.cuda.is_available():
-        states = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
-    version, internal, gauss = meta["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((name, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+def check_compatible(state: dict[str, Any], cfg: FinetuneConfig, fingerprint: dict[str, Any], folder: Path) -> None:
+    """Refuse a checkpoint written with other settings, another base model or other data."""
+    saved, now = state.get("config", {}), cfg.to_dict()
+    changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now
+               if k not in RESUMABLE_CHANGES and k in saved and saved[k] != now[k]]
+    if changed:
+        raise CheckpointError(f"checkpoint {folder} was written with a different config ({'; '.join(changed)}); "
+                              "resume with the same settings or start a new output_dir")
+    diffs = fingerprints_match(state.get("fingerprint", {}).get("base_model", {}), fingerprint["base_model"])
+    if state.get("fingerprint", {}).get("data", {}).get("sha256") != fingerprint["data"]["sha256"]:
+        diffs.append("the training data differs from the data the checkpoint was trained on")
+    if diffs:
+        raise CheckpointError(f"checkpoint {folder} belongs to another run: {'; '.join(diffs)}")

@@ -6,7 +6,8 @@ reads them, joins the process group (nccl on CUDA, gloo on the CPU) and returns 
 that the training loop asks for its rank, its shard of a step and the collectives it needs. A
 plain ``python`` process gets a single-process :class:`Dist` whose collectives do nothing.
 
-How the run stays the same run on every rank (the training loop in ``train.py`` does the rest):
+How the run stays the same run on every rank (the training loop and :mod:`alpaca_lora.train.strategy`
+do the rest):
 
 - every rank computes the same global order of micro-batches (a pure function of seed and
   epoch); rank ``r`` of ``W`` takes micro-batches ``r, r + W, ...`` of each optimizer step, so a
@@ -31,7 +32,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -88,12 +89,6 @@ def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
         raise ConfigError(f"inconsistent launch environment RANK={launch.rank} WORLD_SIZE={launch.world_size} "
                           f"LOCAL_RANK={launch.local_rank}: need 0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0")
     return launch
-
-
-def fsdp_requested(environ: Mapping[str, str] | None = None) -> bool:
-    """Whether ``accelerate launch`` was given an FSDP config (it sets ``ACCELERATE_USE_FSDP=true``)."""
-    env = os.environ if environ is None else environ
-    return env.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
 
 
 class Dist:
@@ -250,19 +245,8 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0, environ: M
     else:  # a caller (an Accelerator, a notebook) already joined; use its group and backend
         backend = torch.distributed.get_backend()
     dist = Dist(launch, dev, backend, owns_group=owns)
-    if not dist.is_main:
-        _quiet_replica()
     logger.info("distributed: %s", dist)
     return dist
-
-
-def _quiet_replica() -> None:
-    """Keep informational logs and progress bars to rank 0 (ranks > 0 still show warnings and errors)."""
-    from transformers.utils import logging as hf_logging
-
-    logging.getLogger("alpaca_lora").setLevel(logging.WARNING)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm >= 4.66 reads its defaults from TQDM_* variables
-    hf_logging.disable_progress_bar()  # transformers passes its own disable= to tqdm (weight loading)
 
 
 def global_step_shard(dist: Dist, micro_batches: list[list[int]], pad: bool = False) -> list[tuple[list[int], bool]]:
@@ -303,116 +287,3 @@ def check_world_size(dist: Dist, batch_size: int, micro_batch_size: int) -> None
             f"(e.g. batch_size={max(per, batch_size // per * per)}), "
             f"or launch a number of processes that divides {accum}"
         )
-
-
-def trainable(model: Any) -> list[torch.nn.Parameter]:
-    """The parameters that train (the LoRA weights), in a fixed order."""
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-# ---- FSDP ------------------------------------------------------------------------------------------
-
-_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
-
-
-def wrap_fsdp(model: Any, dist: Dist, environ: Mapping[str, str] | None = None) -> Any:
-    """Shard ``model`` (a peft model) over the ranks with FSDP, as peft's FSDP-QLoRA recipe does.
-
-    Every decoder layer and every LoRA layer becomes its own FSDP unit (peft's
-    ``fsdp_auto_wrap_policy``), so each unit holds tensors of one dtype that all train or all stay
-    frozen. From an ``accelerate launch`` FSDP config, ``fsdp_sharding_strategy`` and
-    ``fsdp_offload_params`` are honoured; the other FSDP settings are fixed here.
-
-    Args:
-        model: The peft model, on this rank's device, 4-bit weights stored in the compute dtype.
-        dist: The run's :class:`Dist`.
-        environ: The environment to read; ``os.environ`` by default.
-
-    Returns:
-        The FSDP-wrapped model; build the optimizer from its parameters.
-
-    Raises:
-        ConfigError: An FSDP sharding strategy this recipe does not know.
-
-    """
-    from peft.utils.other import fsdp_auto_wrap_policy
-    from torch.distributed.fsdp import CPUOffload, ShardingStrategy
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    env = os.environ if environ is None else environ
-    strategy = env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper()
-    if strategy.isdigit():  # older accelerate versions pass the enum's 1-based number
-        strategy = _STRATEGIES[int(strategy) - 1] if 1 <= int(strategy) <= len(_STRATEGIES) else strategy
-    if strategy not in _STRATEGIES:
-        raise ConfigError(f"FSDP_SHARDING_STRATEGY={strategy!r}: use one of {list(_STRATEGIES)} "
-                          "(fsdp_sharding_strategy in the accelerate config)")
-    offload = env.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true"
-    if not dist.enabled:
-        logger.warning("fsdp=True with a single process: nothing to shard over; launch with torchrun or "
-                       "accelerate launch and several processes")
-    return FSDP(
-        model,
-        auto_wrap_policy=fsdp_auto_wrap_policy(model),
-        sharding_strategy=ShardingStrategy[strategy],
-        cpu_offload=CPUOffload(offload_params=offload),
-        use_orig_params=False,
-        device_id=dist.device,
-        limit_all_gathers=True,
-    )
-
-
-def full_state_dict(model: Any) -> dict[str, torch.Tensor]:
-    """Gather the full (unsharded) state dict of an FSDP model on rank 0, on the CPU.
-
-    A collective: every rank must call it. Ranks other than 0 get an empty dict.
-    """
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    # offload_to_cpu only from a GPU: on the CPU it frees the storage it is about to read.
-    on_gpu = next(model.parameters()).device.type == "cuda"
-    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                              FullStateDictConfig(offload_to_cpu=on_gpu, rank0_only=True)):
-        return model.state_dict()
-
-
-def clip_grad_norm(model: Any, params: Sequence[torch.nn.Parameter], max_norm: float, fsdp: bool) -> torch.Tensor:
-    """Clip the gradients to ``max_norm`` (0 only measures) and return their total norm.
-
-    Under FSDP each rank holds a shard of every gradient, so the norm is the FSDP model's, computed
-    across ranks; otherwise every rank holds the full summed gradient and computes the same norm.
-    """
-    limit = max_norm if max_norm > 0 else float("inf")
-    if fsdp:
-        return model.clip_grad_norm_(limit)
-    return torch.nn.utils.clip_grad_norm_(params, limit)
-
-
-def save_fsdp_adapter(peft_model: Any, state: dict[str, torch.Tensor], lora_names: Sequence[str], folder: Any) -> None:
-    """Write the adapter of an FSDP-wrapped peft model in peft's format (rank 0, after :func:`full_state_dict`).
-
-    peft's own ``save_pretrained`` finds the LoRA entries through the module names, which FSDP
-    has changed (``_fsdp_wrapped_module``), so it would write an empty file. The full state dict
-    has the original names; the LoRA entries are picked by the parameter names recorded before
-    wrapping, and the adapter name is dropped from the keys as peft does.
-
-    Args:
-        peft_model: The peft model inside the FSDP wrapper (``fsdp_model.module``).
-        state: The full state dict from :func:`full_state_dict`.
-        lora_names: Names of the trainable LoRA parameters, taken before FSDP wrapping.
-        folder: The output folder.
-
-    """
-    import copy
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    adapter = "default"
-    weights = {name.replace(f".{adapter}", ""): state[name].detach().cpu().contiguous() for name in lora_names}
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = copy.copy(peft_model.peft_config[adapter])
-    config.inference_mode = True
-    config.save_pretrained(str(folder))
