@@ -143,6 +143,31 @@ def test_import_graph_has_no_cycle():
     assert not cycles, "import cycles between modules:\n  " + "\n  ".join(" -> ".join(c) for c in cycles)
 
 
+# The layers of the package, lowest first: a module imports only from its own layer or lower ones.
+LAYERS = [
+    {"errors", "files", "config_checks", "config_file"},
+    {"data"},
+    {"config"},
+    {"kernels"},
+    {"model"},
+    {"export"},
+    {"inference", "train"},
+    {"cli", "demo", "__init__", "__main__"},
+]
+
+
+def _layer(name: str) -> int:
+    part = name.split(".")[1] if "." in name else "__init__"
+    return next(i for i, layer in enumerate(LAYERS) if part in layer)
+
+
+def test_imports_go_down_the_layers_only():
+    """data -> config -> kernels -> model -> export -> inference/train -> cli/demo, never back up."""
+    modules = [module_name(p) for p in sorted(PACKAGE.rglob("*.py"))]
+    upward = [f"{m} -> {t}" for m in modules for t in imports_of(m) if _layer(t) > _layer(m)]
+    assert not upward, "imports up the layers:\n" + "\n".join(upward)
+
+
 def test_import_alpaca_lora_imports_neither_torch_nor_transformers():
     code = ("import json, sys, alpaca_lora; "
             "print(json.dumps([alpaca_lora.__file__, [m for m in ('torch', 'transformers') if m in sys.modules]]))")

@@ -12,8 +12,8 @@ import yaml
 from alpaca_lora import FinetuneConfig, estimate_memory
 from alpaca_lora.cli.flags import field_docs
 from alpaca_lora.cli.main import main
-from alpaca_lora.data.inspection import inspect_data
 from alpaca_lora.export.hub import export_files
+from alpaca_lora.train.inspection import inspect_data
 from alpaca_lora.train.memory import GIB
 from test_push import TOKEN, FakeHub
 

@@ -423,7 +423,7 @@ def test_a_first_run_prints_no_bitsandbytes_notice_but_real_warnings_pass():
     import subprocess
     import sys
 
-    from alpaca_lora.model.bnb_import import _NOTICE_LOGGER, _NOTICE_PREFIX, _OptionalKernelNotice
+    from alpaca_lora.kernels.bnb_import import _NOTICE_LOGGER, _NOTICE_PREFIX, _OptionalKernelNotice
 
     code = ("import alpaca_lora.kernels.lora_layer, alpaca_lora.kernels.cpu_linear4bit; "
             "from alpaca_lora.cli.main import main")

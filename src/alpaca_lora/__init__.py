@@ -27,8 +27,8 @@ _EXPORTS: dict[str, str] = {
     "PromptTemplate": "alpaca_lora.data.prompts",
     "get_template": "alpaca_lora.data.prompts",
     "list_templates": "alpaca_lora.data.prompts",
-    "InspectionReport": "alpaca_lora.data.inspection",
-    "inspect_data": "alpaca_lora.data.inspection",
+    "InspectionReport": "alpaca_lora.train.inspection",
+    "inspect_data": "alpaca_lora.train.inspection",
     "default_base_model": "alpaca_lora.model.embedded",
     "load_model": "alpaca_lora.model.load",
     "MemoryEstimate": "alpaca_lora.train.memory",
@@ -72,7 +72,6 @@ __all__ = [
 if TYPE_CHECKING:
     from alpaca_lora.config import FinetuneConfig
     from alpaca_lora.data.collator import InstructionCollator
-    from alpaca_lora.data.inspection import InspectionReport, inspect_data
     from alpaca_lora.data.prepare import tokenize_instruction
     from alpaca_lora.data.prompts import PromptTemplate, get_template, list_templates
     from alpaca_lora.data.records import load_instructions
@@ -90,6 +89,7 @@ if TYPE_CHECKING:
     from alpaca_lora.inference.generate import generate
     from alpaca_lora.model.embedded import default_base_model
     from alpaca_lora.model.load import load_model
+    from alpaca_lora.train.inspection import InspectionReport, inspect_data
     from alpaca_lora.train.memory import MemoryEstimate, estimate_memory
     from alpaca_lora.train.recipe import FinetuneResult, finetune
 

@@ -38,11 +38,11 @@ class _Usage(Exception):
 
 def build_parser() -> ArgumentParser:
     """Build the argument parser with every subcommand (this imports the library: torch, transformers)."""
-    from alpaca_lora.data.inspection import inspect_data
     from alpaca_lora.demo.run import BUDGETS, DemoConfig
     from alpaca_lora.export.hub import push_to_hub
     from alpaca_lora.export.merge import merge
     from alpaca_lora.inference.generate import generate
+    from alpaca_lora.train.inspection import inspect_data
     from alpaca_lora.train.memory import estimate_memory
     from alpaca_lora.train.recipe import finetune
 
@@ -167,7 +167,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from alpaca_lora.data.inspection import format_inspection, inspect_data
+    from alpaca_lora.train.inspection import format_inspection, inspect_data
 
     names = {"cutoff_len", "template", "train_on_inputs", "add_eos_token", "column_map"}
     kwargs = {k: v for k, v in _config(args).to_dict().items() if k in names} if args.config is not None else {}

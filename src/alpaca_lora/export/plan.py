@@ -177,7 +177,7 @@ def merged_tensor(plan: MergePlan, name: str) -> torch.Tensor:
 
 
 def _roundtrip_4bit(w: torch.Tensor, plan: MergePlan) -> torch.Tensor:
-    from alpaca_lora.model.bnb_import import import_bitsandbytes
+    from alpaca_lora.kernels.bnb_import import import_bitsandbytes
 
     bnbf = import_bitsandbytes().functional
 

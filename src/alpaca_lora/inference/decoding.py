@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from alpaca_lora.model.modes import checkpointing_paused, dropout_disabled
+from alpaca_lora.kernels.modes import checkpointing_paused, dropout_disabled
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +34,7 @@ def _answering(model: Any) -> Iterator[None]:
 
     A model in training with bitsandbytes 4-bit layers only has its dropout switched off (and its
     gradient checkpointing paused): eval mode would repack the 4-bit weights on the CPU (see
-    :func:`~alpaca_lora.model.modes.dropout_disabled`).
+    :func:`~alpaca_lora.kernels.modes.dropout_disabled`).
     """
     quantized = any(type(m).__name__ == "Linear4bit" for m in model.modules())
     if model.training and quantized:

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from alpaca_lora.kernels.bnb_import import import_bitsandbytes
 from alpaca_lora.kernels.cpu_matmul import linear
-from alpaca_lora.model.bnb_import import import_bitsandbytes
 
 bnb = import_bitsandbytes()
 

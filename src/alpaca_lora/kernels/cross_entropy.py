@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from alpaca_lora.data.labels import IGNORE_INDEX
+from alpaca_lora.kernels.autocast import active_compute_dtype
 from alpaca_lora.kernels.cpu_matmul import linear
-from alpaca_lora.model.load import active_compute_dtype
-from alpaca_lora.model.modes import checkpointing_paused
+from alpaca_lora.kernels.modes import checkpointing_paused
 
 CPU_CHUNK_BYTES = 30 * 1024 * 1024
 """On the CPU, a chunk's fp32 logits stay below glibc's largest heap-served allocation (32 MB).

@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from alpaca_lora.model.bnb_import import import_bitsandbytes
-from alpaca_lora.model.load import active_compute_dtype
+from alpaca_lora.kernels.autocast import active_compute_dtype
+from alpaca_lora.kernels.bnb_import import import_bitsandbytes
 
 bnb = import_bitsandbytes()  # before peft's bnb layers import it
 
@@ -75,7 +75,7 @@ class _LoraUpdate(torch.autograd.Function):
     """``base_out + c * ((x with dropped elements zeroed) @ A^T) @ B^T`` with hand-written gradients.
 
     Dtype policy: the products run in ``dtype`` (peft's rule: the autocast dtype when autocast is on,
-    else the adapter's; :func:`~alpaca_lora.model.load.active_compute_dtype`), the output keeps
+    else the adapter's; :func:`~alpaca_lora.kernels.autocast.active_compute_dtype`), the output keeps
     ``base_out``'s dtype, and every gradient is returned in its own input's dtype (fp32 for the
     adapter weights, whose ``.grad`` then accumulates in fp32 across micro-batches).
     """

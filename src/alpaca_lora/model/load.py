@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from alpaca_lora.errors import ConfigError, ModelError, shown
+from alpaca_lora.kernels.bnb_import import import_bitsandbytes
 from alpaca_lora.kernels.cpu_memory import heap_returned_while
 from alpaca_lora.model import folder_checks
-from alpaca_lora.model.bnb_import import import_bitsandbytes
 from alpaca_lora.model.checks import check_base_folder, check_loading_info, check_special_tokens, check_vocabulary
 from alpaca_lora.model.dtypes import DTYPES
 
@@ -66,16 +66,6 @@ def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
     """
     flags = cpu_flags() if flags is None else flags
     return any(f in flags for f in BF16_CPU_FLAGS)
-
-
-def active_compute_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
-    """The dtype a hand-written autograd function computes in: autocast's when it is on, else ``default``.
-
-    Read in the forward pass and kept for the backward pass, which autograd runs with autocast off.
-    """
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return default
 
 
 def resolve_compute_dtype(compute_dtype: str, device: torch.device) -> torch.dtype:

@@ -26,7 +26,7 @@ from alpaca_lora.errors import CheckpointError, ModelError
 from alpaca_lora.export import layout as art
 from alpaca_lora.files import non_finite
 from alpaca_lora.kernels.cpu_memory import restore_memory_settings
-from alpaca_lora.model.modes import dropout_disabled
+from alpaca_lora.kernels.modes import dropout_disabled
 from alpaca_lora.train import stops
 from alpaca_lora.train.checkpoint import WRITE_ERRORS, capture_rng, disk_full, latest_checkpoint, save_run_checkpoint
 from alpaca_lora.train.distributed import init_distributed
