@@ -302,8 +302,8 @@ fi
 
 # ---- 4. existing suites on CUDA, with the time left ---------------------------------------------------
 # shellcheck disable=SC2206  # a space-separated list of files, on purpose
-extra=(${GPU_CHECK_EXTRA_TESTS:-tests/test_train.py tests/test_packing.py tests/test_merge.py tests/test_generate.py
-       tests/test_lora_layer.py tests/test_loss.py $(compgen -G "tests/test_precision*.py")})
+extra=(${GPU_CHECK_EXTRA_TESTS:-tests/train/test_train.py tests/data/test_packing.py tests/export/test_merge.py tests/inference/test_generate.py
+       tests/kernels/test_lora_layer.py tests/kernels/test_loss.py $(compgen -G "tests/test_precision*.py")})
 if (( $(left) >= 60 )); then
   stage extra_tests $(( $(left) - 15 )) python3 -m pytest "${extra[@]}" -q -rfE -p no:cacheprovider \
     -k "not 135m" --junitxml="$S/extra_tests.xml"

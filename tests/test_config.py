@@ -8,6 +8,7 @@ import pytest
 
 from alpaca_lora.config import FinetuneConfig, check_field_names, field_names
 from alpaca_lora.errors import ConfigError
+from fakes import billion_laughs
 
 
 def test_defaults_are_valid_and_match_alpaca_lora_names():
@@ -242,19 +243,11 @@ def test_yaml_inf_and_nan_are_refused_by_field(tmp_path):
         assert needle in message
 
 
-def _billion_laughs(path, levels=9):
-    lines = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
-    for prev, name in zip("abcdefghijklmn", "bcdefghijklmno"[: levels - 1], strict=False):
-        lines.append(f"{name}: &{name} [" + ", ".join(f"*{prev}" for _ in range(9)) + "]")
-    path.write_text("\n".join(lines) + f"\ntemplate: *{lines[-1].split('&')[1].split()[0]}\n", encoding="utf-8")
-    return path
-
-
 def test_a_billion_laughs_yaml_is_refused_quickly_without_expanding_it(tmp_path):
     import time
     import tracemalloc
 
-    path = _billion_laughs(tmp_path / "bomb.yaml")
+    path = billion_laughs(tmp_path / "bomb.yaml")
     assert path.stat().st_size < 2000
     tracemalloc.start()
     start = time.perf_counter()

@@ -9,7 +9,7 @@ still attend to the records packed before it (its logits then differ by ~0.6 fro
 ones). :class:`PackedCollator` therefore also builds a block-diagonal causal mask, ``(1, 1, N, N)``,
 in which each token sees only the earlier tokens of its own record; ``position_ids`` restart at 0
 for every record, so rotary embeddings match too. The loss is then the same as on the padded
-batch (``tests/test_packing.py`` checks packed == unpacked to 1e-5).
+batch (``tests/data/test_packing.py`` checks packed == unpacked to 1e-5).
 
 Records are packed end to end, so the block mask costs the square of the packed row;
 :mod:`alpaca_lora.kernels.packed_attention` holds the attention function that costs each record's

@@ -45,7 +45,7 @@ def test_estimate_agrees_with_measured_peak_on_the_tiny_model(tiny_model_dir, mi
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_peak.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "memory_peak.py"
     run = subprocess.run([sys.executable, str(script), "--base-model", str(tiny_model_dir), "--micro-batch",
                           str(micro_batch), "--cutoff-len", str(cutoff_len)], capture_output=True, text=True,
                          timeout=600, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072",

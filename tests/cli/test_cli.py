@@ -15,7 +15,7 @@ from alpaca_lora.cli.main import main
 from alpaca_lora.export.hub import export_files
 from alpaca_lora.train.inspection import inspect_data
 from alpaca_lora.train.memory import GIB
-from test_push import TOKEN, FakeHub
+from fakes import TOKEN, FakeHub
 
 
 def run_main(*args):
@@ -236,9 +236,9 @@ def test_a_config_error_from_the_called_function_is_a_usage_error_in_one_line(tm
 def test_a_billion_laughs_config_exits_2_quickly_with_a_short_message(tmp_path, capsys):
     import time
 
-    from test_config import _billion_laughs
+    from fakes import billion_laughs
 
-    bomb = _billion_laughs(tmp_path / "bomb.yaml")
+    bomb = billion_laughs(tmp_path / "bomb.yaml")
     start = time.perf_counter()
     code = run_main("finetune", "--base_model", "m", "--data", "d.json", "--config", bomb)
     err = capsys.readouterr().err

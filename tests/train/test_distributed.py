@@ -1,6 +1,6 @@
 """finetune() under torchrun on the CPU (gloo): 2 processes give the single-process result.
 
-The multi-process runs launch ``tests/scripts/dist_finetune.py`` with
+The multi-process runs launch ``tests/train/scripts/dist_finetune.py`` with
 ``python -m torch.distributed.run --nproc_per_node 2`` on the tiny 4-bit Llama. That script calls
 the steps of finetune() one by one so that each rank can dump the LoRA weights it ends with.
 """
@@ -31,7 +31,7 @@ from alpaca_lora.train.recipe import finetune
 from alpaca_lora.train.strategy import FullyShardedStrategy, Strategy, choose_strategy
 
 SCRIPT = Path(__file__).parent / "scripts" / "dist_finetune.py"
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
 RECORDS = [{"instruction": f"Item {i}: repeat the word.", "input": w, "output": f"{w} {w}"}
            for i, w in enumerate(WORDS)]
