@@ -119,7 +119,7 @@ def test_unknown_override_lists_close_matches(tiny_model_dir, tmp_path):
 
 
 def test_all_records_dropped_fails_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
-    from alpaca_lora.train import recipe as train
+    from alpaca_lora.train import setup as train
 
     def boom(*args, **kwargs):
         raise AssertionError("the model must not load when no record is trainable")
