@@ -168,6 +168,8 @@ def test_list_in_list_out(chain_dir):
     ({"top_p": 0.9}, "do_sample=True"),
     ({"max_new_tokens": 0}, "max_new_tokens"),
     ({"num_beams": 0}, "num_beams"),
+    ({"num_beams": 65}, "from 1 to 64"),
+    ({"num_beams": 10**9}, "from 1 to 64"),
     ({"do_sample": True, "top_p": 1.5}, "top_p"),
     ({"max_new_token": 5}, "max_new_tokens"),  # unknown setting: close match suggested
     ({"num_return_sequences": 2}, "num_return_sequences"),
@@ -340,3 +342,21 @@ def test_max_new_tokens_past_the_context_is_clamped_with_a_warning(short_context
     # In a list, a clamped prompt is answered as it is alone, and the others are not cut by it.
     texts = generate(short_context_dir, [prompt, "Hi."], max_new_tokens=room, **FP32)
     assert texts == [generate(short_context_dir, p, max_new_tokens=room, **FP32) for p in (prompt, "Hi.")]
+
+
+def test_a_loaded_peft_model_with_nan_lora_weights_is_refused_before_generating(run, tiny_model_dir):
+    """As for an adapter folder: a diverged adapter in memory is a ModelError naming the weights, not garbage."""
+    from peft import PeftModel
+
+    from alpaca_lora import ModelError, load_model
+
+    adapter, _ = run
+    base, tok = load_model(tiny_model_dir, None, "float32", device="cpu")
+    model = PeftModel.from_pretrained(base, str(adapter))
+    assert generate(model, "Hi.", tokenizer=tok, max_new_tokens=2, **FP32) is not None  # finite: answers
+    name, weight = next((n, p) for n, p in model.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        weight[0, 0] = float("nan")
+    with pytest.raises(ModelError, match="NaN or infinite values in 1 of") as info:
+        generate(model, "Hi.", tokenizer=tok, max_new_tokens=2, **FP32)
+    assert name in str(info.value) and "checkpoint-N" in str(info.value)

@@ -18,6 +18,7 @@ from alpaca_lora.model.dtypes import DTYPES
 QUANTIZATIONS = (None, "nf4", "fp4", "int8")
 """How generate() may load a folder's weights."""
 COMPUTE_DTYPES = ("auto", *DTYPES)
+MAX_BEAMS = 64  # beam search holds num_beams copies of every prompt's cache; past this it is a typo or a memory bomb
 """The compute dtypes generate() accepts."""
 
 
@@ -83,8 +84,9 @@ def generation_kwargs(max_new_tokens: int, do_sample: bool, temperature: float |
     problems = []
     if not is_int(max_new_tokens) or max_new_tokens < 1:
         problems.append(f"max_new_tokens={shown(max_new_tokens)}: must be an int >= 1")
-    if not is_int(num_beams) or num_beams < 1:
-        problems.append(f"num_beams={shown(num_beams)}: must be an int >= 1")
+    if not is_int(num_beams) or not 1 <= num_beams <= MAX_BEAMS:
+        problems.append(f"num_beams={shown(num_beams)}: must be an int from 1 to {MAX_BEAMS} (beam search keeps "
+                        "that many copies of each prompt and its cache in memory; 1 decodes greedily, 4 is common)")
     if not isinstance(do_sample, bool):
         problems.append(f"do_sample={shown(do_sample)}: must be True or False")
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k}

@@ -161,6 +161,7 @@ def _resolve(model_or_dir: Any, tokenizer: Any, quantization: str | None, comput
         return model, (tokenizer if tokenizer is not None else tok), folder
     if not hasattr(model_or_dir, "generate"):
         raise ConfigError(f"model_or_dir must be a folder path or a loaded causal LM, got {type(model_or_dir)}")
+    _check_adapter_finite(model_or_dir)
     folder = _model_folder(model_or_dir)
     if tokenizer is None:
         if folder is None or not (folder / "tokenizer_config.json").is_file():
@@ -169,6 +170,22 @@ def _resolve(model_or_dir: Any, tokenizer: Any, quantization: str | None, comput
 
         tokenizer = load_tokenizer(folder)
     return model_or_dir, tokenizer, folder
+
+
+def _check_adapter_finite(model: Any) -> None:
+    """Refuse a loaded model whose LoRA weights hold NaN or infinity (it would answer with garbage).
+
+    Only the LoRA weights are read (small), as for an adapter folder; a base's own weights are the
+    caller's.
+    """
+    named = getattr(model, "named_parameters", None)
+    lora = {n: p.detach() for n, p in named() if "lora_" in n} if callable(named) else {}
+    bad = files.non_finite(lora)
+    if bad:
+        raise ModelError(f"the loaded model's LoRA weights hold NaN or infinite values in {len(bad)} of "
+                         f"{len(lora)} tensors ({shown(sorted(bad)[:3])}{' ...' if len(bad) > 3 else ''}): "
+                         "training diverged, and it would answer with empty or garbage text. Load the last good "
+                         "checkpoint-N/ folder of the run, or retrain with a lower learning_rate")
 
 
 def _model_folder(model: Any) -> Path | None:
