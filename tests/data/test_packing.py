@@ -120,3 +120,13 @@ def test_packed_and_padded_training_give_the_same_adapter(tiny_model_dir, tmp_pa
     print(f"packed vs padded adapter max abs diff after 3 steps: {diff:.2e}")
     assert diff < 1e-5
     assert abs(a.train_loss - b.train_loss) < 1e-4
+
+
+def test_record_label_counts_add_up_to_the_collated_batch_count_padded_and_packed():
+    """The loop counts a step's label tokens from its records before collating: the sum must be the batch's count."""
+    from alpaca_lora.data.labels import count_label_tokens, record_label_tokens
+
+    expected = sum(record_label_tokens(f["labels"]) for f in FEATURES)
+    assert expected > 0
+    assert count_label_tokens(InstructionCollator(_Tok(), pad_to_multiple_of=8)(FEATURES)["labels"]) == expected
+    assert count_label_tokens(PackedCollator()(FEATURES)["labels"]) == expected

@@ -25,3 +25,12 @@ def count_label_tokens(labels: torch.Tensor) -> int:
 
     """
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def record_label_tokens(labels: list[int]) -> int:
+    """The positions of one tokenized record that get a loss: :func:`count_label_tokens` of a single row.
+
+    Summed over a micro-batch's records this equals ``count_label_tokens`` of the collated batch,
+    padded or packed (a packed record's first label is :data:`IGNORE_INDEX`).
+    """
+    return sum(1 for t in labels[1:] if t != IGNORE_INDEX)

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alpaca_lora.config import FinetuneConfig
-from alpaca_lora.data.labels import IGNORE_INDEX, count_label_tokens
+from alpaca_lora.data.labels import record_label_tokens
 from alpaca_lora.data.prompts import get_template
 from alpaca_lora.data.sampler import epoch_batches, steps_per_epoch
 from alpaca_lora.errors import CheckpointError, ModelError
@@ -157,7 +157,7 @@ def fit(run: Run, stop: StopRequest | None = None) -> None:
         # 1. Every process counts the step's label tokens from the records, then runs its micro-batches:
         #    collate -> forward -> backward of the summed loss over that count.
         records = {i: run.train_set[i] for batch in micro_batches for i in batch}
-        label_tokens = sum(_label_tokens(records[i]["labels"]) for i in records)
+        label_tokens = sum(record_label_tokens(records[i]["labels"]) for i in records)
         divisor = strategy.loss_divisor(label_tokens)
         scale = run.scaler.scale  # 1.0, an exact no-op, unless fp16 loss scaling is on
         model.train()
@@ -203,7 +203,7 @@ def fit(run: Run, stop: StopRequest | None = None) -> None:
         # 5. Book-keeping: progress, metrics, evaluation, checkpoints, a requested stop.
         state.step += 1
         if applied:
-            state.tokens_seen += sum(len(records[i]["input_ids"]) for i in records)
+            state.tokens_seen += sum(lengths[i] for i in records)
         state.recent_losses = (state.recent_losses + [loss])[-max(1, cfg.logging_steps):]
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
@@ -246,11 +246,6 @@ def autocast(device: torch.device, dtype: torch.dtype) -> Any:
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _label_tokens(labels: list[int]) -> int:
-    """Positions of one record that get a loss: its labels after the first (the causal shift drops it)."""
-    return sum(1 for t in labels[1:] if t != IGNORE_INDEX)
-
-
 @torch.no_grad()
 def evaluate(run: Run) -> float:
     """Mean token loss over the validation split (batches sorted by length, dropout off, shared by the processes)."""
@@ -260,10 +255,9 @@ def evaluate(run: Run) -> float:
     total, n = 0.0, 0
     with dropout_disabled(run.model), run.strategy.guard("evaluation"):
         for idx, counts in run.strategy.shard([order[s : s + size] for s in range(0, len(order), size)]):
-            batch = run.collator([run.val_set[i] for i in idx])
-            s = micro_batch_loss(run, batch)[0]
+            s, k = micro_batch_loss(run, run.collator([run.val_set[i] for i in idx]))
             if counts:
-                total, n = total + float(s), n + count_label_tokens(batch["labels"])
+                total, n = total + float(s), n + k
     total, n = run.strategy.reduce([total, n])
     return total / max(1.0, n)
 
