@@ -190,7 +190,8 @@ POS = inspect.Parameter.POSITIONAL_OR_KEYWORD
 KW = inspect.Parameter.KEYWORD_ONLY
 VAR_KW = inspect.Parameter.VAR_KEYWORD
 
-# Read from the package at commit c948878: (name, kind, default) of every parameter, in order.
+# Read from the package at commit c948878: (name, kind, default) of every parameter, in order; since then
+# generate() took chat_template= (conversations) and tokenize_conversation() was added.
 SIGNATURES = {
     "finetune": [("base_model", POS, EMPTY), ("data", POS, EMPTY), ("output_dir", POS, "lora-alpaca"),
                  ("config", KW, None), ("overrides", VAR_KW, EMPTY)],
@@ -199,7 +200,7 @@ SIGNATURES = {
                  ("temperature", KW, None), ("top_p", KW, None), ("top_k", KW, None), ("num_beams", KW, 1),
                  ("repetition_penalty", KW, None), ("stream", KW, False), ("quantization", KW, None),
                  ("compute_dtype", KW, "auto"), ("base_model", KW, None), ("batch_size", KW, 8),
-                 ("tokenizer", KW, None), ("gen_kwargs", VAR_KW, EMPTY)],
+                 ("tokenizer", KW, None), ("chat_template", KW, None), ("gen_kwargs", VAR_KW, EMPTY)],
     "merge": [("adapter_dir", POS, EMPTY), ("output_dir", POS, EMPTY), ("base_model", KW, None),
               ("dtype", KW, "float16"), ("max_shard_size", KW, "2GB"), ("merge_into", KW, "original"),
               ("allow_base_mismatch", KW, False), ("verify", KW, True)],
@@ -214,6 +215,8 @@ SIGNATURES = {
     "load_instructions": [("source", POS, EMPTY), ("column_map", KW, None), ("skip_bad_records", KW, False)],
     "tokenize_instruction": [("record", POS, EMPTY), ("tokenizer", POS, EMPTY), ("template", POS, "alpaca"),
                              ("cutoff_len", POS, 512), ("train_on_inputs", POS, False), ("add_eos_token", POS, True)],
+    "tokenize_conversation": [("messages", POS, EMPTY), ("tokenizer", POS, EMPTY), ("chat_template", KW, None),
+                              ("cutoff_len", KW, 2048), ("train_on_inputs", KW, False), ("tools", KW, None)],
 }
 
 

@@ -24,6 +24,9 @@ _EXPORTS: dict[str, str] = {
     "InstructionCollator": "alpaca_lora.data.collator",
     "load_instructions": "alpaca_lora.data.records",
     "tokenize_instruction": "alpaca_lora.data.prepare",
+    "tokenize_conversation": "alpaca_lora.data.chat",
+    "load_conversations": "alpaca_lora.data.conversations",
+    "load_data": "alpaca_lora.data.sources",
     "PromptTemplate": "alpaca_lora.data.prompts",
     "get_template": "alpaca_lora.data.prompts",
     "list_templates": "alpaca_lora.data.prompts",
@@ -62,19 +65,25 @@ __all__ = [
     "get_template",
     "inspect_data",
     "list_templates",
+    "load_conversations",
+    "load_data",
     "load_instructions",
     "load_model",
     "merge",
     "push_to_hub",
+    "tokenize_conversation",
     "tokenize_instruction",
 ]
 
 if TYPE_CHECKING:
     from alpaca_lora.config import FinetuneConfig
+    from alpaca_lora.data.chat import tokenize_conversation
     from alpaca_lora.data.collator import InstructionCollator
+    from alpaca_lora.data.conversations import load_conversations
     from alpaca_lora.data.prepare import tokenize_instruction
     from alpaca_lora.data.prompts import PromptTemplate, get_template, list_templates
     from alpaca_lora.data.records import load_instructions
+    from alpaca_lora.data.sources import load_data
     from alpaca_lora.errors import (
         AlpacaLoraError,
         CheckpointError,

@@ -41,6 +41,7 @@ from alpaca_lora.errors import ConfigError, shown
 QUANTIZATIONS = ("nf4", "fp4", "int8", None)
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 CPU_MATMULS = ("auto", "onednn", "blas")
+DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt")
 SCHEDULERS = ("linear", "cosine", "constant")
 REPORTERS = ("none", "tensorboard", "wandb")
 
@@ -93,7 +94,13 @@ class FinetuneConfig:
     """Put each micro-batch's examples end to end in one row, with no attention across them: no padding is
     computed and the loss is the same as padded batches (needs the sdpa or eager attention)."""
     template: str | dict[str, Any] = "alpaca"
-    """Prompt template: a built-in name, a JSON file path or a dict."""
+    """Prompt template of Alpaca records: a built-in name, a JSON file path or a dict."""
+    data_format: str = "auto"
+    """Data format: "auto" (conversations where records hold `messages` or `conversations`, else Alpaca
+    records), "alpaca", "messages" (OpenAI role/content) or "sharegpt" (from/value)."""
+    chat_template: str | None = None
+    """Chat template of conversations: None for the base tokenizer's own, a built-in name ("chatml", "llama3",
+    or an Alpaca template name), a Jinja string or a .jinja file. It is saved as the output's chat template."""
     quantization: str | None = "nf4"
     """Base weight format: "nf4" (QLoRA, double quantization), "fp4", "int8" or None (full precision)."""
     compute_dtype: str = "auto"
@@ -157,7 +164,7 @@ class FinetuneConfig:
 
     def _normalize(self) -> None:
         """Equivalent spellings to the documented types: a Path to its text, numpy numbers to Python ones."""
-        for name in ("resume_from_checkpoint", "template"):
+        for name in ("resume_from_checkpoint", "template", "chat_template"):
             if isinstance(getattr(self, name), os.PathLike):  # a Path is as good as its text
                 setattr(self, name, os.fspath(getattr(self, name)))
         if isinstance(self.template, PromptTemplate):
@@ -221,6 +228,10 @@ class FinetuneConfig:
             p.append(f"lora_target_modules={shown(t)}: must be a non-empty list of module names (e.g. "
                      "['q_proj', 'v_proj']), \"attention\" or \"all-linear\"")
         p.append(_template_problem(self.template))
+        c = self.chat_template
+        if c is not None and not (isinstance(c, str) and c.strip()):
+            p.append(f"chat_template={shown(c)}: must be None (the tokenizer's own), a built-in name such as "
+                     "'chatml' or 'alpaca', a Jinja string or a .jinja file path")
         r = self.resume_from_checkpoint
         if not (r is None or isinstance(r, bool) or (isinstance(r, str) and r.strip())):
             p.append(f"resume_from_checkpoint={shown(r)}: must be True (the newest checkpoint in output_dir), "
@@ -298,7 +309,7 @@ _FLOATS: dict[str, tuple[Callable[[float], bool], str]] = {
 """Float fields (an int is a float too), with their allowed range and how it reads."""
 _BOOLS = tuple(name for name, default in _DEFAULTS.items() if isinstance(default, bool))
 _CHOICES = {"lr_scheduler": SCHEDULERS, "quantization": QUANTIZATIONS, "compute_dtype": COMPUTE_DTYPES,
-            "cpu_matmul": CPU_MATMULS}
+            "cpu_matmul": CPU_MATMULS, "data_format": DATA_FORMATS}
 
 
 def _val_set_size_problem(v: Any) -> str:

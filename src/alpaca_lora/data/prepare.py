@@ -223,6 +223,8 @@ class PrepareReport:
         truncated: Kept records cut at ``cutoff_len``.
         label_tokens: Tokens that carry loss, over the kept records.
         total_tokens: All tokens of the kept records.
+        turns: Conversations only: assistant turns trained, over the kept conversations.
+        dropped_turns: Conversations only: whole turns cut off at ``cutoff_len``.
 
     """
 
@@ -232,6 +234,8 @@ class PrepareReport:
     truncated: int = 0
     label_tokens: int = 0
     total_tokens: int = 0
+    turns: int | None = None
+    dropped_turns: int = 0
 
     def summary(self) -> str:
         """Return one human-readable line."""
@@ -240,8 +244,10 @@ class PrepareReport:
         return (
             f"kept {self.kept} of {self.kept + self.dropped} records, dropped {self.dropped}"
             + (f" ({reasons})" if reasons else "")
-            + f", truncated {self.truncated}; {self.total_tokens} tokens, {self.label_tokens} with loss "
-            f"({share:.1f}%)"
+            + f", truncated {self.truncated}"
+            + (f" ({self.dropped_turns} turns cut off); {self.turns} assistant turns trained"
+               if self.turns is not None else "")
+            + f"; {self.total_tokens} tokens, {self.label_tokens} with loss ({share:.1f}%)"
         )
 
 
@@ -338,7 +344,8 @@ def data_fingerprint(ds: datasets.Dataset, source: object = None) -> dict[str, A
     """Fingerprint the records of ``ds``: their count and a SHA-256 over their fields, in order.
 
     Args:
-        ds: Records with instruction, output and (optional) input columns.
+        ds: Records with instruction, output and (optional) input columns, or conversations (``messages``
+            and optional ``tools`` columns).
         source: Where they came from: a path is recorded as text, anything else by its type name.
 
     Returns:
@@ -346,11 +353,16 @@ def data_fingerprint(ds: datasets.Dataset, source: object = None) -> dict[str, A
 
     """
     digest = hashlib.sha256()
-    for batch in ds.iter(batch_size=1000):
-        inputs = batch.get("input") or [""] * len(batch["instruction"])
-        for values in zip(batch["instruction"], inputs, batch["output"], strict=True):
-            # One JSON array per record and line: unambiguous whatever the fields hold.
-            digest.update(json.dumps([v or "" for v in values]).encode("ascii") + b"\n")
+    if "messages" in ds.column_names:  # conversations: one canonical JSON line each, tools included
+        tools = ds["tools"] if "tools" in ds.column_names else [""] * len(ds)
+        for messages, tool_text in zip(ds["messages"], tools, strict=True):
+            digest.update(json.dumps([messages, tool_text], sort_keys=True).encode("ascii") + b"\n")
+    else:
+        for batch in ds.iter(batch_size=1000):
+            inputs = batch.get("input") or [""] * len(batch["instruction"])
+            for values in zip(batch["instruction"], inputs, batch["output"], strict=True):
+                # One JSON array per record and line: unambiguous whatever the fields hold.
+                digest.update(json.dumps([v or "" for v in values]).encode("ascii") + b"\n")
     if source is None or isinstance(source, (str, Path)):
         src = None if source is None else str(source)
     else:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from alpaca_lora.data.prompts import PromptTemplate
 from alpaca_lora.errors import ConfigError, ModelError, shown
 from alpaca_lora.export import layout as art
 from alpaca_lora.export.plan import MergePlan, base_config, base_tensor, merged_tensor, plan_dequantized, plan_merge
@@ -265,6 +266,7 @@ def _model_card(plan: MergePlan, report: dict[str, Any]) -> str:
     cfg, results, data = read(art.CONFIG_FILE), read(art.RESULTS_FILE), read(art.FINGERPRINT_FILE).get("data", {})
     data = data if isinstance(data, dict) else {}
     template = plan.template
+    chat = not (plan.adapter_dir / art.TEMPLATE_FILE).is_file() and (plan.adapter_dir / "chat_template.jinja").is_file()
     lora, check = plan.lora_config, report["verification"]
     hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", plan.base_name) and not Path(plan.base_name).exists()
     metrics = {k: results[k] for k in ("train_loss", "eval_loss", "steps", "tokens_seen") if k in results}
@@ -280,7 +282,8 @@ def _model_card(plan: MergePlan, report: dict[str, Any]) -> str:
         f"base weights and saved as {report['dtype']} safetensors.", "",
         "| | |", "|---|---|",
         f"| Base model | `{plan.base_name}` |",
-        f"| Prompt template | `{template.name}` (`{art.TEMPLATE_FILE}`) |",
+        ("| Prompt format | the chat template training rendered conversations with (`chat_template.jinja`) |" if chat
+         else f"| Prompt template | `{template.name}` (`{art.TEMPLATE_FILE}`; also as `chat_template.jinja`) |"),
         f"| LoRA | r={cfg.get('lora_r', lora.get('r'))}, alpha={cfg.get('lora_alpha', lora.get('lora_alpha'))}, "
         f"dropout={cfg.get('lora_dropout', lora.get('lora_dropout'))}, "
         f"targets={cfg.get('lora_target_modules', lora.get('target_modules'))} |",
@@ -293,11 +296,22 @@ def _model_card(plan: MergePlan, report: dict[str, Any]) -> str:
         "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
         'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO", use_safetensors=True)',
         'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")',
-        f"template = {template.prompt_no_input!r}",
-        'prompt = template.replace("{instruction}", "Name three primary colors.")',
-        'inputs = tokenizer(prompt, return_tensors="pt")',
+        *(_chat_usage() if chat else _alpaca_usage(template)),
         "output = model.generate(**inputs, max_new_tokens=128)",
         'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))', "```", "",
         "## Use with alpaca_lora", "", "```python", "from alpaca_lora import generate", "",
-        'print(generate("PATH_OR_LOCAL_FOLDER", "Name three primary colors."))', "```", "",
+        'print(generate("PATH_OR_LOCAL_FOLDER", [{"role": "user", "content": "Name three primary colors."}]))'
+        if chat else 'print(generate("PATH_OR_LOCAL_FOLDER", "Name three primary colors."))', "```", "",
     ])
+
+
+def _alpaca_usage(template: PromptTemplate) -> list[str]:
+    return [f"template = {template.prompt_no_input!r}",
+            'prompt = template.replace("{instruction}", "Name three primary colors.")',
+            'inputs = tokenizer(prompt, return_tensors="pt")']
+
+
+def _chat_usage() -> list[str]:
+    return ['messages = [{"role": "user", "content": "Name three primary colors."}]',
+            "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors='pt',",
+            "                                       return_dict=True)"]

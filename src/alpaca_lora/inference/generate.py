@@ -32,6 +32,7 @@ from alpaca_lora.inference.arguments import (
     instruction_records,
     is_int,
 )
+from alpaca_lora.inference.conversation import chat_prompts, conversation_requests
 from alpaca_lora.inference.decoding import generate_batches, stream_text
 from alpaca_lora.model import adapter_files
 
@@ -59,16 +60,19 @@ def generate(
     base_model: str | Path | None = None,
     batch_size: int = 8,
     tokenizer: Any = None,
+    chat_template: str | Path | None = None,
     **gen_kwargs: Any,
 ) -> str | list[str] | Iterator[str]:
-    """Generate the response to one instruction (a string) or to many (a list, answered in batches).
+    """Answer one instruction or conversation, or many (a list, answered in batches).
 
     Args:
         model_or_dir: A merged model folder (config.json + safetensors), an adapter folder written by
             :func:`alpaca_lora.finetune` (its recorded base is loaded and the adapter applied), or a
             loaded causal LM / ``PeftModel`` (then pass ``tokenizer=`` unless its folder has one).
             Folders are loaded once and cached (see :func:`clear_cache`).
-        instruction: The instruction, or a list of them.
+        instruction: The instruction, or a list of them; or a conversation (a list of
+            ``{"role", "content"}`` messages, answered as the assistant's next turn with the folder's
+            chat template), or a list of conversations.
         input: Optional context: a string for one instruction, a list (same length, items may be
             None) for a list of instructions.
         template: Prompt template override; by default the folder's ``prompt_template.json``, and
@@ -97,6 +101,9 @@ def generate(
         base_model: For an adapter folder, the base to load instead of the recorded one.
         batch_size: Instructions per forward pass when a list is given.
         tokenizer: The tokenizer of a loaded model; never modified.
+        chat_template: For conversations: the chat template override (a name, Jinja string or file); by
+            default the tokenizer's own, which for a folder of :func:`alpaca_lora.finetune` or
+            :func:`alpaca_lora.merge` is the one training rendered with.
         **gen_kwargs: More ``transformers.GenerationConfig`` fields (e.g. ``no_repeat_ngram_size``).
 
     Returns:
@@ -114,19 +121,27 @@ def generate(
     Example:
         >>> generate("merged", "Name three primary colors.")  # doctest: +SKIP
         'Red, blue and yellow.'
+        >>> generate("chat-merged", [{"role": "user", "content": "Hi!"}])  # doctest: +SKIP
+        'Hello! How can I help you today?'
 
     """
-    batch = isinstance(instruction, (list, tuple))
-    records = instruction_records(instruction, input, batch)
+    chats = conversation_requests(instruction, input)
+    batch = chats[1] if chats is not None else isinstance(instruction, (list, tuple))
+    records = instruction_records(instruction, input, batch) if chats is None else []
     kwargs = generation_kwargs(max_new_tokens, do_sample, temperature, top_p, top_k, num_beams,
                                 repetition_penalty, gen_kwargs)
     check_options(stream, batch, num_beams, batch_size, template, quantization, compute_dtype, base_model)
     model, tok, folder = _resolve(model_or_dir, tokenizer, quantization, compute_dtype, base_model)
-    tmpl = get_template(template) if template is not None else _folder_template(folder)
-    prompts = [tokenize_prompt(tmpl.render(i, x or None), tok) for i, x in records]
+    end_of_turn: list[int] = []
+    if chats is not None:
+        prompts, end_of_turn = chat_prompts(chats[0], tok, chat_template)
+    else:
+        tmpl = get_template(template) if template is not None else _folder_template(folder)
+        prompts = [tokenize_prompt(tmpl.render(i, x or None), tok) for i, x in records]
     vocab = _vocab_size(model)
     limit = _check_prompts(prompts, vocab, _context(model), max_new_tokens, batch)
     eos = _eos_ids(model, tok)
+    eos += [t for t in end_of_turn if t not in eos]  # a chat turn ends at <|im_end|> / <|eot_id|> too
     if kwargs.get("eos_token_id") is None:  # gen_kwargs may name other stop ids; None means unset
         kwargs["eos_token_id"] = eos
     if kwargs.get("pad_token_id") is None:

@@ -24,6 +24,7 @@ from alpaca_lora.data.prompts import get_template
 from alpaca_lora.data.sampler import epoch_batches, steps_per_epoch
 from alpaca_lora.errors import CheckpointError, ModelError
 from alpaca_lora.export import layout as art
+from alpaca_lora.export.chat_template import check_saved_chat_template
 from alpaca_lora.files import non_finite
 from alpaca_lora.kernels.cpu_memory import restore_memory_settings
 from alpaca_lora.kernels.modes import dropout_disabled
@@ -287,8 +288,11 @@ def save(run: Run) -> FinetuneResult:
             if run.strategy.is_main:
                 write_adapter(out)
                 _check_adapter(out, len(run.lora_names))
-                run.tokenizer.save_pretrained(out)
-                get_template(run.cfg.template).save(out / art.TEMPLATE_FILE)
+                run.tokenizer.save_pretrained(out)  # with run.chat_template as its chat template
+                if run.chat_sample is not None:
+                    check_saved_chat_template(out, *run.chat_sample)
+                if run.data_format == "alpaca":
+                    get_template(run.cfg.template).save(out / art.TEMPLATE_FILE)
                 run.cfg.save(out / art.CONFIG_FILE)
                 art.write_json(out / art.FINGERPRINT_FILE, run.fingerprint)
                 art.write_json(out / art.RESULTS_FILE, {k: (str(v) if isinstance(v, Path) else v)

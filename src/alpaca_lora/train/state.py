@@ -72,6 +72,11 @@ class Run:
         metrics: The metrics logger.
         lora_names: Names of the LoRA parameters, taken before any wrapping.
         matmul: The CPU fp32 matrix-product backend, "onednn" or "blas".
+        data_format: "alpaca", "messages" or "sharegpt" (what the data was read as).
+        chat_template: The chat template the output folder ships (the one conversations were rendered with;
+            for Alpaca records the Alpaca template as a chat template).
+        chat_sample: A training conversation (normalized messages, tools) and its training text, rendered
+            again from the saved folder at save time.
         state: The progress, advanced by the training loop.
 
     """
@@ -97,4 +102,7 @@ class Run:
     metrics: MetricsLogger
     lora_names: list[str]
     matmul: str = "blas"
+    data_format: str = "alpaca"
+    chat_template: str = ""
+    chat_sample: tuple[list[dict[str, Any]], str, str] | None = None
     state: RunState = field(default_factory=RunState)
