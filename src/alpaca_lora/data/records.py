@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 FIELDS = ("instruction", "input", "output")
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
-_SKIP_HINT = "Fix or remove this record, or pass skip_bad_records=True to skip bad records and report them."
+SKIP_HINT = "Fix or remove this record, or pass skip_bad_records=True to skip bad records and report them."
 
 # Known column layouts, tried in order: (name, instruction column, input columns, output column).
 _SCHEMAS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
@@ -37,8 +37,8 @@ _SCHEMAS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("query/response", "query", ("input",), "response"),
 )
 
-# One raw item per record: (where, for messages; the parsed object; a problem found while parsing).
-_Items = list[tuple[str, Any, "str | None"]]
+Items = list[tuple[str, Any, "str | None"]]
+"""One raw item per record: (where it is, for messages; the parsed object; a problem found while parsing)."""
 
 # ---- reading and validation ------------------------------------------------------------------
 
@@ -46,7 +46,7 @@ _Items = list[tuple[str, Any, "str | None"]]
 def read_records(
     source: Any, *, column_map: dict[str, str] | None = None, skip_bad_records: bool = False
 ) -> tuple[list[dict[str, str]], list[str]]:
-    """Read and validate instruction records.
+    """Read and validate instruction records: :func:`read_items`, then :func:`check_records`.
 
     Args:
         source: A ``.json`` (a list of objects), ``.jsonl``, ``.csv`` or ``.parquet`` path, a
@@ -68,11 +68,22 @@ def read_records(
         ConfigError: ``column_map`` does not map column names to instruction/input/output.
 
     """
-    name, items, columns = _read_items(source)
+    name, items, columns = read_items(source)
+    return check_records(name, items, columns, column_map=column_map, skip_bad_records=skip_bad_records)
+
+
+def check_records(
+    name: str, items: Items, columns: list[str], *, column_map: dict[str, str] | None = None,
+    skip_bad_records: bool = False,
+) -> tuple[list[dict[str, str]], list[str]]:
+    """Validate the raw ``(name, items, columns)`` of :func:`read_items` as instruction records.
+
+    ``column_map``, ``skip_bad_records``, the result and the errors are those of :func:`read_records`.
+    """
     if not items:
         raise DataError(f"{name} holds no records; it needs at least one with instruction and output")
     # With no object among the records there are no columns to detect: report each record instead.
-    mapping = _resolve_columns(name, columns, column_map) if columns else {f: f for f in FIELDS}
+    mapping = resolve_columns(name, columns, column_map) if columns else {f: f for f in FIELDS}
     records: list[dict[str, str]] = []
     skipped: list[str] = []
     for where, obj, problem in items:
@@ -84,7 +95,7 @@ def read_records(
         elif skip_bad_records:
             skipped.append(f"{where}: {problem}")
         else:
-            raise DataError(f"{where}: {problem}. {_SKIP_HINT}")
+            raise DataError(f"{where}: {problem}. {SKIP_HINT}")
     if not records:
         raise DataError(
             f"{name}: no usable records, all {len(skipped)} are bad (first reasons: "
@@ -100,27 +111,33 @@ def load_instructions(
 
     Arguments and errors are those of :func:`read_records`. Skipped records are reported with a
     warning that says how many and shows up to five reasons.
-
-    Returns:
-        The records as a ``datasets.Dataset``.
-
     """
     records, skipped = read_records(source, column_map=column_map, skip_bad_records=skip_bad_records)
-    if skipped:
-        more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
-        warnings.warn(
-            f"skipped {len(skipped)} bad record(s) of {len(records) + len(skipped)}: "
-            + "; ".join(skipped[:5]) + more,
-            stacklevel=2,
-        )
+    return instructions_dataset(records, skipped, stacklevel=2)
+
+
+def instructions_dataset(records: list[dict[str, str]], skipped: list[str], *, stacklevel: int = 2) -> datasets.Dataset:
+    """The ``Dataset`` of checked instruction records; the skipped ones are warned of by :func:`warn_skipped`."""
+    warn_skipped(skipped, len(records), stacklevel=stacklevel + 1)
     features = datasets.Features({f: datasets.Value("string") for f in FIELDS})
     return datasets.Dataset.from_dict({f: [r[f] for r in records] for f in FIELDS}, features=features)
 
 
-def _resolve_columns(
-    name: str, columns: list[str], column_map: dict[str, str] | None
-) -> dict[str, str | None]:
-    """Return the source column of each field (``input`` may be None)."""
+def warn_skipped(skipped: list[str], kept: int, *, stacklevel: int = 2) -> None:
+    """Warn how many records were skipped (of ``kept`` + skipped) with up to five reasons; nothing if none.
+
+    ``stacklevel`` is that of ``warnings.warn``, counted from the caller of this function.
+    """
+    if skipped:
+        more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
+        warnings.warn(
+            f"skipped {len(skipped)} bad record(s) of {kept + len(skipped)}: " + "; ".join(skipped[:5]) + more,
+            stacklevel=stacklevel + 1,
+        )
+
+
+def resolve_columns(name: str, columns: list[str], column_map: dict[str, str] | None) -> dict[str, str | None]:
+    """The source column of each field (``input`` may be None); DataError/ConfigError if there is none."""
     if column_map is not None:
         return _apply_column_map(name, columns, column_map)
     for schema, instruction, inputs, output in _SCHEMAS:
@@ -134,17 +151,13 @@ def _resolve_columns(
                 )
             return {"instruction": instruction, "input": input_col, "output": output}
     known = ", ".join(f"{i}/{o}" for _, i, _, o in _SCHEMAS)
-    raise DataError(
-        f"{name}: no known instruction/output columns among {_names(columns)}; known layouts: {known}. "
-        "Rename the columns or pass column_map={'your_prompt_column': 'instruction', "
-        "'your_answer_column': 'output'}."
-    )
+    raise DataError(f"{name}: no known instruction/output columns among {listed(columns)}; known layouts: {known}. "
+                    "Rename the columns or pass column_map={'your_prompt_column': 'instruction', "
+                    "'your_answer_column': 'output'}.")
 
 
 def _apply_column_map(name: str, columns: list[str], column_map: dict[str, str]) -> dict[str, str | None]:
-    if not isinstance(column_map, dict) or not all(
-        isinstance(k, str) and v in FIELDS for k, v in column_map.items()
-    ):
+    if not isinstance(column_map, dict) or not all(isinstance(k, str) and v in FIELDS for k, v in column_map.items()):
         raise ConfigError(
             f"column_map={shown(column_map)}: must map your column names to 'instruction', 'input' or 'output', "
             "e.g. {'question': 'instruction', 'answer': 'output'}"
@@ -154,8 +167,7 @@ def _apply_column_map(name: str, columns: list[str], column_map: dict[str, str])
     mapping: dict[str, str | None] = dict.fromkeys(FIELDS)
     for src, target in column_map.items():
         if src not in columns:
-            raise DataError(f"{name}: column_map names column {shown(src, 80)}, which is not among "
-                            f"{_names(columns)}")
+            raise DataError(f"{name}: column_map names column {shown(src, 80)}, which is not among {listed(columns)}")
         mapping[target] = src
     for target in FIELDS:  # an unmapped field falls back to a column of its own name
         if mapping[target] is None and target in columns and target not in column_map:
@@ -164,7 +176,7 @@ def _apply_column_map(name: str, columns: list[str], column_map: dict[str, str])
         if mapping[target] is None:
             raise DataError(
                 f"{name}: no column for {target!r}: column_map={shown(column_map)} maps none and there is no "
-                f"{target!r} column among {_names(columns)}; add one to column_map"
+                f"{target!r} column among {listed(columns)}; add one to column_map"
             )
     return mapping
 
@@ -172,7 +184,7 @@ def _apply_column_map(name: str, columns: list[str], column_map: dict[str, str])
 def _check_record(obj: Any, mapping: dict[str, str | None]) -> tuple[dict[str, str] | None, str | None]:
     """Validate one raw record: ``(record, None)`` or ``(None, problem)``."""
     if not isinstance(obj, dict):
-        return None, f"is a {_kind(obj)}, not an object with instruction and output fields"
+        return None, f"is a {json_kind(obj)}, not an object with instruction and output fields"
     odd = next((k for k in obj if not isinstance(k, str)), None)
     if odd is not None or None in obj:
         return None, (f"has the field name {shown(odd, 60)}, which is not text; field names are strings "
@@ -188,7 +200,7 @@ def _check_record(obj: Any, mapping: dict[str, str | None]) -> tuple[dict[str, s
                 continue
             return None, f"field {label} is {'null' if col in obj else 'missing'}"
         if not isinstance(value, str):
-            return None, f"field {label} is a {_kind(value)}, not a string; quote it"
+            return None, f"field {label} is a {json_kind(value)}, not a string; quote it"
         if target != "input" and not value.strip():
             return None, f"field {label} is empty"
         bad = unencodable_at(value)
@@ -198,18 +210,15 @@ def _check_record(obj: Any, mapping: dict[str, str | None]) -> tuple[dict[str, s
     return record, None
 
 
-def _kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
+    """What ``value`` is, in JSON's words ("JSON object", "string", "null", ...), for messages."""
     names = {dict: "JSON object", list: "JSON list", str: "string", bool: "boolean", int: "number",
              float: "number", type(None): "null"}
     return names.get(type(value), type(value).__name__)
 
 
-def _encodable(text: str) -> bool:
-    return unencodable_at(text) is None
-
-
-def _names(columns: list[str], limit: int = 20) -> str:
-    """Column names for a message: sorted, at most ``limit`` of them, each bounded."""
+def listed(columns: list[str], limit: int = 20) -> str:
+    """Names (columns, keys) for a message: sorted, at most ``limit`` of them, each bounded."""
     shown_names = ", ".join(shown(c, 60) for c in sorted(columns, key=str)[:limit])
     more = f" and {len(columns) - limit:,} more" if len(columns) > limit else ""
     return f"[{shown_names}]{more}"
@@ -218,15 +227,22 @@ def _names(columns: list[str], limit: int = 20) -> str:
 # ---- readers: a source becomes (name, items, column names) -----------------------------------
 
 
-def _read_items(source: Any) -> tuple[str, _Items, list[str]]:
+def read_items(source: Any) -> tuple[str, Items, list[str]]:
+    """Read a source's raw records without validating them, so each reader of a format parses the file once.
+
+    ``source`` is anything :func:`read_records` reads. Returns ``(name, items, columns)``: the source's
+    name for messages (the path, ``"Dataset"``, ``"list of records"``); per record ``(where, object,
+    problem)``, ``where`` naming it (``"data.json, record index 3"``, ``"data.jsonl line 4"``) and
+    ``problem`` why it could not be parsed (None if it was); the records' keys in first-seen order.
+    Raises DataError for a file-level problem (missing, unknown extension, unparsable, not a list).
+    """
     if isinstance(source, datasets.DatasetDict):
         splits = list(source)
         if not splits:
-            raise DataError("the DatasetDict has no splits, so no records; pass one that holds a 'train' split, "
-                            "or a Dataset")
+            raise DataError("the DatasetDict has no splits; pass one that holds a 'train' split, or a Dataset")
         if "train" not in source and len(splits) != 1:
             raise DataError(
-                f"the DatasetDict has splits {_names(splits)}, none named 'train'; pass one, e.g. "
+                f"the DatasetDict has splits {listed(splits)}, none named 'train'; pass one, e.g. "
                 f"dd[{shown(splits[0], 60)}]"
             )
         source = source["train" if "train" in source else splits[0]]
@@ -244,7 +260,7 @@ def _read_items(source: Any) -> tuple[str, _Items, list[str]]:
     )
 
 
-def _read_file(path: Path) -> tuple[_Items, list[str]]:
+def _read_file(path: Path) -> tuple[Items, list[str]]:
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
         raise DataError(f"data file {path} {what} (working directory: {Path.cwd()}); pass a data file path")
@@ -272,7 +288,7 @@ def _read_file(path: Path) -> tuple[_Items, list[str]]:
     return _read_json(path, text, raw)
 
 
-def _read_json(path: Path, text: str, raw: bytes) -> tuple[_Items, list[str]]:
+def _read_json(path: Path, text: str, raw: bytes) -> tuple[Items, list[str]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -291,18 +307,18 @@ def _read_json(path: Path, text: str, raw: bytes) -> tuple[_Items, list[str]]:
         lists = [k for k, v in data.items() if isinstance(v, list)]
         if len(lists) != 1:
             raise DataError(
-                f"{path} holds a JSON object with keys {_names(list(data), 10)}; it must hold a list of records "
+                f"{path} holds a JSON object with keys {listed(list(data), 10)}; it must hold a list of records "
                 "([{...}, ...]) or an object whose only list is the records"
             )
         data = data[lists[0]]
     if not isinstance(data, list):
-        raise DataError(f"{path} holds a JSON {_kind(data)}; it must hold a list of records ([{{...}}, ...])")
+        raise DataError(f"{path} holds a JSON {json_kind(data)}; it must hold a list of records ([{{...}}, ...])")
     items = [(f"{path}, record index {i}", r, None) for i, r in enumerate(data)]
     return items, _keys(items)
 
 
-def _read_jsonl(path: Path, text: str) -> tuple[_Items, list[str]]:
-    items: _Items = []
+def _read_jsonl(path: Path, text: str) -> tuple[Items, list[str]]:
+    items: Items = []
     for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
             continue
@@ -311,7 +327,7 @@ def _read_jsonl(path: Path, text: str) -> tuple[_Items, list[str]]:
             items.append((where, json.loads(line), None))
         except json.JSONDecodeError as exc:
             problem = f"not valid JSON ({exc.msg} at column {exc.colno})"
-            if not _encodable(line):
+            if unencodable_at(line) is not None:
                 problem = "holds bytes that are not valid UTF-8"
             items.append((where, None, f"{problem}; each line must be one JSON object"))
         except RecursionError:
@@ -321,11 +337,11 @@ def _read_jsonl(path: Path, text: str) -> tuple[_Items, list[str]]:
     return items, _keys(items)
 
 
-def _read_csv(path: Path, text: str, raw: bytes) -> tuple[_Items, list[str]]:
+def _read_csv(path: Path, text: str, raw: bytes) -> tuple[Items, list[str]]:
     reader = csv.reader(io.StringIO(text, newline=""))
     limit = csv.field_size_limit()
     csv.field_size_limit(max(limit, len(text)))  # a long response is data, not an error (the default is 128 KiB)
-    items: _Items = []
+    items: Items = []
     try:
         header = [h.strip() for h in next(reader, [])]
         if not any(header):
@@ -348,7 +364,7 @@ def _read_csv(path: Path, text: str, raw: bytes) -> tuple[_Items, list[str]]:
     return items, header
 
 
-def _read_parquet(path: Path) -> tuple[_Items, list[str]]:
+def _read_parquet(path: Path) -> tuple[Items, list[str]]:
     import pyarrow.parquet as pq
 
     try:
@@ -359,7 +375,7 @@ def _read_parquet(path: Path) -> tuple[_Items, list[str]]:
     return [(f"{path}, record index {i}", r, None) for i, r in enumerate(rows)], table.column_names
 
 
-def _keys(items: _Items) -> list[str]:
+def _keys(items: Items) -> list[str]:
     keys: dict[str, None] = {}
     for _, obj, _ in items:
         if isinstance(obj, dict):
