@@ -54,10 +54,10 @@ def _free_port() -> int:
 
 
 def _launch(tmp: Path, model_dir: Path, config: dict, *extra: str, accelerate_config: Path | None = None,
-            timeout: float = 240) -> tuple[int, str, float]:
+            timeout: float = 240, records: list[dict] = RECORDS) -> tuple[int, str, float]:
     """Run the script in 2 processes with torchrun, or with accelerate launch and ``accelerate_config``."""
     spec = tmp / "spec.json"
-    spec.write_text(json.dumps({"config": config, "records": RECORDS}))
+    spec.write_text(json.dumps({"config": config, "records": records}))
     (tmp / "dump").mkdir(exist_ok=True)
     if accelerate_config is None:
         launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -207,6 +207,26 @@ def test_two_processes_match_one_process_in_every_precision(tiny_model_dir, tmp_
     assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=LOSS_RTOL)
     assert diff < WEIGHT_ATOL
     assert all(("loss_scale" in r) is (dtype == "float16") for r in rows if "loss" in r)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_on_conversations(tiny_model_dir, tmp_path):
+    chats = [{"messages": [{"role": "user", "content": f"Item {i}: repeat {w}."},
+                           {"role": "assistant", "content": f"{w} {w}"},
+                           {"role": "user", "content": "Once more."}, {"role": "assistant", "content": w}]}
+             for i, w in enumerate(WORDS)]
+    config = {**CONFIG, "val_set_size": 0, "max_steps": 4, "save_steps": 100}
+    one = finetune(tiny_model_dir, chats, tmp_path / "one", **config)
+    (tmp_path / "two").mkdir()
+    rc, log, _ = _launch(tmp_path / "two", tiny_model_dir, config, records=chats)
+    assert rc == 0, log[-4000:]
+    losses = (_losses(one.adapter_dir), _losses(tmp_path / "two" / "out"))
+    diff = _max_diff(load_file(str(one.adapter_dir / "adapter_model.safetensors")),
+                     load_file(str(tmp_path / "two" / "out" / "adapter_model.safetensors")))
+    print(f"1 vs 2 processes [conversations]: losses {losses[0]} vs {losses[1]}; max abs adapter diff {diff:.2e}")
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=LOSS_RTOL)
+    assert diff < WEIGHT_ATOL
+    assert (tmp_path / "two" / "out" / "chat_template.jinja").is_file()
 
 
 @pytest.mark.slow

@@ -60,7 +60,10 @@ def preflight_summary(
         f"  trainable     {trainable:,} of {total:,} parameters ({100 * trainable / max(1, total):.3f}%), "
         f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {cfg.lora_target_modules}",
         f"  records       {report.kept} kept for training, {report.dropped} dropped{reasons}, "
-        f"{report.truncated} truncated at cutoff_len={cfg.cutoff_len}; {val_records} held out for evaluation",
+        f"{report.truncated} truncated at cutoff_len={cfg.cutoff_len}"
+        + (f" ({report.dropped_turns} turns cut off), {report.turns} assistant turns trained"
+           if report.turns is not None else "")
+        + f"; {val_records} held out for evaluation",
         f"  tokens        {report.total_tokens:,} per epoch ({report.label_tokens:,} with loss), "
         f"about {per_step:,.0f} per step",
         f"  steps         {total_steps} optimizer steps of {cfg.batch_size} examples "
