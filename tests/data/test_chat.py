@@ -213,3 +213,19 @@ def test_a_template_that_refuses_the_order_is_a_data_error(smol_tokenizer):
               "{% endfor %}")
     with pytest.raises(DataError, match="roles must alternate"):
         tokenize_conversation([CONV[1], CONV[0], CONV[1]], smol_tokenizer, chat_template=strict)
+
+
+@pytest.mark.parametrize("template", [None, "alpaca", "llama3", LAST_MARKED],
+                         ids=["own", "alpaca", "llama3", "searched"])
+def test_every_real_sharegpt_conversation_is_masked_exactly(smol_tokenizer, llama3_tokenizer, shared_data, template):
+    """All 300 glaive conversations (tool calls, tool answers, multi-turn): ids decode to the rendered chat and
+    the labels are exactly each assistant turn's text and its end-of-turn token."""
+    from alpaca_lora.data.conversations import load_conversations
+
+    ds = load_conversations(shared_data / "glaive_toolcall_sharegpt.json")
+    tokenizer = llama3_tokenizer if template == "llama3" else smol_tokenizer
+    turns = 0
+    for row in ds:
+        f = _check(row["messages"], tokenizer, template, strip=template == "llama3", tools=row["tools"])
+        turns += len(_runs(f["input_ids"], f["labels"]))
+    assert len(ds) == 300 and turns == 957
