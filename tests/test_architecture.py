@@ -211,7 +211,7 @@ SIGNATURES = {
                     ("dry_run", KW, False), ("commit_message", KW, "Upload model exported with alpaca_lora")],
     "inspect_data": [("data", POS, EMPTY), ("base_model", POS, None), ("cutoff_len", KW, 512),
                      ("template", KW, "alpaca"), ("train_on_inputs", KW, False), ("add_eos_token", KW, True),
-                     ("column_map", KW, None)],
+                     ("column_map", KW, None), ("data_format", KW, "auto"), ("chat_template", KW, None)],
     "load_instructions": [("source", POS, EMPTY), ("column_map", KW, None), ("skip_bad_records", KW, False)],
     "tokenize_instruction": [("record", POS, EMPTY), ("tokenizer", POS, EMPTY), ("template", POS, "alpaca"),
                              ("cutoff_len", POS, 512), ("train_on_inputs", POS, False), ("add_eos_token", POS, True)],
