@@ -267,3 +267,150 @@ def test_flag_errors_quote_a_bounded_part_of_a_huge_value(tmp_path, capsys):
     assert run_main("finetune", "--base_model", "m", "--data", missing, "--lora_target_modules", "[" * 100_000) == 1
     err = capsys.readouterr().err
     assert len(err) < 4000 and str(missing) in err
+
+
+# ---- conversations ------------------------------------------------------------------------------
+
+CHATS = [
+    [{"role": "user", "content": "Say red."}],
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Say blue."},
+     {"role": "assistant", "content": "blue"}, {"role": "user", "content": "Again."}],
+]
+
+
+def _answers(texts):
+    """What the command prints for ``texts``: one answer per line, as print() writes them."""
+    return "".join(f"{t}\n" for t in texts)
+
+
+def test_generate_answers_the_conversations_of_a_messages_file(tiny_model_dir, tmp_path, capsys):
+    from alpaca_lora import generate
+
+    expected = generate(tiny_model_dir, CHATS, max_new_tokens=4)
+    one, many, lines = tmp_path / "one.json", tmp_path / "many.json", tmp_path / "chats.jsonl"
+    one.write_text(json.dumps(CHATS[1]))
+    many.write_text(json.dumps(CHATS))
+    lines.write_text("\n".join(json.dumps(c) for c in CHATS) + "\n")
+    assert run_main("generate", tiny_model_dir, "--messages", one, "--max_new_tokens", "4") == 0
+    assert capsys.readouterr().out == _answers(expected[1:])
+    for path in (many, lines):
+        assert run_main("generate", tiny_model_dir, "--messages", path, "--max_new_tokens", "4") == 0
+        assert capsys.readouterr().out == _answers(expected)
+    assert run_main("generate", tiny_model_dir, "--messages", one, "--max_new_tokens", "4", "--chat-template",
+                    "alpaca") == 0
+    assert capsys.readouterr().out == _answers([generate(tiny_model_dir, CHATS[1], max_new_tokens=4,
+                                                         chat_template="alpaca")])
+    assert run_main("generate", tiny_model_dir, "--messages", one, "--max_new_tokens", "4", "--stream") == 0
+    assert capsys.readouterr().out == _answers(expected[1:])
+
+
+def test_generate_prompts_a_training_record_with_the_turns_before_its_last_answer(tiny_model_dir, tmp_path,
+                                                                                  capsys):
+    from alpaca_lora import generate
+
+    records = [{"messages": [*CHATS[1], {"role": "assistant", "content": "blue blue"}]},
+               {"messages": [*CHATS[0], {"role": "assistant", "content": "red"}]}]
+    sharegpt = [{"conversations": [{"from": "human", "value": "Say red."}, {"from": "gpt", "value": "red"},
+                                   {"from": "human", "value": "Again."}, {"from": "gpt", "value": "red red"}]}]
+    messages, share = tmp_path / "train.jsonl", tmp_path / "share.json"
+    messages.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    share.write_text(json.dumps(sharegpt))
+    assert run_main("generate", tiny_model_dir, "--messages", messages, "--max_new_tokens", "4") == 0
+    assert capsys.readouterr().out == _answers(generate(tiny_model_dir, [CHATS[1], CHATS[0]], max_new_tokens=4))
+    prompt = [{"role": "user", "content": "Say red."}, {"role": "assistant", "content": "red"},
+              {"role": "user", "content": "Again."}]
+    assert run_main("generate", tiny_model_dir, "--messages", share, "--max_new_tokens", "4") == 0
+    assert capsys.readouterr().out == _answers([generate(tiny_model_dir, prompt, max_new_tokens=4)])
+
+
+@pytest.mark.parametrize(("content", "needles"), [
+    ('[{"role": "user", "content": "Hi"},', ["line 1", "not valid JSON"]),
+    ('[{"role": "user", "content": "Hi"}]\n[{"role": "robot", "content": "Hi"}]\n', ["line 2", "unknown role"]),
+    ('[{"role": "user", "content": "Hi"}]\n{"not": "a list"}\n', ["line 2", "non-empty list of messages"]),
+    ('{"instruction": "Say red.", "output": "red"}\n', ["holds no conversations", "as arguments"]),
+    ('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}\n'
+     '{"messages": [{"role": "user", "content": "Hi"}]}\n', ["line 2", "no assistant turn", "before its last"]),
+    ('{"messages": [{"role": "user", "content": "Hi"}]}\n', ["line 1", "no assistant turn"]),
+    ('{"messages": [{"role": "assistant", "content": "Hi"}]}\n', ["line 1", "the first turn is the assistant's"]),
+    ('{"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "x"}]}\n',
+     ["line 1, turn 1", "unknown role 'bot'"]),
+])
+def test_a_bad_messages_file_fails_in_one_line_naming_it(tiny_model_dir, tmp_path, capsys, content, needles):
+    path = tmp_path / "chats.jsonl"
+    path.write_text(content)
+    assert run_main("generate", tiny_model_dir, "--messages", path) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    line = captured.err.strip()
+    assert len(line.splitlines()) == 1 and line.startswith("alpaca-lora generate: error:") and str(path) in line
+    for needle in needles:
+        assert needle in line
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (("Hi.", "--messages", "{tmp}/c.json"), "not both"),
+    ((), "give one or more instructions, or --messages"),
+    (("Hi.", "--chat_template", "chatml"), "--chat_template renders conversations"),
+    (("--messages", "{tmp}/c.json", "--template", "alpaca"), "--template renders instructions"),
+    (("--messages", "{tmp}/c.json", "--stream"), "--stream answers one request, and there are 2"),
+])
+def test_generate_usage_errors_for_instructions_and_messages(tiny_model_dir, tmp_path, capsys, args, needle):
+    (tmp_path / "c.json").write_text(json.dumps(CHATS))
+    assert run_main("generate", tiny_model_dir, *(a.format(tmp=tmp_path) for a in args)) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_finetune_flags_include_the_data_format_and_chat_template():
+    from alpaca_lora.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    flags = set(sub["finetune"].known_flags())
+    assert {"--data_format", "--data-format", "--chat_template", "--chat-template"} <= flags
+    assert {"--messages", "--chat_template", "--chat-template"} <= set(sub["generate"].known_flags())
+
+
+def test_inspect_conversations_with_the_data_format_and_chat_template_flags(tiny_model_dir, tmp_path, capsys):
+    from alpaca_lora.train.inspection import format_inspection
+
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": [*c, {"role": "assistant", "content": "blue"}]})
+                              for c in CHATS) + "\n")
+    expected = format_inspection(inspect_data(path, tiny_model_dir, cutoff_len=256, data_format="messages",
+                                              chat_template="chatml"))
+    assert run_main("inspect", path, "--base_model", tiny_model_dir, "--cutoff-len", "256", "--data-format",
+                    "messages", "--chat-template", "chatml") == 0
+    out = capsys.readouterr().out
+    assert out == expected + "\n"
+    assert "chat template: chatml" in out and "3 assistant turns trained" in out and "]]blue<|im_end|>" in out
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"cutoff_len": 256, "data_format": "messages", "chat_template": "chatml"}))
+    assert run_main("inspect", path, "--base_model", tiny_model_dir, "--config", cfg) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    assert run_main("inspect", path, "--base_model", tiny_model_dir, "--data_format", "alpaca") == 1
+    err = capsys.readouterr().err
+    assert str(path) in err and "no known instruction/output columns" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_finetune_on_conversations_ships_a_chat_template_and_generate_answers_them(tiny_model_dir, tmp_path):
+    chats = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}
+             for w in "red blue green cat dog sun moon tree".split()]
+    data, out_dir = tmp_path / "chats.jsonl", tmp_path / "adapter"
+    data.write_text("\n".join(json.dumps(c) for c in chats) + "\n")
+    code, out, err = cli("finetune", "--base_model", tiny_model_dir, "--data", data, "--output_dir", out_dir,
+                         "--data-format", "messages", "--chat-template", "chatml", "--max_steps", "2",
+                         "--batch_size", "4", "--micro_batch_size", "2", "--val_set_size", "0", "--cutoff_len", "64")
+    assert code == 0, err[-3000:]
+    assert json.loads(out)["steps"] == 2
+    assert (out_dir / "chat_template.jinja").is_file() and not (out_dir / "prompt_template.json").exists()
+    saved = json.loads((out_dir / "finetune_config.json").read_text())
+    assert saved["data_format"] == "messages" and saved["chat_template"] == "chatml"
+    from alpaca_lora import generate
+    from alpaca_lora.data.chat_templates import CHATML
+
+    assert (out_dir / "chat_template.jinja").read_text() == CHATML
+    code, out, err = cli("generate", out_dir, "--messages", data, "--max_new_tokens", "4")
+    assert code == 0, err[-3000:]
+    prompts = [c["messages"][:1] for c in chats]
+    assert out == _answers(generate(out_dir, prompts, max_new_tokens=4))

@@ -200,7 +200,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tup
 
 
 def add_signature_flags(parser: argparse.ArgumentParser, func: Callable[..., Any], *, skip: tuple[str, ...] = (),
-                        as_flags: tuple[str, ...] = (), many: tuple[str, ...] = ()) -> list[str]:
+                        as_flags: tuple[str, ...] = (), many: tuple[str, ...] = (),
+                        optional: tuple[str, ...] = ()) -> list[str]:
     """Add the parameters of ``func`` to ``parser`` and return their names.
 
     Parameters without a default become positional arguments (except those in ``as_flags``, which
@@ -213,6 +214,8 @@ def add_signature_flags(parser: argparse.ArgumentParser, func: Callable[..., Any
         skip: Parameters not offered on the command line.
         as_flags: Parameters without a default that are still spelled as (required) flags.
         many: Positional parameters that take one or more values (a list when more than one is given).
+        optional: Positional parameters that may be left out (another flag gives what they would): ``many``
+            ones then take zero or more values (an empty list when none is given), others become ``None``.
 
     """
     docs = docstring_args(func)
@@ -223,8 +226,9 @@ def add_signature_flags(parser: argparse.ArgumentParser, func: Callable[..., Any
             continue
         hint, doc = hints.get(p.name, str), docs.get(p.name, "")
         if p.default is p.empty and p.name not in as_flags:
+            nargs = ("*" if p.name in optional else "+") if p.name in many else ("?" if p.name in optional else None)
             parser.add_argument(p.name, type=converter(hint), metavar=p.name.upper(), help=_help(doc, p.default),
-                                nargs="+" if p.name in many else None)
+                                nargs=nargs)
         else:
             add_flag(parser, p.name, hint, p.default, doc, required=p.default is p.empty)
         names.append(p.name)

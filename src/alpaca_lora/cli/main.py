@@ -25,11 +25,33 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from alpaca_lora.cli.flags import ArgumentParser, add_dataclass_flags, add_flag, add_signature_flags, docstring_args
+from alpaca_lora.cli.flags import (
+    ArgumentParser,
+    add_dataclass_flags,
+    add_flag,
+    add_signature_flags,
+    docstring_args,
+    plain_doc,
+)
 from alpaca_lora.config import FinetuneConfig
-from alpaca_lora.errors import AlpacaLoraError, ConfigError, TrainingInterrupted
+from alpaca_lora.errors import AlpacaLoraError, ConfigError, DataError, TrainingInterrupted
+
+logger = logging.getLogger(__name__)
 
 _CONFIG_HELP = "a JSON or YAML file of FinetuneConfig fields; flags override it"
+_GENERATE_EPILOG = (
+    "Instructions: alpaca-lora generate FOLDER 'Name three colors.' 'Add 2 and 3.' prints one answer per "
+    "instruction, rendered with the folder's prompt template (--template overrides it). Conversations: "
+    "alpaca-lora generate FOLDER --messages FILE prints one answer per conversation, the assistant's next turn, "
+    "rendered with the folder's chat template (--chat_template overrides it). FILE is a .json file holding one "
+    "conversation ([{\"role\": \"user\", \"content\": \"Hi\"}, ...]) or a list of them, a .jsonl file with one "
+    "conversation per line, or a data file in messages or ShareGPT form (.json, .jsonl, .csv, .parquet records "
+    "with a 'messages' or 'conversations' list), where each record's turns before its last assistant turn are "
+    "the prompt."
+)
+_MESSAGES_FORMS = ("--messages takes a .json file holding one conversation ([{\"role\": \"user\", \"content\": "
+                   "\"Hi\"}, ...]) or a list of them, a .jsonl file with one conversation per line, or records in "
+                   "messages or ShareGPT form (a 'messages' or 'conversations' list per record)")
 
 
 class _Usage(Exception):
@@ -61,9 +83,10 @@ def build_parser() -> ArgumentParser:
                         description=_first_line(merge))
     add_signature_flags(mg, merge)
 
-    gen = sub.add_parser("generate", help="answer instructions with an adapter or merged folder",
-                         description=_first_line(generate))
-    add_signature_flags(gen, generate, skip=("tokenizer",), many=("instruction",))
+    gen = sub.add_parser("generate", help="answer instructions or conversations with an adapter or merged folder",
+                         description=_first_line(generate), epilog=_GENERATE_EPILOG)
+    add_signature_flags(gen, generate, skip=("tokenizer",), many=("instruction",), optional=("instruction",))
+    add_flag(gen, "messages", str, None, "a file of conversations to answer instead of instructions (see below)")
 
     push = sub.add_parser("push", help="upload a merged or adapter folder to the Hugging Face Hub",
                           description=_first_line(push_to_hub) + " The token comes from HF_TOKEN or "
@@ -71,8 +94,10 @@ def build_parser() -> ArgumentParser:
     add_signature_flags(push, push_to_hub, skip=("token",))
 
     ins = sub.add_parser("inspect", help="count, measure and mask a data set before training",
-                         description=_first_line(inspect_data) + " The masked prompt span of the example "
-                         "is shown in [[...]].")
+                         description=_first_line(inspect_data) + " Alpaca records or conversations (messages "
+                         "or ShareGPT, detected from the columns). The example shows its masked spans in [[...]]: "
+                         "the text outside them is what the model learns (the response or the assistant turns, "
+                         "each with its end token).")
     add_signature_flags(ins, inspect_data)
     ins.add_argument("--config", help=_CONFIG_HELP + " (the data fields are used)")
 
@@ -92,7 +117,7 @@ def build_parser() -> ArgumentParser:
 
 
 def _first_line(func: Any) -> str:
-    return (func.__doc__ or "").strip().splitlines()[0]
+    return plain_doc((func.__doc__ or "").strip().splitlines()[0])
 
 
 def _given(args: argparse.Namespace, names: list[str] | set[str]) -> dict[str, Any]:
@@ -138,20 +163,88 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from alpaca_lora.inference.generate import generate
 
     kwargs = {k: v for k, v in vars(args).items()
-              if k not in ("command", "debug", "quiet", "model_or_dir", "instruction")}
-    instructions = args.instruction
+              if k not in ("command", "debug", "quiet", "model_or_dir", "instruction", "messages")}
+    requests = _generate_requests(args)
     if kwargs.get("stream"):
-        if len(instructions) > 1:
-            raise _Usage("--stream answers one instruction; give one, or drop --stream")
-        for piece in generate(args.model_or_dir, instructions[0], **kwargs):
+        if len(requests) > 1:
+            raise _Usage(f"--stream answers one request, and there are {len(requests)}; give one, or drop --stream")
+        for piece in generate(args.model_or_dir, requests[0], **kwargs):
             print(piece, end="", flush=True)
         print()
         return 0
-    single = len(instructions) == 1
-    texts = generate(args.model_or_dir, instructions[0] if single else instructions, **kwargs)
+    single = len(requests) == 1
+    texts = generate(args.model_or_dir, requests[0] if single else requests, **kwargs)
     for text in [texts] if single else texts:
         print(text)
     return 0
+
+
+def _generate_requests(args: argparse.Namespace) -> list[Any]:
+    """The instructions, or the conversations of ``--messages``; a usage error for a mix of the two."""
+    messages = getattr(args, "messages", None)
+    if messages is None:
+        if not args.instruction:
+            raise _Usage("give one or more instructions, or --messages FILE with conversations to answer")
+        if getattr(args, "chat_template", None) is not None:
+            raise _Usage("--chat_template renders conversations (--messages FILE); instructions use --template")
+        return list(args.instruction)
+    if args.instruction:
+        raise _Usage(f"give instructions or --messages FILE, not both (got {len(args.instruction)} instruction(s) "
+                     "and --messages)")
+    if getattr(args, "template", None) is not None:
+        raise _Usage("--template renders instructions; conversations use the folder's chat template, or "
+                     "--chat_template")
+    return _conversations_file(messages)
+
+
+def _conversations_file(path: str) -> list[list[dict[str, Any]]]:
+    """The conversations a ``--messages`` file asks to answer (the forms of the generate command's help).
+
+    Raises:
+        DataError: The file cannot be read, or a record is not a conversation (naming the file and the record).
+
+    """
+    from alpaca_lora.data.chat import normalize_messages
+    from alpaca_lora.data.conversations import conversation_format, read_conversations
+    from alpaca_lora.data.records import listed, read_items
+
+    name, items, columns = read_items(path)
+    bad = next(((where, problem) for where, _, problem in items if problem), None)
+    if bad is not None:
+        raise DataError(f"{bad[0]}: {bad[1]}")
+    fmt = conversation_format(columns)
+    if fmt is not None:  # training records: the turns before the last assistant turn are the prompt
+        records, skipped = read_conversations(name, items, format=fmt, skip_bad_records=True)
+        if skipped:
+            more = f" (and {len(skipped) - 1} more bad record(s))" if len(skipped) > 1 else ""
+            raise DataError(f"{skipped[0]}{more}; in a --messages data file each record's turns before its last "
+                            "assistant turn are the prompt")
+        with_tools = sum(1 for r in records if r["tools"])
+        if with_tools:
+            logger.warning("%s: %d record(s) list tool schemas, which generate does not render: their prompts "
+                           "leave the schemas out", name, with_tools)
+        return [_prompt_turns(where, r["messages"]) for (where, _, _), r in zip(items, records, strict=True)]
+    if "role" in columns and all(isinstance(obj, dict) for _, obj, _ in items):  # the file is one conversation
+        items = [(name, [obj for _, obj, _ in items], None)]
+    if not any(isinstance(obj, list) for _, obj, _ in items):
+        raise DataError(f"{name} holds no conversations (its columns: {listed(columns)}); {_MESSAGES_FORMS}. To "
+                        "answer instructions, give them as arguments")
+    out = []
+    for where, obj, _ in items:
+        try:
+            out.append(normalize_messages(obj, require_assistant=False))
+        except DataError as exc:
+            raise DataError(f"{where}: {exc}") from None
+    return out
+
+
+def _prompt_turns(where: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A training record's turns before its last assistant turn."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    if last == 0:
+        raise DataError(f"{where}: the first turn is the assistant's, so no turn before it asks for an answer; "
+                        "start the conversation with a user (or system) turn")
+    return messages[:last]
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
@@ -169,7 +262,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from alpaca_lora.train.inspection import format_inspection, inspect_data
 
-    names = {"cutoff_len", "template", "train_on_inputs", "add_eos_token", "column_map"}
+    names = {"cutoff_len", "template", "train_on_inputs", "add_eos_token", "column_map", "data_format", "chat_template"}
     kwargs = {k: v for k, v in _config(args).to_dict().items() if k in names} if args.config is not None else {}
     kwargs.update(_given(args, names))
     report = inspect_data(args.data, getattr(args, "base_model", None), **kwargs)
