@@ -229,3 +229,19 @@ def test_every_real_sharegpt_conversation_is_masked_exactly(smol_tokenizer, llam
         f = _check(row["messages"], tokenizer, template, strip=template == "llama3", tools=row["tools"])
         turns += len(_runs(f["input_ids"], f["labels"]))
     assert len(ds) == 300 and turns == 957
+
+
+def test_the_report_counts_trained_turns_when_an_untrained_one_is_cut(smol_tokenizer):
+    import datasets
+
+    from alpaca_lora.data.chat import prepare_conversations
+
+    conv = normalize_messages([CONV[0], CONV[1], {**CONV[2]}, {**CONV[3], "train": False},
+                               {"role": "user", "content": "Thanks."}, {"role": "assistant", "content": "Welcome."}])
+    full = tokenize_conversation(conv, smol_tokenizer, cutoff_len=100_000)
+    first_end = _runs(full["input_ids"], full["labels"])[0][1]
+    ds = datasets.Dataset.from_dict({"messages": [conv], "tools": [""]})
+    report = prepare_conversations(ds, smol_tokenizer, cutoff_len=first_end + 3)[1]
+    assert (report.turns, report.dropped_turns, report.truncated) == (1, 1, 1)  # "Welcome." cut; "Rome" untrained
+    report = prepare_conversations(ds, smol_tokenizer, cutoff_len=100_000)[1]
+    assert (report.turns, report.dropped_turns, report.truncated) == (2, 0, 0)

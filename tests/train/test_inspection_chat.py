@@ -86,7 +86,8 @@ def test_a_cut_conversation_keeps_its_first_turns_and_a_full_prompt_drops_it(smo
     path = tmp_path / "chats.json"
     path.write_text(json.dumps(CHATS[1:]), encoding="utf-8")
     report = inspect_data(path, smol_dir, cutoff_len=60, chat_template="chatml")
-    assert report.template == "chatml" and report.truncated == 1 and report.dropped_turns == 2
+    # cut off: the untrained tool call (not counted) and the last trained answer
+    assert report.template == "chatml" and report.truncated == 1 and report.dropped_turns == 1 and report.turns == 1
     assert _split(report.example)[0] == f"Blue.{EOT}"  # no conversation fits whole: the cut one is shown
     path.write_text(json.dumps(CHATS), encoding="utf-8")
     dropped = inspect_data(path, smol_dir, cutoff_len=4)

@@ -149,7 +149,7 @@ def encode_conversation(messages: list[dict[str, Any]], tools: str, tokenizer: A
 
 
 def truncate(encoded: Encoded, cutoff_len: int, train_on_inputs: bool) -> tuple[dict[str, list[int]], str, int]:
-    """Cut to ``cutoff_len`` at a turn boundary and label; return ``(features, status, turns dropped)``.
+    """Cut to ``cutoff_len`` at a turn boundary and label; return ``(features, status, trained turns cut off)``.
 
     ``status`` is "ok", "truncated" or :data:`~alpaca_lora.data.prepare.DROP_PROMPT_FULL` (not even one
     token of the first trained turn fits: no label is left).
@@ -163,12 +163,12 @@ def truncate(encoded: Encoded, cutoff_len: int, train_on_inputs: bool) -> tuple[
         fitting = [t for t in trained if t.end <= cutoff_len]
         if fitting:
             ids = ids[:fitting[-1].end]
-            dropped = sum(1 for t in turns if t.end > fitting[-1].end)
+            dropped = sum(1 for t in trained if t.end > fitting[-1].end)
         elif trained and trained[0].start < cutoff_len - 1:  # cut the first turn's content, end-of-turn last
             first = trained[0]
             ids = ids[:cutoff_len - 1] + [ids[first.end - 1]]
             turns = [Turn(first.message, first.start, cutoff_len, first.train)]
-            dropped = sum(1 for t in encoded.turns if t.message > first.message)
+            dropped = sum(1 for t in trained if t.message > first.message)
         else:
             ids, status = ids[:cutoff_len], DROP_PROMPT_FULL
         status = "truncated" if status == "ok" else status
@@ -231,7 +231,7 @@ def prepare_conversations(
                 continue
             truncated += status != "ok"
             dropped_turns += n_dropped
-            turns += sum(1 for t in encoded.turns if t.train) - n_dropped
+            turns += sum(1 for t in encoded.turns if t.train or train_on_inputs) - n_dropped
             label_tokens += n_label
             for key, value in features.items():
                 out[key].append(value)
