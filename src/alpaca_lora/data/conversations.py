@@ -17,12 +17,14 @@ index), or, with ``skip_bad_records=True``, a reported skip.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import datasets
 
 from alpaca_lora.data.encoding import surrogate_problem, unencodable_at
 from alpaca_lora.data.records import SKIP_HINT, Items, json_kind, listed, read_items, warn_skipped
+from alpaca_lora.data.stream import Item
 from alpaca_lora.errors import ConfigError, DataError, shown
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -91,25 +93,38 @@ def read_conversations(
                           f"{', '.join(CONVERSATION_FORMATS)}")
     if not items:
         raise DataError(f"{name} holds no records; it needs at least one conversation with an assistant turn")
-    records: list[dict[str, Any]] = []
     skipped: list[str] = []
+    records = list(checked_conversations(items, format, skip_bad_records=skip_bad_records, skipped=skipped))
+    if not records:
+        raise no_usable_conversations(name, len(skipped), skipped)
+    return records, skipped
+
+
+def checked_conversations(
+    items: Iterable[Item], format: str, *, skip_bad_records: bool, skipped: Any
+) -> Iterator[dict[str, Any]]:
+    """Yield the normalized conversations of ``items`` one at a time (``format``: "messages" or "sharegpt").
+
+    A bad record raises DataError (naming the record and turn, with the fix), or with
+    ``skip_bad_records`` its reason is appended to ``skipped`` (a list, or a
+    :class:`~alpaca_lora.data.stream.Skips` that keeps only a few).
+    """
     for where, obj, parse_problem in items:
         record, found = (None, (None, parse_problem)) if parse_problem else _check_conversation(obj, format)
         if record is not None:
-            records.append(record)
+            yield record
             continue
         turn, problem = found
         reason = f"{where}: {problem}" if turn is None else f"{where}, turn {turn}: {problem}"
         if not skip_bad_records:
             raise DataError(f"{reason}. {SKIP_HINT}")
         skipped.append(reason)
-    if not records:
-        raise DataError(
-            f"{name}: no usable conversations, all {len(skipped)} are bad (first reasons: "
-            f"{'; '.join(skipped[:5])}). Fix the data, or pass the format it is in (format='messages' or "
-            "format='sharegpt')."
-        )
-    return records, skipped
+
+
+def no_usable_conversations(name: str, count: int, reasons: list[str]) -> DataError:
+    """The error for conversation data whose ``count`` records are all bad (``reasons``: the first ones)."""
+    return DataError(f"{name}: no usable conversations, all {count} are bad (first reasons: {'; '.join(reasons[:5])})"
+                     ". Fix the data, or pass the format it is in (format='messages' or format='sharegpt').")
 
 
 def load_conversations(source: Any, *, format: str = "auto", skip_bad_records: bool = False) -> datasets.Dataset:

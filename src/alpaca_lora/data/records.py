@@ -13,18 +13,29 @@ import io
 import json
 import logging
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import datasets
 
 from alpaca_lora.data.encoding import surrogate_problem, unencodable_at
+from alpaca_lora.data.stream import (
+    SUFFIXES,
+    Item,
+    check_file,
+    check_start,
+    empty_file,
+    file_lines,
+    item_keys,
+    jsonl_items,
+    open_parquet,
+)
 from alpaca_lora.errors import ConfigError, DataError, shown
 
 logger = logging.getLogger(__name__)
 
 FIELDS = ("instruction", "input", "output")
-SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 SKIP_HINT = "Fix or remove this record, or pass skip_bad_records=True to skip bad records and report them."
 
 # Known column layouts, tried in order: (name, instruction column, input columns, output column).
@@ -37,7 +48,7 @@ _SCHEMAS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("query/response", "query", ("input",), "response"),
 )
 
-Items = list[tuple[str, Any, "str | None"]]
+Items = list[Item]
 """One raw item per record: (where it is, for messages; the parsed object; a problem found while parsing)."""
 
 # ---- reading and validation ------------------------------------------------------------------
@@ -84,24 +95,37 @@ def check_records(
         raise DataError(f"{name} holds no records; it needs at least one with instruction and output")
     # With no object among the records there are no columns to detect: report each record instead.
     mapping = resolve_columns(name, columns, column_map) if columns else {f: f for f in FIELDS}
-    records: list[dict[str, str]] = []
     skipped: list[str] = []
+    records = list(checked_records(items, mapping, skip_bad_records=skip_bad_records, skipped=skipped))
+    if not records:
+        raise no_usable_records(name, len(skipped), skipped)
+    return records, skipped
+
+
+def checked_records(
+    items: Iterable[Item], mapping: dict[str, str | None], *, skip_bad_records: bool, skipped: Any
+) -> Iterator[dict[str, str]]:
+    """Yield the valid records of ``items`` one at a time, read through ``mapping`` (of :func:`resolve_columns`).
+
+    A bad record raises DataError (naming it, with the fix), or with ``skip_bad_records`` its reason is
+    appended to ``skipped`` (a list, or a :class:`~alpaca_lora.data.stream.Skips` that keeps only a few).
+    """
     for where, obj, problem in items:
         record = None
         if problem is None:
             record, problem = _check_record(obj, mapping)
         if record is not None:
-            records.append(record)
+            yield record
         elif skip_bad_records:
             skipped.append(f"{where}: {problem}")
         else:
             raise DataError(f"{where}: {problem}. {SKIP_HINT}")
-    if not records:
-        raise DataError(
-            f"{name}: no usable records, all {len(skipped)} are bad (first reasons: "
-            f"{'; '.join(skipped[:5])}). Fix the data, or map its columns with column_map."
-        )
-    return records, skipped
+
+
+def no_usable_records(name: str, count: int, reasons: list[str]) -> DataError:
+    """The error for instruction data whose ``count`` records are all bad (``reasons``: the first ones)."""
+    return DataError(f"{name}: no usable records, all {count} are bad (first reasons: {'; '.join(reasons[:5])}). "
+                     "Fix the data, or map its columns with column_map.")
 
 
 def load_instructions(
@@ -123,27 +147,32 @@ def instructions_dataset(records: list[dict[str, str]], skipped: list[str], *, s
     return datasets.Dataset.from_dict({f: [r[f] for r in records] for f in FIELDS}, features=features)
 
 
-def warn_skipped(skipped: list[str], kept: int, *, stacklevel: int = 2) -> None:
+def warn_skipped(skipped: list[str], kept: int, *, stacklevel: int = 2, count: int | None = None) -> None:
     """Warn how many records were skipped (of ``kept`` + skipped) with up to five reasons; nothing if none.
 
-    ``stacklevel`` is that of ``warnings.warn``, counted from the caller of this function.
+    ``stacklevel`` is that of ``warnings.warn``, counted from the caller of this function. ``count``
+    is the number skipped when ``skipped`` holds only the first reasons (default: ``len(skipped)``).
     """
-    if skipped:
-        more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
-        warnings.warn(
-            f"skipped {len(skipped)} bad record(s) of {kept + len(skipped)}: " + "; ".join(skipped[:5]) + more,
-            stacklevel=stacklevel + 1,
-        )
+    count = len(skipped) if count is None else count
+    if count:
+        more = f" (and {count - 5} more)" if count > 5 else ""
+        warnings.warn(f"skipped {count} bad record(s) of {kept + count}: " + "; ".join(skipped[:5]) + more,
+                      stacklevel=stacklevel + 1)
 
 
-def resolve_columns(name: str, columns: list[str], column_map: dict[str, str] | None) -> dict[str, str | None]:
-    """The source column of each field (``input`` may be None); DataError/ConfigError if there is none."""
+def resolve_columns(
+    name: str, columns: list[str], column_map: dict[str, str] | None, *, log: bool = True
+) -> dict[str, str | None]:
+    """The source column of each field (``input`` may be None); DataError/ConfigError if there is none.
+
+    A layout other than alpaca's is logged (a warning naming the columns used) unless ``log`` is False.
+    """
     if column_map is not None:
         return _apply_column_map(name, columns, column_map)
     for schema, instruction, inputs, output in _SCHEMAS:
         if instruction in columns and output in columns:
             input_col = next((c for c in inputs if c in columns), None)
-            if schema != "alpaca":
+            if schema != "alpaca" and log:
                 logger.warning(
                     "%s: using the %s layout: %s -> instruction, %s, %s -> output (pass column_map to "
                     "choose other columns)", name, schema, instruction,
@@ -251,7 +280,7 @@ def read_items(source: Any) -> tuple[str, Items, list[str]]:
         return "Dataset", items, source.column_names
     if isinstance(source, (list, tuple)):
         items = [(f"list of records, index {i}", r, None) for i, r in enumerate(source)]
-        return "list of records", items, _keys(items)
+        return "list of records", items, item_keys(items)
     if isinstance(source, (str, Path)):
         return (str(source), *_read_file(Path(source)))
     raise DataError(
@@ -261,30 +290,24 @@ def read_items(source: Any) -> tuple[str, Items, list[str]]:
 
 
 def _read_file(path: Path) -> tuple[Items, list[str]]:
-    if not path.is_file():
-        what = "is a folder" if path.is_dir() else "does not exist"
-        raise DataError(f"data file {path} {what} (working directory: {Path.cwd()}); pass a data file path")
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise DataError(f"data file {path}: unknown extension {shown(suffix, 40)}; use one of {', '.join(SUFFIXES)}")
+    suffix = check_file(path)
     if suffix == ".parquet":
-        return _read_parquet(path)
+        columns, _, rows = open_parquet(path)
+        return list(rows), columns
+    if suffix == ".jsonl":  # the reader load_data streams, here read whole
+        items = list(jsonl_items(str(path), file_lines(path)))
+        return items, item_keys(items)
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"cannot read data file {path}: {exc.strerror}") from None
     if not raw.strip():
-        raise DataError(f"data file {path} is empty; it needs at least one record")
-    if raw[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
-        raise DataError(f"data file {path} is UTF-32 text; save it as UTF-8")
-    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        raise DataError(f"data file {path} is UTF-16 text; save it as UTF-8")
+        raise empty_file(path)
+    check_start(path, raw[:4])
     # Undecodable bytes become lone surrogates, so a record holding them is reported (or skipped) alone.
     text = raw.decode("utf-8-sig", errors="surrogateescape")
     if suffix == ".csv":
         return _read_csv(path, text, raw)
-    if suffix == ".jsonl":
-        return _read_jsonl(path, text)
     return _read_json(path, text, raw)
 
 
@@ -294,7 +317,8 @@ def _read_json(path: Path, text: str, raw: bytes) -> tuple[Items, list[str]]:
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data" and _first_line_is_object(text):
             logger.info("%s holds one JSON object per line; reading it as JSON Lines", path)
-            return _read_jsonl(path, text)
+            items = list(jsonl_items(str(path), text.split("\n")))  # not splitlines(): strings may hold U+2028
+            return items, item_keys(items)
         raise DataError(
             f"{path} line {exc.lineno} column {exc.colno}: not valid JSON ({exc.msg}){_utf8_note(raw)}. "
             'A .json data file holds one list of records: [{"instruction": ..., "output": ...}, ...]'
@@ -314,27 +338,7 @@ def _read_json(path: Path, text: str, raw: bytes) -> tuple[Items, list[str]]:
     if not isinstance(data, list):
         raise DataError(f"{path} holds a JSON {json_kind(data)}; it must hold a list of records ([{{...}}, ...])")
     items = [(f"{path}, record index {i}", r, None) for i, r in enumerate(data)]
-    return items, _keys(items)
-
-
-def _read_jsonl(path: Path, text: str) -> tuple[Items, list[str]]:
-    items: Items = []
-    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
-        if not line.strip():
-            continue
-        where = f"{path} line {lineno}"
-        try:
-            items.append((where, json.loads(line), None))
-        except json.JSONDecodeError as exc:
-            problem = f"not valid JSON ({exc.msg} at column {exc.colno})"
-            if unencodable_at(line) is not None:
-                problem = "holds bytes that are not valid UTF-8"
-            items.append((where, None, f"{problem}; each line must be one JSON object"))
-        except RecursionError:
-            items.append((where, None, "JSON nested too deeply; each line must be one flat JSON object"))
-        except ValueError as exc:  # an integer literal too long to convert
-            items.append((where, None, f"not valid data ({exc}); every field must be a string"))
-    return items, _keys(items)
+    return items, item_keys(items)
 
 
 def _read_csv(path: Path, text: str, raw: bytes) -> tuple[Items, list[str]]:
@@ -362,25 +366,6 @@ def _read_csv(path: Path, text: str, raw: bytes) -> tuple[Items, list[str]]:
     finally:
         csv.field_size_limit(limit)
     return items, header
-
-
-def _read_parquet(path: Path) -> tuple[Items, list[str]]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-        rows = table.to_pylist()
-    except Exception as exc:  # pyarrow raises many types (ArrowInvalid, OSError, ...)
-        raise DataError(f"{path} is not a readable Parquet file ({type(exc).__name__}: {exc})") from None
-    return [(f"{path}, record index {i}", r, None) for i, r in enumerate(rows)], table.column_names
-
-
-def _keys(items: Items) -> list[str]:
-    keys: dict[str, None] = {}
-    for _, obj, _ in items:
-        if isinstance(obj, dict):
-            keys.update(dict.fromkeys(k for k in obj if isinstance(k, str)))  # other keys: a record problem
-    return list(keys)
 
 
 def _first_line_is_object(text: str) -> bool:
