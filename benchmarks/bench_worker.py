@@ -40,7 +40,7 @@ def load_data(args: argparse.Namespace):
     from transformers import AutoTokenizer
 
     from alpaca_lora import load_instructions
-    from alpaca_lora.data.prepare import prepare_dataset
+    from alpaca_lora.data.pipeline import prepare_dataset
     from alpaca_lora.data.sampler import epoch_batches
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)

@@ -158,7 +158,8 @@ def test_reloaded_adapter_scores_the_records_as_training_ended(trained, tiny_mod
     from peft import PeftModel
 
     from alpaca_lora.data.collator import InstructionCollator
-    from alpaca_lora.data.prepare import load_instructions, prepare_dataset
+    from alpaca_lora.data.pipeline import prepare_dataset
+    from alpaca_lora.data.prepare import load_instructions
     from alpaca_lora.kernels.cross_entropy import token_losses_sum
     from alpaca_lora.model.load import load_model
 

@@ -125,6 +125,11 @@ class FinetuneConfig:
     """True resumes from the newest checkpoint in the output folder; a path resumes from that one."""
     report_to: str | list[str] = "none"
     """Extra loggers: "none", "tensorboard", "wandb" or a list of them (metrics.jsonl is always written)."""
+    data_cache_dir: str | None = "auto"
+    """Where tokenized data is kept and reused by later runs, resumes and the other processes of a run: "auto"
+    (the datasets cache, `HF_DATASETS_CACHE/alpaca_lora`), a folder, or None to tokenize every run without a cache."""
+    data_num_proc: int | None = None
+    """Processes that tokenize the data; None: one per core for 20,000 records or more, else one."""
     skip_bad_records: bool = False
     """Skip malformed data records (and report them) instead of failing on the first one."""
     column_map: dict[str, str] | None = None
@@ -164,7 +169,7 @@ class FinetuneConfig:
 
     def _normalize(self) -> None:
         """Equivalent spellings to the documented types: a Path to its text, numpy numbers to Python ones."""
-        for name in ("resume_from_checkpoint", "template", "chat_template"):
+        for name in ("resume_from_checkpoint", "template", "chat_template", "data_cache_dir"):
             if isinstance(getattr(self, name), os.PathLike):  # a Path is as good as its text
                 setattr(self, name, os.fspath(getattr(self, name)))
         if isinstance(self.template, PromptTemplate):
@@ -228,6 +233,10 @@ class FinetuneConfig:
             p.append(f"lora_target_modules={shown(t)}: must be a non-empty list of module names (e.g. "
                      "['q_proj', 'v_proj']), \"attention\" or \"all-linear\"")
         p.append(_template_problem(self.template))
+        d = self.data_cache_dir
+        if d is not None and not (isinstance(d, str) and d.strip()):
+            p.append(f"data_cache_dir={shown(d)}: must be 'auto' (the datasets cache), a folder path, or None (no "
+                     "cache)")
         c = self.chat_template
         if c is not None and not (isinstance(c, str) and c.strip()):
             p.append(f"chat_template={shown(c)}: must be None (the tokenizer's own), a built-in name such as "
@@ -294,9 +303,10 @@ _INTS = {
     "cutoff_len": (1, INT_MAX), "lora_r": (1, MAX_LORA_R), "lora_alpha": (1, INT_MAX), "seed": (0, SEED_MAX),
     "logging_steps": (1, INT_MAX), "eval_steps": (1, INT_MAX), "save_steps": (1, INT_MAX),
     "save_total_limit": (1, INT_MAX), "loss_chunk_size": (1, INT_MAX), "ddp_timeout": (1, INT_MAX),
+    "data_num_proc": (1, 256),
 }
 """Int fields and their inclusive ranges."""
-_OPTIONAL = ("max_steps", "eval_steps", "save_steps")
+_OPTIONAL = ("max_steps", "eval_steps", "save_steps", "data_num_proc")
 """Int fields that may also be None."""
 _FLOATS: dict[str, tuple[Callable[[float], bool], str]] = {
     "num_epochs": (lambda v: 0 < v <= MAX_EPOCHS, f"in (0, {MAX_EPOCHS}]"),

@@ -234,7 +234,7 @@ def test_every_real_sharegpt_conversation_is_masked_exactly(smol_tokenizer, llam
 def test_the_report_counts_trained_turns_when_an_untrained_one_is_cut(smol_tokenizer):
     import datasets
 
-    from alpaca_lora.data.chat import prepare_conversations
+    from alpaca_lora.data.pipeline import prepare_conversations
 
     conv = normalize_messages([CONV[0], CONV[1], {**CONV[2]}, {**CONV[3], "train": False},
                                {"role": "user", "content": "Thanks."}, {"role": "assistant", "content": "Welcome."}])

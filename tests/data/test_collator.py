@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from alpaca_lora.data.collator import InstructionCollator
-from alpaca_lora.data.prepare import load_instructions, prepare_dataset, tokenize_instruction
+from alpaca_lora.data.pipeline import prepare_dataset
+from alpaca_lora.data.prepare import load_instructions, tokenize_instruction
 from alpaca_lora.errors import ModelError
 
 

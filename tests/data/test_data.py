@@ -12,13 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from alpaca_lora.data.pipeline import prepare_dataset
 from alpaca_lora.data.prepare import (
     DROP_EMPTY_RESPONSE,
     DROP_PROMPT_FULL,
     PrepareReport,
     data_fingerprint,
     load_instructions,
-    prepare_dataset,
     read_records,
     split_dataset,
     tokenize_instruction,
@@ -46,7 +46,10 @@ class CharTokenizer:
         self.append_eos = append_eos
         self.eos_token_id = eos
 
-    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> dict[str, list]:
+        if isinstance(text, list):  # a batch, as fast tokenizers take one
+            rows = [self(t, add_special_tokens)["input_ids"] for t in text]
+            return {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]}
         ids = [ord(c) + 10 for c in text]
         if add_special_tokens:
             ids = [self.bos_token_id, *ids] + ([self.eos_token_id] if self.append_eos else [])

@@ -11,7 +11,8 @@ from collections import Counter
 
 import pytest
 
-from alpaca_lora.data.prepare import DROP_PROMPT_FULL, load_instructions, prepare_dataset, tokenize_instruction
+from alpaca_lora.data.pipeline import prepare_dataset
+from alpaca_lora.data.prepare import DROP_PROMPT_FULL, load_instructions, tokenize_instruction
 from alpaca_lora.data.prompts import get_template
 
 

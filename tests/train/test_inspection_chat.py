@@ -8,7 +8,7 @@ import re
 import pytest
 
 from alpaca_lora import ConfigError, DataError
-from alpaca_lora.data.chat import prepare_conversations
+from alpaca_lora.data.pipeline import prepare_conversations
 from alpaca_lora.data.sources import load_data
 from alpaca_lora.model.load import load_tokenizer
 from alpaca_lora.train.inspection import MASK_CLOSE, MASK_OPEN, format_inspection, inspect_data

@@ -59,7 +59,8 @@ def test_output_folder_is_self_describing_and_pickle_free(trained):
 def test_tokens_seen_counts_non_padding_tokens(trained):
     result, _ = trained
     # 40 steps x 8 records: every record is seen 40 times, so tokens_seen is 40 x their total length.
-    from alpaca_lora.data.prepare import load_instructions, prepare_dataset
+    from alpaca_lora.data.pipeline import prepare_dataset
+    from alpaca_lora.data.prepare import load_instructions
     from alpaca_lora.model.load import load_tokenizer
 
     ds, _ = prepare_dataset(load_instructions(RECORDS), load_tokenizer(result.adapter_dir), cutoff_len=64)
@@ -92,7 +93,8 @@ def test_trained_model_loss_matches_logged_loss(trained, tiny_model_dir):
     """The reloaded adapter scores the training set as well as training ended (same weights)."""
     result, out = trained
     from alpaca_lora.data.collator import InstructionCollator
-    from alpaca_lora.data.prepare import load_instructions, prepare_dataset
+    from alpaca_lora.data.pipeline import prepare_dataset
+    from alpaca_lora.data.prepare import load_instructions
     from alpaca_lora.model.load import load_model
 
     base, tok = load_model(tiny_model_dir, "nf4", "float32", device="cpu")
@@ -167,7 +169,8 @@ def test_evaluation_does_not_change_training(tiny_model_dir, tmp_path):
 def test_reloaded_adapter_reproduces_the_trained_model(tiny_model_dir, tmp_path):
     """The final eval loss is computed by the in-memory trained model; a reload must give the same number."""
     from alpaca_lora.data.collator import InstructionCollator
-    from alpaca_lora.data.prepare import load_instructions, prepare_dataset, split_dataset
+    from alpaca_lora.data.pipeline import prepare_dataset
+    from alpaca_lora.data.prepare import load_instructions, split_dataset
     from alpaca_lora.model.load import load_model
 
     records = RECORDS * 2

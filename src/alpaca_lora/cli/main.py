@@ -1,6 +1,6 @@
 """The ``alpaca-lora`` command. The only module that reads ``sys.argv``; nothing imports it.
 
-Subcommands: ``finetune``, ``merge``, ``generate``, ``push``, ``inspect``, ``estimate`` and ``demo``.
+Subcommands: ``finetune``, ``merge``, ``generate``, ``push``, ``inspect``, ``estimate``, ``cache`` and ``demo``.
 Their flags are generated (see :mod:`alpaca_lora.cli.flags`) from :class:`FinetuneConfig` and from
 the signatures and docstrings of the functions they call, so the command line and the Python API
 cannot drift apart. ``--config run.yaml`` (or .json) supplies ``FinetuneConfig`` fields; flags
@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from alpaca_lora.cli.cache_cmd import add_cache_parser, cmd_cache
 from alpaca_lora.cli.flags import (
     ArgumentParser,
     add_dataclass_flags,
@@ -109,6 +110,8 @@ def build_parser() -> ArgumentParser:
     add_flag(est, "gpu_memory", str, None, "memory of the GPU, e.g. 24GB or 80GiB: says whether the run fits and "
              "what to change if not")
     add_dataclass_flags(est, FinetuneConfig)
+
+    add_cache_parser(sub)
 
     demo = sub.add_parser("demo", help="fine-tune the embedded SmolLM2-135M on built-in tasks, end to end")
     add_dataclass_flags(demo, DemoConfig)
@@ -289,7 +292,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"finetune": _cmd_finetune, "merge": _cmd_merge, "generate": _cmd_generate, "push": _cmd_push,
-             "inspect": _cmd_inspect, "estimate": _cmd_estimate}
+             "inspect": _cmd_inspect, "estimate": _cmd_estimate, "cache": cmd_cache}
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -28,19 +28,17 @@ fit, its content is cut and its end-of-turn token put last, as an Alpaca respons
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
-
 from alpaca_lora.data import chat_templates
 from alpaca_lora.data.encoding import unencodable_at
 from alpaca_lora.data.labels import IGNORE_INDEX
-from alpaca_lora.data.prepare import DROP_PROMPT_FULL, PrepareReport
+from alpaca_lora.data.prepare import DROP_PROMPT_FULL
 from alpaca_lora.errors import ConfigError, DataError, shown
 
 logger = logging.getLogger(__name__)
@@ -116,36 +114,71 @@ def tokenize_conversation(
 
 def encode_conversation(messages: list[dict[str, Any]], tools: str, tokenizer: Any, source: str) -> Encoded:
     """Render and tokenize normalized ``messages``; find their assistant turns as token spans."""
+    rendered = render_conversation(messages, tools, tokenizer, source)
+    enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    return locate_turns(rendered, list(enc["input_ids"]), enc["offset_mapping"], special_ids(tokenizer))
+
+
+@dataclass
+class Rendered:
+    """A conversation rendered to text, with its assistant turns as character spans.
+
+    Attributes:
+        text: The rendered conversation.
+        spans: ``(message index, start, end)`` per assistant turn: with ``searched`` False the turn's
+            whole text (end-of-turn included); with ``searched`` True its content only.
+        searched: Whether the spans were found by searching the contents (see the module docs).
+        train: Per assistant turn, whether it carries loss.
+
+    """
+
+    text: str
+    spans: list[tuple[int, int, int]]
+    searched: bool
+    train: list[bool]
+
+
+def render_conversation(messages: list[dict[str, Any]], tools: str, tokenizer: Any, source: str) -> Rendered:
+    """Render normalized ``messages`` with the template ``source`` and find the assistant turns in the text."""
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError("conversations need a fast tokenizer (one with tokenizer.json), which reports where each "
                           "token is in the text; load the tokenizer with use_fast=True")
     msgs, schemas = chat_templates.template_messages(messages, tools, source)
     shift = len(msgs) - len(messages)  # a system message added for the tool schemas
     text = chat_templates.render(tokenizer, source, msgs, tools=schemas)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     spans = _prefix_spans(tokenizer, source, msgs, schemas, text, [i + shift for i in assistant])
     searched = spans is None
     if spans is None:
         spans = _searched_spans(msgs, text, [i + shift for i in assistant])
+    return Rendered(text, [(i, a, b) for i, (a, b) in zip(assistant, spans, strict=True)], searched,
+                    [bool(messages[i].get("train", True)) for i in assistant])
+
+
+def special_ids(tokenizer: Any) -> set[int]:
+    """Ids of the tokenizer's special tokens (what may end a turn)."""
+    return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+
+
+def locate_turns(rendered: Rendered, ids: list[int], offsets: Any, special: set[int]) -> Encoded:
+    """Map the rendered turns to token spans through the tokenizer's character ``offsets``."""
+    starts = [int(o[0]) for o in offsets]  # non-decreasing: tokens come in text order
     turns = []
-    for i, (start_char, end_char) in zip(assistant, spans, strict=True):
-        inside = [k for k, (s, _) in enumerate(offsets) if start_char <= s < end_char]
-        ends = [k for k in inside if ids[k] in special]
-        if searched:  # the span runs to the next message: its end is the first special token after the content
-            after = [k for k, (s, _) in enumerate(offsets) if s >= end_char and ids[k] in special]
-            ends = after[:1] if after else []
-            inside = [k for k, (s, _) in enumerate(offsets) if start_char <= s < end_char] or ends
+    for (i, start_char, end_char), train in zip(rendered.spans, rendered.train, strict=True):
+        first, stop = bisect.bisect_left(starts, start_char), bisect.bisect_left(starts, end_char)
+        if rendered.searched:  # a content span: its end is the first special token after it
+            ends = [next((k for k in range(stop, len(ids)) if ids[k] in special), None)]
+            ends = [k for k in ends if k is not None]
+        else:  # the turn's whole text: its end is its last special token
+            ends = [k for k in range(first, stop) if ids[k] in special][-1:]
         if not ends:
             raise ConfigError(
                 f"the chat template ends assistant turns with no special token of this tokenizer (turn {i} renders "
-                f"as {shown(text[start_char:end_char], 120)}), so a model trained on it would never learn to stop; "
-                "use a template whose assistant turns end with EOS or an end-of-turn token of the tokenizer (e.g. "
-                "chat_template='alpaca', or 'chatml' for a tokenizer with <|im_end|>)")
-        turns.append(Turn(i, inside[0], ends[-1] + 1, bool(messages[i].get("train", True))))
-    return Encoded(ids, turns, text)
+                f"as {shown(rendered.text[start_char:end_char], 120)}), so a model trained on it would never learn to "
+                "stop; use a template whose assistant turns end with EOS or an end-of-turn token of the tokenizer "
+                "(e.g. chat_template='alpaca', or 'chatml' for a tokenizer with <|im_end|>)")
+        turns.append(Turn(i, min(first, ends[0]), ends[0] + 1, train))
+    return Encoded(ids, turns, rendered.text)
 
 
 def truncate(encoded: Encoded, cutoff_len: int, train_on_inputs: bool) -> tuple[dict[str, list[int]], str, int]:
@@ -180,75 +213,6 @@ def truncate(encoded: Encoded, cutoff_len: int, train_on_inputs: bool) -> tuple[
             if t.train and t.end <= len(ids):
                 labels[t.start:t.end] = ids[t.start:t.end]
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, status, dropped
-
-
-def prepare_conversations(
-    ds: datasets.Dataset, tokenizer: Any, *, chat_template: str | Path | None = None, cutoff_len: int = 2048,
-    train_on_inputs: bool = False, desc: str = "tokenize",
-) -> tuple[datasets.Dataset, PrepareReport]:
-    """Tokenize every conversation of ``ds`` with :func:`tokenize_conversation`'s masking.
-
-    Conversations without a trainable token after truncation are dropped and counted in the report.
-
-    Args:
-        ds: A ``messages`` column of normalized conversations and an optional ``tools`` column (what
-            :func:`~alpaca_lora.data.conversations.load_conversations` returns).
-        tokenizer: A fast Hugging Face tokenizer.
-        chat_template: As for :func:`tokenize_conversation`.
-        cutoff_len: Longest example, in tokens.
-        train_on_inputs: Put loss on every token.
-        desc: Label of the progress bar.
-
-    Returns:
-        ``(tokenized, report)`` as :func:`~alpaca_lora.data.prepare.prepare_dataset` returns them; the
-        report also counts assistant turns trained and turns dropped by truncation.
-
-    Raises:
-        DataError: A conversation the template refuses (naming its index), or every one dropped.
-
-    """
-    from tqdm.auto import tqdm
-
-    if "messages" not in ds.column_names or len(ds) == 0:
-        raise DataError(f"the dataset needs a non-empty 'messages' column (it has {ds.column_names}, {len(ds)} "
-                        "rows); load conversations with load_conversations()")
-    source = chat_templates.resolve_chat_template(tokenizer, chat_template)
-    out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "length": []}
-    drops: Counter[str] = Counter()
-    truncated = label_tokens = turns = dropped_turns = 0
-    tools = ds["tools"] if "tools" in ds.column_names else [""] * len(ds)
-    with tqdm(total=len(ds), desc=desc, unit="conv", disable=len(ds) < _PROGRESS_MIN) as bar:
-        for index, (messages, tool_text) in enumerate(zip(ds["messages"], tools, strict=True)):
-            try:
-                encoded = encode_conversation(messages, tool_text or "", tokenizer, source)
-            except DataError as exc:
-                raise DataError(f"conversation index {index}: {exc}") from None
-            features, status, n_dropped = truncate(encoded, cutoff_len, train_on_inputs)
-            n_label = sum(1 for x in features["labels"] if x != IGNORE_INDEX)
-            bar.update(1)
-            if n_label == 0:
-                drops[DROP_PROMPT_FULL if status == DROP_PROMPT_FULL else DROP_NO_TRAINED_TURN] += 1
-                continue
-            truncated += status != "ok"
-            dropped_turns += n_dropped
-            turns += sum(1 for t in encoded.turns if t.train or train_on_inputs) - n_dropped
-            label_tokens += n_label
-            for key, value in features.items():
-                out[key].append(value)
-            out["length"].append(len(features["input_ids"]))
-    report = PrepareReport(kept=len(out["length"]), dropped=sum(drops.values()), drop_reasons=dict(drops),
-                           truncated=truncated, label_tokens=label_tokens, total_tokens=sum(out["length"]),
-                           turns=turns, dropped_turns=dropped_turns)
-    if report.kept == 0:
-        raise DataError(f"all {report.dropped} conversation(s) were dropped ({report.summary()}): none keeps an "
-                        f"assistant token within cutoff_len={cutoff_len}. Raise cutoff_len or shorten the "
-                        "conversations.")
-    if report.dropped:
-        logger.warning("%s: %s", desc, report.summary())
-    ids = datasets.List(datasets.Value("int32"))
-    features = datasets.Features(
-        {"input_ids": ids, "attention_mask": ids, "labels": ids, "length": datasets.Value("int32")})
-    return datasets.Dataset.from_dict(out, features=features), report
 
 
 # ---- spans -----------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@
    ``DatasetDict`` or a list of dicts into ``{"instruction", "input", "output"}`` records. A bad record
    is an error naming the file, the line (or record index) and the fix, or a reported skip.
 2. :func:`split_dataset` holds out a validation set, clamped to the data (alpaca-lora#470).
-3. :func:`tokenize_instruction` is the only place labels are masked; :func:`prepare_dataset` runs it
-   over a dataset and drops, and counts, records left without a trainable label.
+3. :func:`tokenize_instruction` (through :func:`assemble`) is the only place labels are masked;
+   :func:`~alpaca_lora.data.pipeline.prepare_dataset` runs the same code over a dataset in batches and
+   drops, and counts, records left without a trainable label.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import json
 import logging
 import math
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -34,13 +34,11 @@ logger = logging.getLogger(__name__)
 
 DROP_PROMPT_FULL = "prompt fills cutoff_len"
 DROP_EMPTY_RESPONSE = "empty response"
-_PROGRESS_MIN = 2000  # records from which prepare_dataset shows a progress bar
 
 __all__ = [
     "PrepareReport",
     "data_fingerprint",
     "load_instructions",
-    "prepare_dataset",
     "read_records",
     "split_dataset",
     "tokenize_instruction",
@@ -89,8 +87,24 @@ def split_dataset(
         if clamped == 0:
             return ds, None
         n_val = clamped
-    order = np.random.default_rng(seed).permutation(n).tolist()
-    return ds.select(order[n_val:]), ds.select(order[:n_val])
+    train, val = split_indices(n, n_val, seed)
+    return ds.select(train), ds.select(val)
+
+
+def split_indices(n: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training and validation record indices :func:`split_dataset` selects: one seeded permutation.
+
+    Args:
+        n: Records.
+        n_val: Records held out (already clamped).
+        seed: Seed of the permutation.
+
+    Returns:
+        ``(train, val)`` index arrays; together a permutation of ``range(n)``.
+
+    """
+    order = np.random.default_rng(seed).permutation(n)
+    return order[n_val:], order[:n_val]
 
 
 # ---- tokenization and loss masks -------------------------------------------------------------
@@ -139,11 +153,13 @@ def tokenize_prompt(prompt: str, tokenizer: Any) -> list[int]:
     The tokenizer's special tokens (BOS) are added; a trailing EOS, which some tokenizers append to
     every text, is removed, because a prompt must not end the sequence.
     """
-    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    return without_trailing_eos(list(tokenizer(prompt, add_special_tokens=True)["input_ids"]), tokenizer)
+
+
+def without_trailing_eos(ids: list[int], tokenizer: Any) -> list[int]:
+    """``ids`` less a trailing EOS (some tokenizers end every text with one; a prompt must not)."""
     eos_id = getattr(tokenizer, "eos_token_id", None)
-    if eos_id is not None and ids and ids[-1] == eos_id:
-        ids.pop()
-    return ids
+    return ids[:-1] if eos_id is not None and ids and ids[-1] == eos_id else ids
 
 
 def _encode(
@@ -179,6 +195,18 @@ def _encode(
         )
     prompt_ids = tokenize_prompt(template.render(instruction, inp or None), tokenizer)
     response_ids = list(tokenizer(output, add_special_tokens=False)["input_ids"])
+    return assemble(prompt_ids, response_ids, eos_id, cutoff_len, train_on_inputs, add_eos_token)
+
+
+def assemble(prompt_ids: list[int], response_ids: list[int], eos_id: int | None, cutoff_len: int,
+             train_on_inputs: bool, add_eos_token: bool) -> tuple[dict[str, list[int]], str, int]:
+    """Join a tokenized prompt and response, cut at ``cutoff_len`` and mask: the one definition of the labels.
+
+    Returns:
+        ``(features, status, prompt tokens)``; ``status`` is "ok", "truncated" (the response was cut)
+        or :data:`DROP_PROMPT_FULL` (no room for one response token: prompt only, no EOS).
+
+    """
     n_eos = 1 if add_eos_token else 0
 
     if len(prompt_ids) >= cutoff_len - n_eos:  # no room for one response token: prompt only, no EOS
@@ -214,7 +242,7 @@ def _template(template: str | Path | dict[str, Any] | PromptTemplate) -> PromptT
 
 @dataclass
 class PrepareReport:
-    """What :func:`prepare_dataset` did.
+    """What :func:`~alpaca_lora.data.pipeline.prepare_dataset` (or ``prepare_conversations``) did.
 
     Attributes:
         kept: Records kept.
@@ -249,95 +277,6 @@ class PrepareReport:
                if self.turns is not None else "")
             + f"; {self.total_tokens} tokens, {self.label_tokens} with loss ({share:.1f}%)"
         )
-
-
-def prepare_dataset(
-    ds: datasets.Dataset,
-    tokenizer: Any,
-    *,
-    template: str | Path | dict[str, Any] | PromptTemplate = "alpaca",
-    cutoff_len: int = 512,
-    train_on_inputs: bool = False,
-    add_eos_token: bool = True,
-    desc: str = "tokenize",
-) -> tuple[datasets.Dataset, PrepareReport]:
-    """Tokenize every record with :func:`tokenize_instruction` and drop those without a trainable label.
-
-    Args:
-        ds: Records with string columns instruction, output and (optional) input.
-        tokenizer: A Hugging Face tokenizer.
-        template: Template name, JSON path, dict or :class:`PromptTemplate`.
-        cutoff_len: Longest example, in tokens.
-        train_on_inputs: Also put loss on the prompt tokens.
-        add_eos_token: Append EOS after every response.
-        desc: Label of the progress bar (shown from a few thousand records on).
-
-    Returns:
-        ``(tokenized, report)``: columns input_ids, attention_mask, labels and length (tokens per
-        example) in the order of ``ds``, and what was kept, dropped and truncated.
-
-    Raises:
-        DataError: ``ds`` lacks instruction/output columns, a record is malformed, or every record was
-            dropped (so training fails before any model is loaded).
-
-    """
-    from tqdm.auto import tqdm
-
-    missing = [c for c in ("instruction", "output") if c not in ds.column_names]
-    if missing:
-        raise DataError(
-            f"the dataset lacks column(s) {missing} (it has {ds.column_names}); load it with "
-            "load_instructions(), which maps common layouts to instruction/input/output"
-        )
-    if len(ds) == 0:
-        raise DataError("the dataset has no records to tokenize; load some with load_instructions()")
-    tmpl = _template(template)
-    out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "length": []}
-    drops: Counter[str] = Counter()
-    truncated = label_tokens = longest_prompt = index = 0
-    with tqdm(total=len(ds), desc=desc, unit="rec", disable=len(ds) < _PROGRESS_MIN) as bar:
-        for batch in ds.iter(batch_size=1000):
-            inputs = batch.get("input") or [None] * len(batch["instruction"])
-            for values in zip(batch["instruction"], inputs, batch["output"], strict=True):
-                record = dict(zip(FIELDS, values, strict=True))
-                try:
-                    features, status, n_prompt = _encode(
-                        record, tokenizer, tmpl, cutoff_len, train_on_inputs, add_eos_token
-                    )
-                except DataError as exc:
-                    raise DataError(f"dataset record index {index}: {exc}") from None
-                index += 1
-                longest_prompt = max(longest_prompt, n_prompt)
-                n_label = sum(1 for x in features["labels"] if x != IGNORE_INDEX)
-                # No label left (the prompt fills cutoff_len, or the response is empty): its loss would be
-                # 0 or NaN (a mean over no tokens), so it is dropped here and counted in the report.
-                if n_label == 0:
-                    drops[DROP_PROMPT_FULL if status == DROP_PROMPT_FULL else DROP_EMPTY_RESPONSE] += 1
-                    continue
-                truncated += status != "ok"
-                label_tokens += n_label
-                for key, value in features.items():
-                    out[key].append(value)
-                out["length"].append(len(features["input_ids"]))
-            bar.update(len(batch["instruction"]))
-
-    report = PrepareReport(
-        kept=len(out["length"]), dropped=sum(drops.values()), drop_reasons=dict(drops),
-        truncated=truncated, label_tokens=label_tokens, total_tokens=sum(out["length"]),
-    )
-    if report.kept == 0:
-        raise DataError(
-            f"all {report.dropped} record(s) were dropped ({report.summary()}): none has a response token "
-            f"within cutoff_len={cutoff_len} (the longest prompt has {longest_prompt} tokens). Raise "
-            "cutoff_len or shorten the prompts (or the template)."
-        )
-    if report.dropped:
-        logger.warning("%s: %s", desc, report.summary())
-    ids = datasets.List(datasets.Value("int32"))
-    features = datasets.Features(
-        {"input_ids": ids, "attention_mask": ids, "labels": ids, "length": datasets.Value("int32")}
-    )
-    return datasets.Dataset.from_dict(out, features=features), report
 
 
 def data_fingerprint(ds: datasets.Dataset, source: object = None) -> dict[str, Any]:

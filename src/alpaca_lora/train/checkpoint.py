@@ -268,7 +268,7 @@ def get_adapter_state(model: Any) -> dict[str, torch.Tensor]:
 # Fields that may change between a checkpoint and its resume without changing what was trained.
 RESUMABLE_CHANGES = {"num_epochs", "max_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
                      "resume_from_checkpoint", "report_to", "device", "packing",
-                     "release_cpu_memory", "ddp_timeout", "cpu_matmul"}
+                     "release_cpu_memory", "ddp_timeout", "cpu_matmul", "data_cache_dir", "data_num_proc"}
 
 
 def save_run_checkpoint(run: Run, rng: RngState | None = None) -> Path | None:

@@ -3,8 +3,8 @@
 :func:`inspect_data` answers, before a run, the questions people otherwise ask after one: how many
 records are bad and why, how long the examples are in tokens against ``cutoff_len``, how many will
 be truncated or dropped, and what one training example looks like with its loss mask.
-The counts come from the same code as training (:func:`~alpaca_lora.data.prepare.prepare_dataset` for
-Alpaca records, :func:`~alpaca_lora.data.chat.prepare_conversations` for conversations), so they are
+The counts come from the same code as training (:func:`~alpaca_lora.data.pipeline.prepare_dataset` for
+Alpaca records, :func:`~alpaca_lora.data.pipeline.prepare_conversations` for conversations), so they are
 what ``finetune`` will do with the same settings.
 
 In the decoded example every masked span (labels -100, no loss) is shown between ``[[`` and ``]]``;
@@ -22,11 +22,12 @@ from typing import Any
 import datasets
 import numpy as np
 
-from alpaca_lora.data.chat import Encoded, encode_conversation, prepare_conversations, truncate
+from alpaca_lora.data.chat import Encoded, encode_conversation, truncate
 from alpaca_lora.data.chat_templates import resolve_chat_template
 from alpaca_lora.data.conversations import CONVERSATION_FORMATS, conversations_dataset, read_conversations
 from alpaca_lora.data.labels import IGNORE_INDEX
-from alpaca_lora.data.prepare import prepare_dataset, tokenize_instruction
+from alpaca_lora.data.pipeline import prepare_conversations, prepare_dataset
+from alpaca_lora.data.prepare import tokenize_instruction
 from alpaca_lora.data.prompts import PromptTemplate, get_template
 from alpaca_lora.data.records import FIELDS, check_records, read_items
 from alpaca_lora.data.sources import FORMATS, detect_format

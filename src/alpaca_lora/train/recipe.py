@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from alpaca_lora.config import FinetuneConfig
 from alpaca_lora.data.labels import record_label_tokens
+from alpaca_lora.data.pipeline import column
 from alpaca_lora.data.prompts import get_template
 from alpaca_lora.data.sampler import epoch_batches, steps_per_epoch
 from alpaca_lora.errors import CheckpointError, ModelError
@@ -141,7 +142,7 @@ def fit(run: Run, stop: StopRequest | None = None) -> None:
 
     """
     cfg, state, strategy, model = run.cfg, run.state, run.strategy, run.model
-    lengths = list(run.train_set["length"])
+    lengths = column(run.train_set, "length")  # (N,) int32: no per-record Python objects
     per_epoch = steps_per_epoch(len(lengths), cfg.micro_batch_size, cfg.gradient_accumulation_steps)
     accum = cfg.gradient_accumulation_steps
     bar = tqdm(total=run.total_steps, initial=state.step, desc="finetune", unit="step", dynamic_ncols=True,
@@ -204,7 +205,7 @@ def fit(run: Run, stop: StopRequest | None = None) -> None:
         # 5. Book-keeping: progress, metrics, evaluation, checkpoints, a requested stop.
         state.step += 1
         if applied:
-            state.tokens_seen += sum(lengths[i] for i in records)
+            state.tokens_seen += int(sum(int(lengths[i]) for i in records))
         state.recent_losses = (state.recent_losses + [loss])[-max(1, cfg.logging_steps):]
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
@@ -250,8 +251,7 @@ def autocast(device: torch.device, dtype: torch.dtype) -> Any:
 @torch.no_grad()
 def evaluate(run: Run) -> float:
     """Mean token loss over the validation split (batches sorted by length, dropout off, shared by the processes)."""
-    lengths = list(run.val_set["length"])
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    order = np.argsort(column(run.val_set, "length"), kind="stable").tolist()
     size = run.cfg.micro_batch_size
     total, n = 0.0, 0
     with dropout_disabled(run.model), run.strategy.guard("evaluation"):

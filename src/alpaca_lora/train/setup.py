@@ -14,22 +14,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
 import torch
 
 from alpaca_lora.config import FinetuneConfig, check_field_names
-from alpaca_lora.data.chat import prepare_conversations
-from alpaca_lora.data.chat_templates import alpaca_chat_template, resolve_chat_template
 from alpaca_lora.data.collator import InstructionCollator
 from alpaca_lora.data.packing import PackedCollator, attention_kind, body_kwargs
-from alpaca_lora.data.prepare import PrepareReport, data_fingerprint, prepare_dataset, split_dataset
 from alpaca_lora.data.prompts import get_template
 from alpaca_lora.data.sampler import steps_per_epoch
 from alpaca_lora.data.sources import load_data
 from alpaca_lora.errors import ConfigError
 from alpaca_lora.export import layout as art
-from alpaca_lora.export.chat_template import training_rendering
 from alpaca_lora.export.fingerprint import base_fingerprint
 from alpaca_lora.kernels.cpu_matmul import resolve_backend
 from alpaca_lora.kernels.cpu_memory import release_freed_memory_to_os
@@ -43,6 +38,7 @@ from alpaca_lora.train.loss_scale import LossScaler
 from alpaca_lora.train.metrics import MetricsLogger
 from alpaca_lora.train.optim import build_optimizer
 from alpaca_lora.train.preflight import preflight_summary
+from alpaca_lora.train.run_data import prepare_run_data, records_cache_dir
 from alpaca_lora.train.state import Run, RunState
 from alpaca_lora.train.strategy import Strategy, choose_strategy
 
@@ -82,17 +78,17 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
         raise ConfigError(f"resume_from_checkpoint with {strategy.name.upper()}: such runs write no resumable "
                           "checkpoints yet; start without resume_from_checkpoint, or resume without FSDP")
     check_output_dir(output_dir)  # a bad output_dir fails now, not after the model has loaded
+    get_template(cfg.template)  # and so does a bad template file
     device = dist.device
     dtype = resolve_compute_dtype(cfg.compute_dtype, device)
 
     # Data first: a bad record is reported before minutes of model loading.
     records, data_format = load_data(data, format=cfg.data_format, column_map=cfg.column_map,
-                                     skip_bad_records=cfg.skip_bad_records)
-    train_raw, val_raw = split_dataset(records, cfg.val_set_size, cfg.seed)
+                                     skip_bad_records=cfg.skip_bad_records, cache_dir=records_cache_dir(cfg))
     tokenizer = load_tokenizer(base_model)
-    train_set, val_set, report = tokenize_data(cfg, data_format, tokenizer, train_raw, val_raw)
-    chat_source, chat_sample = chat_template_of(cfg, data_format, tokenizer, train_raw)
-    tokenizer.chat_template = chat_source  # what the output folder ships (checked at save)
+    run_data = prepare_run_data(cfg, records, data_format, tokenizer, dist, source=data)
+    train_set, val_set, report = run_data.train_set, run_data.val_set, run_data.report
+    tokenizer.chat_template = run_data.chat_template  # what the output folder ships (checked at save)
     logger.info("data: %s", report.summary())
 
     model, _ = load_base(base_model, cfg.quantization, cfg.compute_dtype, device=str(device),
@@ -124,8 +120,7 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
     output_dir.mkdir(parents=True, exist_ok=True)
     for junk in remove_incomplete(output_dir):  # left by a save that was killed
         logger.info("removed %s, an incomplete checkpoint of an earlier run", junk)
-    fingerprint = {"base_model": base_fingerprint(base_model),
-                   "data": data_fingerprint(records, source=data if isinstance(data, (str, Path)) else None)}
+    fingerprint = {"base_model": base_fingerprint(base_model), "data": run_data.fingerprint}
     scaler = LossScaler(enabled=dtype == torch.float16 and cfg.loss_scaling)
     resumed_at = resume(cfg, output_dir, fingerprint, model, optimizer, scheduler, scaler)
     metrics = MetricsLogger(output_dir / art.METRICS_FILE, cfg.report_to, output_dir, cfg.to_dict(),
@@ -135,45 +130,8 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
                train_set=train_set, val_set=val_set, collator=collator, loss_sum=strategy.loss_function(fused),
                optimizer=optimizer, scheduler=scheduler, scaler=scaler, strategy=strategy, device=device,
                dtype=dtype, total_steps=total_steps, fingerprint=fingerprint, report=report, metrics=metrics,
-               lora_names=lora_names, matmul=matmul, data_format=data_format, chat_template=chat_source,
-               chat_sample=chat_sample, state=RunState(step=resumed_at or 0))
-
-
-def tokenize_data(cfg: FinetuneConfig, data_format: str, tokenizer: Any, train_raw: datasets.Dataset,
-                  val_raw: datasets.Dataset | None) -> tuple[datasets.Dataset, datasets.Dataset | None, PrepareReport]:
-    """Tokenize and mask the training and validation records: Alpaca records or conversations."""
-    if data_format == "alpaca":
-        kwargs: dict[str, Any] = dict(template=get_template(cfg.template), cutoff_len=cfg.cutoff_len,
-                                      train_on_inputs=cfg.train_on_inputs, add_eos_token=cfg.add_eos_token)
-        prepare: Any = prepare_dataset
-    else:
-        kwargs = dict(chat_template=resolve_chat_template(tokenizer, cfg.chat_template), cutoff_len=cfg.cutoff_len,
-                      train_on_inputs=cfg.train_on_inputs)
-        prepare = prepare_conversations
-    train_set, report = prepare(train_raw, tokenizer, **kwargs)
-    val_set = prepare(val_raw, tokenizer, desc="tokenize eval", **kwargs)[0] if val_raw else None
-    return train_set, val_set, report
-
-
-def chat_template_of(cfg: FinetuneConfig, data_format: str, tokenizer: Any,
-                     train_raw: datasets.Dataset) -> tuple[str, tuple[list[dict[str, Any]], str, str]]:
-    """The chat template the output ships and a training conversation with its training text.
-
-    Conversations ship the template they were rendered with; Alpaca records ship their prompt template
-    as a chat template, so a server renders ``[user, assistant]`` as training rendered the record.
-    """
-    if data_format == "alpaca":
-        source = alpaca_chat_template(get_template(cfg.template), tokenizer)
-        first = train_raw[0]
-        messages = [{"role": "system", "content": first["input"], "train": True, "tool_call": False}] \
-            if first.get("input") else []
-        messages += [{"role": "user", "content": first["instruction"], "train": True, "tool_call": False},
-                     {"role": "assistant", "content": first["output"], "train": True, "tool_call": False}]
-        tools = ""
-    else:
-        source = resolve_chat_template(tokenizer, cfg.chat_template)
-        messages, tools = train_raw[0]["messages"], train_raw[0].get("tools") or ""
-    return source, (messages, tools, training_rendering(tokenizer, source, messages, tools))
+               lora_names=lora_names, matmul=matmul, data_format=data_format, chat_template=run_data.chat_template,
+               chat_sample=run_data.chat_sample, state=RunState(step=resumed_at or 0))
 
 
 def check_output_dir(output_dir: Path) -> None:
