@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pytest_configure(config) -> None:
+    """Keep the tests' records and tokenized-data caches out of the user's datasets cache."""
+    os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="alpaca-lora-tests-datasets-"))
 
 
 @pytest.fixture(scope="session")

@@ -215,7 +215,8 @@ def test_two_processes_match_one_process_on_conversations(tiny_model_dir, tmp_pa
                            {"role": "assistant", "content": f"{w} {w}"},
                            {"role": "user", "content": "Once more."}, {"role": "assistant", "content": w}]}
              for i, w in enumerate(WORDS)]
-    config = {**CONFIG, "val_set_size": 0, "max_steps": 4, "save_steps": 100}
+    # lr 5e-3: Adam turns float summation-order noise in near-zero gradient entries into steps of ~lr
+    config = {**CONFIG, "val_set_size": 0, "max_steps": 4, "save_steps": 100, "learning_rate": 5e-3}
     one = finetune(tiny_model_dir, chats, tmp_path / "one", **config)
     (tmp_path / "two").mkdir()
     rc, log, _ = _launch(tmp_path / "two", tiny_model_dir, config, records=chats)
@@ -227,6 +228,18 @@ def test_two_processes_match_one_process_on_conversations(tiny_model_dir, tmp_pa
     assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=LOSS_RTOL)
     assert diff < WEIGHT_ATOL
     assert (tmp_path / "two" / "out" / "chat_template.jinja").is_file()
+
+
+@pytest.mark.slow
+def test_rank_0_tokenizes_and_the_other_rank_reads_its_cache_entry(tiny_model_dir, tmp_path):
+    from alpaca_lora.data.token_cache import list_cache
+
+    config = {**CONFIG, "max_steps": 2, "save_steps": 100, "data_cache_dir": str(tmp_path / "cache")}
+    rc, log, _ = _launch(tmp_path, tiny_model_dir, config)
+    assert rc == 0, log[-4000:]
+    hits = [json.loads((tmp_path / "dump" / f"rank{r}.json").read_text())["data_cache_hit"] for r in (0, 1)]
+    assert hits == [False, True]  # one process tokenized; the other memory-mapped its table
+    assert len(list_cache(tmp_path / "cache" / "tokenized")) == 1
 
 
 @pytest.mark.slow

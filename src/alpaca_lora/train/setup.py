@@ -130,7 +130,8 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
                train_set=train_set, val_set=val_set, collator=collator, loss_sum=strategy.loss_function(fused),
                optimizer=optimizer, scheduler=scheduler, scaler=scaler, strategy=strategy, device=device,
                dtype=dtype, total_steps=total_steps, fingerprint=fingerprint, report=report, metrics=metrics,
-               lora_names=lora_names, matmul=matmul, data_format=data_format, chat_template=run_data.chat_template,
+               lora_names=lora_names, matmul=matmul, data_format=data_format, data_cache_hit=run_data.cache_hit,
+               chat_template=run_data.chat_template,
                chat_sample=run_data.chat_sample, state=RunState(step=resumed_at or 0))
 
 

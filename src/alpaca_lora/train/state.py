@@ -73,6 +73,7 @@ class Run:
         lora_names: Names of the LoRA parameters, taken before any wrapping.
         matmul: The CPU fp32 matrix-product backend, "onednn" or "blas".
         data_format: "alpaca", "messages" or "sharegpt" (what the data was read as).
+        data_cache_hit: Whether the tokenized data came from the cache (see :mod:`alpaca_lora.data.token_cache`).
         chat_template: The chat template the output folder ships (the one conversations were rendered with;
             for Alpaca records the Alpaca template as a chat template).
         chat_sample: A training conversation (normalized messages, tools) and its training text, rendered
@@ -103,6 +104,7 @@ class Run:
     lora_names: list[str]
     matmul: str = "blas"
     data_format: str = "alpaca"
+    data_cache_hit: bool = False
     chat_template: str = ""
     chat_sample: tuple[list[dict[str, Any]], str, str] | None = None
     state: RunState = field(default_factory=RunState)

@@ -64,7 +64,8 @@ def main() -> int:
         save_file(weights, str(dump / f"rank{dist.rank}.safetensors"))
         info = {"rank": dist.rank, "world_size": dist.world_size, "backend": dist.backend,
                 "train_loss": result.train_loss, "eval_loss": result.eval_loss, "steps": result.steps,
-                "tokens_seen": result.tokens_seen, "losses": [r["loss"] for r in run.metrics.records if "loss" in r]}
+                "tokens_seen": result.tokens_seen, "losses": [r["loss"] for r in run.metrics.records if "loss" in r],
+                "data_cache_hit": run.data_cache_hit}
         (dump / f"rank{dist.rank}.json").write_text(json.dumps(info))
     finally:
         dist.close()
