@@ -123,13 +123,18 @@ def tokenize_all(ds: datasets.Dataset, tokenizer: Any, spec: TokenizeSpec, *, nu
                                   "length": datasets.Value("int32"), "status": datasets.Value("int8"),
                                   **{k: datasets.Value("int32") for k in STATS[1:]}})
     function = _alpaca_batch if spec.kind == "alpaca" else _chat_batch
-    if procs > 1:
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
-    return ds.map(function, batched=True, batch_size=BATCH, with_indices=True, remove_columns=ds.column_names,
-                  features=features, num_proc=procs if procs > 1 else None, desc=desc,
-                  fn_kwargs={"tokenizer": tokenizer, "spec": spec}, load_from_cache_file=False,
-                  cache_file_name=None if cache_file is None else str(cache_file), writer_batch_size=BATCH,
-                  new_fingerprint=fingerprint or uuid.uuid4().hex)
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    if procs > 1 and saved is None:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism (until map returns)
+    try:
+        return ds.map(function, batched=True, batch_size=BATCH, with_indices=True, remove_columns=ds.column_names,
+                      features=features, num_proc=procs if procs > 1 else None, desc=desc,
+                      fn_kwargs={"tokenizer": tokenizer, "spec": spec}, load_from_cache_file=False,
+                      cache_file_name=None if cache_file is None else str(cache_file), writer_batch_size=BATCH,
+                      new_fingerprint=fingerprint or uuid.uuid4().hex)
+    finally:
+        if procs > 1 and saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
 
 
 def column(ds: datasets.Dataset, name: str) -> np.ndarray:
