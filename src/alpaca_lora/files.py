@@ -172,3 +172,10 @@ def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors in ``tensors`` holding a NaN or an infinity."""
     return [name for name, t in tensors.items()
             if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all())]
+
+
+def wide_encoding(head: bytes) -> str | None:
+    """"UTF-32" or "UTF-16" when ``head`` (a file's first bytes) starts with that byte order mark, else None."""
+    if head[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
+        return "UTF-32"
+    return "UTF-16" if head[:2] in (b"\xff\xfe", b"\xfe\xff") else None

@@ -32,6 +32,7 @@ import datasets
 
 from alpaca_lora.data.encoding import unencodable_at
 from alpaca_lora.errors import ConfigError, DataError, shown
+from alpaca_lora.files import wide_encoding
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 STREAMED = (".jsonl", ".parquet")
@@ -60,10 +61,9 @@ def check_file(path: Path) -> str:
 
 def check_start(path: Path, head: bytes) -> None:
     """DataError if a text data file starts with a UTF-16 or UTF-32 byte order mark (``head``: its first bytes)."""
-    if head[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
-        raise DataError(f"data file {path} is UTF-32 text; save it as UTF-8")
-    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        raise DataError(f"data file {path} is UTF-16 text; save it as UTF-8")
+    wide = wide_encoding(head)
+    if wide is not None:
+        raise DataError(f"data file {path} is {wide} text; save it as UTF-8")
 
 
 def empty_file(path: Path) -> DataError:
