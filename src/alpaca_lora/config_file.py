@@ -15,7 +15,6 @@ from typing import Any
 import yaml
 
 from alpaca_lora.errors import ConfigError, shown
-from alpaca_lora.files import wide_encoding
 
 MAX_CONFIG_BYTES = 2**20
 """Largest config file read: a config holds a few dozen fields, a megabyte is not one."""
@@ -66,9 +65,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def _decode(path: Path, raw: bytes) -> str:
-    wide = wide_encoding(raw)
-    if wide is not None:
-        raise ConfigError(f"config file {path} is {wide} text; save it as UTF-8")
+    if raw[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
+        raise ConfigError(f"config file {path} is UTF-32 text; save it as UTF-8")
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise ConfigError(f"config file {path} is UTF-16 text; save it as UTF-8")
     if b"\x00" in raw:
         line = raw[: raw.index(b"\x00")].count(b"\n") + 1
         raise ConfigError(f"config file {path} holds a NUL byte on line {line}: it is binary or UTF-16/32 text, "

@@ -175,7 +175,10 @@ def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 
 def wide_encoding(head: bytes) -> str | None:
-    """"UTF-32" or "UTF-16" when ``head`` (a file's first bytes) starts with that byte order mark, else None."""
+    """"UTF-32" or "UTF-16" when ``head`` (a file's first bytes) starts with that byte order mark, else None.
+
+    (config_file.py checks the same marks itself: it must not import this module, which imports torch.)
+    """
     if head[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):
         return "UTF-32"
     return "UTF-16" if head[:2] in (b"\xff\xfe", b"\xfe\xff") else None

@@ -122,3 +122,20 @@ def test_a_damaged_or_interrupted_entry_is_tokenized_again(smol_tokenizer, real_
     (tmp_path / ".leftover.123.tmp").mkdir()  # a killed write
     assert len(token_cache.list_cache(tmp_path)) == 1
     assert token_cache.clear_cache(tmp_path)[0] == 2
+
+
+@pytest.mark.slow
+def test_every_record_of_a_10k_real_sample_equals_tokenize_instruction(smol_tokenizer, shared_data):
+    """The issue's check: 10,000 real records (GSM8K, roleplay, toolformer in turn), two worker processes."""
+    pools = [json.loads((shared_data / n).read_text(encoding="utf-8")) for n in
+             ("gsm8k_train_alpaca.json", "gpteacher_roleplay_alpaca.json", "gpteacher_toolformer_alpaca.json")]
+    records = [pools[i % 3][(i // 3) % len(pools[i % 3])] for i in range(10_000)]
+    spec = alpaca_spec("alpaca", 256, False, True)
+    table = tokenize_all(load_instructions(records), smol_tokenizer, spec, num_proc=2)
+    expected = [tokenize_instruction(r, smol_tokenizer, cutoff_len=256) for r in records]
+    assert len(table) == len(expected) == 10_000
+    for i in range(0, 10_000, 1000):  # compared in slices: every record, bounded memory
+        rows = table[i:i + 1000]
+        for k, e in enumerate(expected[i:i + 1000]):
+            assert [rows[c][k] for c in ("input_ids", "attention_mask", "labels")] == \
+                [e["input_ids"], e["attention_mask"], e["labels"]], i + k
