@@ -439,6 +439,9 @@ def _sweep() -> list[tuple[str, tuple[str, ...], int]]:
         ("estimate: micro batch 0", (*est, "--micro_batch_size", "0"), 2),
         ("estimate: config bomb", (*est, "--config", "{r}/bomb.yaml"), 2),
         ("estimate: quantization nf5", (*est, "--quantization", "nf5"), 2),
+        ("cache: unknown flag", ("cache", "--cleer"), 2),
+        ("cache: dir a file", ("cache", "--dir", "{r}/file.txt"), 0),  # nothing cached there: 0 entries
+        ("cache: clear a missing dir", ("cache", "--dir", "{r}/missing", "--clear"), 0),
         ("demo: budget huge", ("demo", "--budget", "huge", "--output_dir", "{r}/demo"), 2),
         ("demo: n_train -1", ("demo", "--n_train", "-1", "--output_dir", "{r}/demo"), 2),
         ("demo: max_steps 0", ("demo", "--max_steps", "0", "--output_dir", "{r}/demo"), 2),
