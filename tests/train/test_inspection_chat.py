@@ -124,10 +124,10 @@ def test_the_format_and_column_map_are_checked_as_in_training(smol_dir, tmp_path
         inspect_data(path, smol_dir, data_format="chat")
     with pytest.raises(ConfigError, match="column_map maps Alpaca columns"):
         inspect_data(path, smol_dir, column_map={"q": "instruction"})
-    with pytest.raises(DataError, match="no known instruction/output columns"):
+    with pytest.raises(DataError, match="format='alpaca' does not fit the columns"):  # load_data's, as finetune's
         inspect_data(path, smol_dir, data_format="alpaca")
     alpaca = tmp_path / "records.json"
     alpaca.write_text(json.dumps([{"instruction": "Say red.", "output": "red"}]), encoding="utf-8")
     assert inspect_data(alpaca, smol_dir).data_format == "alpaca"
-    with pytest.raises(DataError, match="no usable conversations"):
+    with pytest.raises(DataError, match="format='sharegpt' does not fit the columns"):
         inspect_data(alpaca, smol_dir, data_format="sharegpt")

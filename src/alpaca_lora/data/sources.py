@@ -8,8 +8,9 @@ to choose instead.
 A ``.jsonl`` or ``.parquet`` file is streamed (:mod:`~alpaca_lora.data.stream`): checked a record at a
 time into an Arrow file cached under a key of its content, so a million records take bounded memory, the
 result is memory-mapped and a second load parses nothing. Other sources (``.json``, ``.csv``, a list, a
-``Dataset``) are read whole, so give large data as JSONL or Parquet. :func:`records_key` and
-:func:`stored_fingerprint` tell what :func:`load_data` knows of the records it returned.
+``Dataset``) are read whole, so give large data as JSONL or Parquet. :func:`records_key`,
+:func:`stored_fingerprint` and :func:`skipped_records` tell what :func:`load_data` knows of the records it
+returned.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from alpaca_lora.data.records import (
     warn_skipped,
 )
 from alpaca_lora.data.stream import (
+    KEPT_REASONS,
     STREAMED,
     FileItems,
     Skips,
@@ -66,8 +68,11 @@ FORMATS = ("auto", "alpaca", "messages", "sharegpt")
 Plan = tuple[str, "dict[str, str | None] | None"]
 """How to read records: the format, and for Alpaca data the source column of each field."""
 
-# What load_data knows of each Dataset it returned: (records key, stored fingerprint without its source).
-_LOADED: weakref.WeakKeyDictionary[datasets.Dataset, tuple[str | None, dict[str, Any] | None]] = (
+Skipped = tuple[int, list[str]]
+"""Records skipped as bad: how many, and the reasons of the first few (as the warning shows them)."""
+
+# What load_data knows of each Dataset it returned: (records key, stored fingerprint without its source, skipped).
+_LOADED: weakref.WeakKeyDictionary[datasets.Dataset, tuple[str | None, dict[str, Any] | None, Skipped]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -118,7 +123,7 @@ def load_data(
     else:
         ds, resolved = _load_whole(source, format, column_map, skip_bad_records)
         key, fingerprint = _content_key(source, options), None
-    _LOADED[ds] = (key, fingerprint)
+    _LOADED[ds] = (key, fingerprint, _LOADED[ds][2])  # the skipped records were noted while reading
     return ds, resolved
 
 
@@ -154,6 +159,28 @@ def stored_fingerprint(ds: Any) -> dict[str, Any] | None:
     return dict(entry[1]) if entry is not None and entry[1] is not None else None
 
 
+def skipped_records(ds: Any) -> Skipped:
+    """The bad records :func:`load_data` skipped (with ``skip_bad_records=True``) while reading ``ds``.
+
+    Args:
+        ds: A ``Dataset`` :func:`load_data` returned (in this process).
+
+    Returns:
+        ``(count, reasons)``: how many records were skipped, and the reasons of the first
+        :data:`~alpaca_lora.data.stream.KEPT_REASONS` of them as its warning shows them (file and line
+        or record index, turn, and what is wrong); ``(0, [])`` for any other object.
+
+    """
+    entry = _LOADED.get(ds) if isinstance(ds, datasets.Dataset) else None
+    return (entry[2][0], list(entry[2][1])) if entry is not None else (0, [])
+
+
+def _noted(ds: datasets.Dataset, count: int, reasons: list[str]) -> datasets.Dataset:
+    """``ds``, with the records skipped while reading it noted for :func:`skipped_records`."""
+    _LOADED[ds] = (None, None, (count, reasons[:KEPT_REASONS]))
+    return ds
+
+
 def _load_whole(
     source: Any, format: str, column_map: dict[str, str] | None, skip_bad_records: bool
 ) -> tuple[datasets.Dataset, str]:
@@ -163,11 +190,11 @@ def _load_whole(
     if resolved == "alpaca":
         records, skipped = check_records(name, items, columns, column_map=column_map,
                                          skip_bad_records=skip_bad_records)
-        return instructions_dataset(records, skipped, stacklevel=3), resolved
+        return _noted(instructions_dataset(records, skipped, stacklevel=3), len(skipped), skipped), resolved
     if column_map is not None:  # format="auto" found conversations
         raise _column_map_on_conversations(name, columns, column_map, resolved)
     records, skipped = read_conversations(name, items, format=resolved, skip_bad_records=skip_bad_records)
-    return conversations_dataset(records, skipped, stacklevel=3), resolved
+    return _noted(conversations_dataset(records, skipped, stacklevel=3), len(skipped), skipped), resolved
 
 
 def _content_key(source: Any, options: str) -> str | None:
@@ -201,8 +228,10 @@ def _load_streamed(
         logger.info("%s: reusing its %d records read before (%s)", source, len(found[0]), folder / f"{key}.arrow")
     ds, sidecar = found
     skipped = sidecar["skipped"]
-    warn_skipped([str(path) + r for r in skipped["reasons"]], len(ds), count=skipped["count"], stacklevel=3)
-    return ds, sidecar["format"], key, {**sidecar["fingerprint"], "source": str(source)}
+    reasons = [str(path) + r for r in skipped["reasons"]]
+    warn_skipped(reasons, len(ds), count=skipped["count"], stacklevel=3)
+    fingerprint = {**sidecar["fingerprint"], "source": str(source)}
+    return _noted(ds, skipped["count"], reasons), sidecar["format"], key, fingerprint
 
 
 def _stream_into_cache(

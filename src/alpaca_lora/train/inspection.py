@@ -3,9 +3,13 @@
 :func:`inspect_data` answers, before a run, the questions people otherwise ask after one: how many
 records are bad and why, how long the examples are in tokens against ``cutoff_len``, how many will
 be truncated or dropped, and what one training example looks like with its loss mask.
-The counts come from the same code as training (:func:`~alpaca_lora.data.pipeline.prepare_dataset` for
-Alpaca records, :func:`~alpaca_lora.data.pipeline.prepare_conversations` for conversations), so they are
-what ``finetune`` will do with the same settings.
+The records are read by :func:`~alpaca_lora.data.sources.load_data` and the counts come from the same
+batched pipeline as training (:func:`~alpaca_lora.data.pipeline.tokenize_all` at ``cutoff_len``, then
+:func:`~alpaca_lora.data.pipeline.report_of`), so they are what ``finetune`` will do with the same settings.
+The full lengths come from a second pass, at a cutoff no example reaches, over the records the first may
+have cut. Both passes write Arrow to a temporary folder a batch at a time, with a progress bar, and only a
+few numeric columns come back as numpy arrays, so a million records (as ``.jsonl`` or ``.parquet``, which
+are streamed) take bounded memory.
 
 In the decoded example every masked span (labels -100, no loss) is shown between ``[[`` and ``]]``;
 the text outside them is what the model is trained to produce: an Alpaca response and its EOS, or
@@ -15,27 +19,30 @@ masked).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import tempfile
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 
-from alpaca_lora.data.chat import Encoded, encode_conversation, truncate
-from alpaca_lora.data.chat_templates import resolve_chat_template
-from alpaca_lora.data.conversations import CONVERSATION_FORMATS, conversations_dataset, read_conversations
+from alpaca_lora.data.chat import encode_conversation, truncate
+from alpaca_lora.data.conversations import CONVERSATION_FORMATS
 from alpaca_lora.data.labels import IGNORE_INDEX
-from alpaca_lora.data.pipeline import prepare_conversations, prepare_dataset
-from alpaca_lora.data.prepare import tokenize_instruction
-from alpaca_lora.data.prompts import PromptTemplate, get_template
-from alpaca_lora.data.records import FIELDS, check_records, read_items
-from alpaca_lora.data.sources import FORMATS, detect_format
-from alpaca_lora.errors import ConfigError, DataError, shown
+from alpaca_lora.data.pipeline import TokenizeSpec, alpaca_spec, chat_spec, column, report_of, tokenize_all
+from alpaca_lora.data.prepare import PrepareReport, tokenize_instruction
+from alpaca_lora.data.prompts import PromptTemplate
+from alpaca_lora.data.sources import FORMATS, load_data, skipped_records
+from alpaca_lora.errors import ConfigError, shown
 
 MASK_OPEN, MASK_CLOSE = "[[", "]]"
 PERCENTILES = (50, 90, 99, 100)
 _UNCUT = 1 << 30  # a cutoff no example reaches: gives each example's full length
+EXAMPLE_CANDIDATES = 1000
+"""Conversations whose roles are looked at to choose the example (the first that fit)."""
 
 
 @dataclass
@@ -50,14 +57,16 @@ class InspectionReport:
             ``"the tokenizer's own"``).
         train_on_inputs: Whether prompt tokens carry loss.
         records: Records read, good and bad.
-        bad_records: One reason per bad record (file, line or index, and what is wrong).
+        bad_records: The reasons of the first bad records (file, line or index, and what is wrong);
+            ``bad_count`` counts them all.
+        bad_count: Bad records (skipped, as with ``skip_bad_records=True``).
         kept: Good records that keep at least one trainable token at ``cutoff_len``.
         dropped: Good records dropped, by reason.
         truncated: Kept records whose response is cut at ``cutoff_len`` (EOS is kept).
         over_cutoff: Good records whose full tokenized length exceeds ``cutoff_len``.
         length_percentiles: Full (uncut) tokens per good record: ``p50``, ``p90``, ``p99``, ``max``.
         prompt_percentiles: Prompt tokens per good record, same keys; for a conversation, the tokens
-            before its first trained assistant turn (a prompt that fills ``cutoff_len`` drops it).
+            before its first assistant turn.
         total_tokens: Tokens of the kept records after cutting.
         label_tokens: Of those, tokens that carry loss.
         example: One kept record decoded, the masked span in ``[[...]]`` (see the module docs).
@@ -75,6 +84,7 @@ class InspectionReport:
     train_on_inputs: bool
     records: int
     bad_records: list[str]
+    bad_count: int
     kept: int
     dropped: dict[str, int]
     truncated: int
@@ -92,7 +102,18 @@ class InspectionReport:
     @property
     def good_records(self) -> int:
         """Records that passed validation."""
-        return self.records - len(self.bad_records)
+        return self.records - self.bad_count
+
+
+@dataclass
+class _Measured:
+    """What the two passes over the records give: the report at ``cutoff_len`` and per-record numpy columns."""
+
+    prep: PrepareReport
+    kept: np.ndarray  # (N,) bool: keeps a trainable token at cutoff_len
+    length: np.ndarray  # (N,) full (uncut) tokens
+    prompt: np.ndarray  # (N,) prompt tokens (conversations: before the first assistant turn)
+    turns: np.ndarray  # (N,) assistant turns trained when nothing is cut (0 for Alpaca records)
 
 
 def inspect_data(
@@ -109,7 +130,8 @@ def inspect_data(
 ) -> InspectionReport:
     """Count, measure and mask a data set exactly as ``finetune`` would, without loading a model.
 
-    Bad records are reported (as with ``skip_bad_records=True``), not raised.
+    Bad records are reported (as with ``skip_bad_records=True``), not raised. A ``.jsonl`` or
+    ``.parquet`` file is streamed, so memory stays bounded however many records it holds.
 
     Args:
         data: A .json/.jsonl/.csv/.parquet path, a ``datasets.Dataset`` or a list of dicts.
@@ -129,111 +151,123 @@ def inspect_data(
         An :class:`InspectionReport`; :func:`format_inspection` prints it.
 
     Raises:
-        DataError: The file cannot be read, holds no usable record, or holds a conversation the chat
-            template refuses.
-        ConfigError: An unknown ``data_format``, ``column_map`` with conversations, or no usable chat template.
+        DataError: The file cannot be read, holds no usable record, does not fit an explicit
+            ``data_format``, or holds a conversation the chat template refuses (named by its index
+            among the good conversations).
+        ConfigError: An unknown ``data_format``, ``column_map`` with conversations, a bad template, or no
+            usable chat template.
         ModelError: No tokenizer can be loaded for ``base_model``.
 
     """
     from alpaca_lora.model.load import load_tokenizer
 
+    if data_format not in FORMATS:
+        raise ConfigError(f"data_format={shown(data_format, 60)}: unknown data format; use one of "
+                          f"{', '.join(FORMATS)} ('auto' detects it from the columns)")
     if base_model is None:
         from alpaca_lora.model.embedded import default_base_model
 
         base_model = default_base_model()
-    name, items, columns = read_items(data)
-    fmt = _data_format(name, columns, data_format, column_map)
-    if fmt in CONVERSATION_FORMATS:
-        conversations, bad = read_conversations(name, items, format=fmt, skip_bad_records=True)
+    with warnings.catch_warnings():  # the report lists the skipped records, so no warning repeats them
+        warnings.filterwarnings("ignore", message=r"skipped \d+ bad record")
+        ds, fmt = load_data(data, format=data_format, column_map=column_map, skip_bad_records=True)
+    bad_count, bad = skipped_records(ds)
+    chat = fmt in CONVERSATION_FORMATS
+    if chat:
         tokenizer = load_tokenizer(base_model)
-        return _inspect_conversations(
-            InspectionReport(source=_source_name(data), base_model=str(base_model), cutoff_len=cutoff_len,
-                             template=_chat_template_name(chat_template), train_on_inputs=train_on_inputs,
-                             records=len(items), bad_records=bad, kept=0, dropped={}, truncated=0, over_cutoff=0,
-                             length_percentiles={}, prompt_percentiles={}, total_tokens=0, label_tokens=0,
-                             data_format=fmt),
-            conversations, tokenizer, resolve_chat_template(tokenizer, chat_template))
-    tmpl = get_template(template)
-    records, bad = check_records(name, items, columns, column_map=column_map, skip_bad_records=True)
-    tokenizer = load_tokenizer(base_model)
-    ds = datasets.Dataset.from_dict({f: [r[f] for r in records] for f in FIELDS})
-    opts = dict(template=tmpl, train_on_inputs=train_on_inputs, add_eos_token=add_eos_token)
-    full = [tokenize_instruction(r, tokenizer, cutoff_len=_UNCUT, **opts) for r in records]
-    lengths = [len(f["input_ids"]) for f in full]
-    prompts = [_prompt_length(r, tokenizer, tmpl) for r in records]
-    try:
-        tokenized, prep = prepare_dataset(ds, tokenizer, cutoff_len=cutoff_len, desc="inspect", **opts)
-        kept, dropped, truncated = prep.kept, dict(prep.drop_reasons), prep.truncated
-        total_tokens, label_tokens = prep.total_tokens, prep.label_tokens
-    except DataError:  # every record dropped: report it rather than fail
-        tokenized, kept, dropped, truncated = None, 0, {"no trainable token within cutoff_len": len(records)}, 0
-        total_tokens = label_tokens = 0
-    example, example_index = "", None
-    if tokenized is not None:
-        example_index = _example_index(records, full, cutoff_len)
-        feats = tokenize_instruction(records[example_index], tokenizer, cutoff_len=cutoff_len, **opts)
-        example = mark_masked(feats["input_ids"], feats["labels"], tokenizer)
-    return InspectionReport(
-        source=_source_name(data),
-        base_model=str(base_model), cutoff_len=cutoff_len, template=tmpl.name, train_on_inputs=train_on_inputs,
-        records=len(records) + len(bad), bad_records=bad, kept=kept, dropped=dropped, truncated=truncated,
-        over_cutoff=sum(n > cutoff_len for n in lengths), length_percentiles=percentiles(lengths),
-        prompt_percentiles=percentiles(prompts), total_tokens=total_tokens, label_tokens=label_tokens,
-        example=example, example_index=example_index,
-    )
-
-
-def _inspect_conversations(report: InspectionReport, conversations: list[dict[str, Any]], tokenizer: Any,
-                           source: str) -> InspectionReport:
-    """Fill ``report`` for conversations: the counts of ``prepare_conversations``, the uncut lengths, an example."""
-    full = [_encoded(i, c, tokenizer, source) for i, c in enumerate(conversations)]
-    lengths = [len(e.input_ids) for e in full]
-    trained = [[t for t in e.turns if t.train or report.train_on_inputs] for e in full]
-    ds = conversations_dataset(conversations, [])
-    try:
-        _, prep = prepare_conversations(ds, tokenizer, chat_template=source, cutoff_len=report.cutoff_len,
-                                        train_on_inputs=report.train_on_inputs, desc="inspect")
-    except DataError:  # every conversation dropped (a refused one failed above): report it rather than fail
-        prep = None
-    if prep is not None:
-        report.kept, report.dropped, report.truncated = prep.kept, dict(prep.drop_reasons), prep.truncated
-        report.total_tokens, report.label_tokens = prep.total_tokens, prep.label_tokens
-        report.turns, report.dropped_turns = prep.turns, prep.dropped_turns
-        fits = [i for i, n in enumerate(lengths) if n <= report.cutoff_len and trained[i]] or \
-            [i for i, t in enumerate(trained) if t and t[0].start < report.cutoff_len - 1]  # kept, truncated
-        if fits:  # the one showing the most roles, then the most turns
-            index = max(fits, key=lambda i: (len({m["role"] for m in conversations[i]["messages"]}), len(trained[i])))
-            feats = truncate(full[index], report.cutoff_len, report.train_on_inputs)[0]
-            report.example = mark_masked(feats["input_ids"], feats["labels"], tokenizer)
-            report.example_index = index
+        spec = chat_spec(tokenizer, chat_template, cutoff_len, train_on_inputs)
     else:
-        report.dropped, report.turns = {"no trainable token within cutoff_len": len(conversations)}, 0
-    report.over_cutoff = sum(n > report.cutoff_len for n in lengths)
-    report.length_percentiles = percentiles(lengths)
-    report.prompt_percentiles = percentiles([t[0].start if t else len(e.input_ids) for e, t in zip(full, trained,
-                                                                                                 strict=True)])
+        spec = alpaca_spec(template, cutoff_len, train_on_inputs, add_eos_token)  # a bad template fails first
+        tokenizer = load_tokenizer(base_model)
+    m = _measure(ds, tokenizer, spec)
+    report = InspectionReport(
+        source=_source_name(data), base_model=str(base_model), cutoff_len=cutoff_len,
+        template=_chat_template_name(chat_template) if chat else spec.template["name"],
+        train_on_inputs=train_on_inputs, records=len(ds) + bad_count, bad_records=bad, bad_count=bad_count,
+        kept=m.prep.kept, dropped=dict(m.prep.drop_reasons), truncated=m.prep.truncated,
+        over_cutoff=int((m.length > cutoff_len).sum()), length_percentiles=percentiles(m.length),
+        prompt_percentiles=percentiles(m.prompt), total_tokens=m.prep.total_tokens,
+        label_tokens=m.prep.label_tokens, data_format=fmt,
+        turns=(m.prep.turns or 0) if chat else None, dropped_turns=m.prep.dropped_turns,
+    )
+    if m.prep.kept:
+        index = _chat_example_index(ds, m, cutoff_len) if chat else _alpaca_example_index(ds, m, cutoff_len)
+        report.example, report.example_index = _example(ds[index], tokenizer, spec), index
     return report
 
 
-def _encoded(index: int, conversation: dict[str, Any], tokenizer: Any, source: str) -> Encoded:
-    """The whole conversation tokenized as in training; a refused one is a DataError naming it."""
-    try:
-        return encode_conversation(conversation["messages"], conversation["tools"], tokenizer, source)
-    except DataError as exc:
-        raise DataError(f"good conversation {index}: {exc}") from None
+def _measure(ds: datasets.Dataset, tokenizer: Any, spec: TokenizeSpec) -> _Measured:
+    """Tokenize ``ds`` at ``spec.cutoff_len`` (the counts training makes), then uncut the rows that may be cut.
+
+    An Alpaca example is cut only to exactly ``cutoff_len`` tokens, or to its prompt (no label), so
+    the other rows already have their full length and only these are tokenized again. A conversation
+    is cut at a turn boundary and may end anywhere below ``cutoff_len``: every one is tokenized again.
+    """
+    names = ("length", "n_prompt", "turns")
+    desc = f"inspect at cutoff_len {spec.cutoff_len}"
+    prep, (n_label, *full) = _pass(ds, tokenizer, spec, ("n_label", *names), desc)
+    if spec.kind == "alpaca":
+        redo = np.flatnonzero((full[0] >= spec.cutoff_len - 1) | (n_label == 0))  # cut, prompt only, or no label
+    else:
+        redo = np.arange(len(ds))
+    if len(redo):
+        subset = ds if len(redo) == len(ds) else ds.select(redo)
+        _, uncut = _pass(subset, tokenizer, replace(spec, cutoff_len=_UNCUT), names, "inspect uncut lengths")
+        for values, measured in zip(full, uncut, strict=True):
+            values[redo] = measured
+    return _Measured(prep, n_label > 0, *full)
 
 
-def _data_format(name: str, columns: list[str], data_format: str, column_map: dict[str, str] | None) -> str:
-    """The format the records are read as: ``data_format``, or for "auto" the one their columns show."""
-    if data_format not in FORMATS:
-        raise ConfigError(f"data_format={shown(data_format, 60)}: unknown data format; use one of "
-                          f"{', '.join(FORMATS)} ('auto' detects it from the columns)")
-    fmt = detect_format(columns) if data_format == "auto" else data_format
-    if fmt in CONVERSATION_FORMATS and column_map is not None:
-        raise ConfigError(f"column_map={shown(column_map)}: {name} is read as conversations ({fmt} form), and "
-                          "column_map maps Alpaca columns (instruction/input/output) only; drop it, or pass "
-                          "data_format='alpaca'")
-    return fmt
+def _pass(ds: datasets.Dataset, tokenizer: Any, spec: TokenizeSpec, names: tuple[str, ...],
+          desc: str) -> tuple[PrepareReport, list[np.ndarray]]:
+    """One :func:`tokenize_all` into a temporary folder, removed after: its report and the columns ``names``."""
+    with tempfile.TemporaryDirectory(prefix="alpaca-lora-inspect-", ignore_cleanup_errors=True) as folder:
+        table = tokenize_all(ds, tokenizer, spec, cache_file=Path(folder) / "tokenized.arrow", desc=desc)
+        found = report_of(table), [np.array(column(table, name)) for name in names]  # copies, off the files
+        del table
+    return found
+
+
+def _alpaca_example_index(ds: datasets.Dataset, m: _Measured, cutoff_len: int) -> int:
+    """The first record with an input that fits (it shows the most of the template), else the first that fits.
+
+    Failing both (every kept record is truncated), the first kept record.
+    """
+    fits = (m.length <= cutoff_len) & _non_empty(ds, "output")
+    for candidates in (fits & _non_empty(ds, "input"), fits, m.kept):
+        found = np.flatnonzero(candidates)
+        if len(found):
+            return int(found[0])
+    raise AssertionError("an example is chosen only when some record is kept")
+
+
+def _chat_example_index(ds: datasets.Dataset, m: _Measured, cutoff_len: int) -> int:
+    """Of the first conversations that fit whole (else that are kept), the one showing the most roles, then turns.
+
+    Only the first :data:`EXAMPLE_CANDIDATES` are read back as Python objects.
+    """
+    fits = np.flatnonzero((m.length <= cutoff_len) & (m.turns > 0))
+    candidates = (fits if len(fits) else np.flatnonzero(m.kept))[:EXAMPLE_CANDIDATES].tolist()
+    roles = [len({turn["role"] for turn in messages}) for messages in ds.select(candidates)["messages"]]
+    best = max(range(len(candidates)), key=lambda k: (roles[k], int(m.turns[candidates[k]])))
+    return candidates[best]
+
+
+def _non_empty(ds: datasets.Dataset, name: str) -> np.ndarray:
+    """``(N,)`` bool: whether each record's string column ``name`` is non-empty (from the Arrow offsets only)."""
+    values = ds.with_format("arrow", columns=[name])[:][name]
+    return pc.fill_null(pc.binary_length(values), 0).to_numpy() > 0
+
+
+def _example(record: dict[str, Any], tokenizer: Any, spec: TokenizeSpec) -> str:
+    """One record tokenized as training does, decoded with its masked spans marked."""
+    if spec.kind == "chat":
+        encoded = encode_conversation(record["messages"], record["tools"] or "", tokenizer, spec.chat_template)
+        feats = truncate(encoded, spec.cutoff_len, spec.train_on_inputs)[0]
+    else:
+        feats = tokenize_instruction(record, tokenizer, spec.template, cutoff_len=spec.cutoff_len,
+                                     train_on_inputs=spec.train_on_inputs, add_eos_token=spec.add_eos_token)
+    return mark_masked(feats["input_ids"], feats["labels"], tokenizer)
 
 
 def _source_name(data: Any) -> str:
@@ -245,19 +279,6 @@ def _chat_template_name(chat_template: str | Path | None) -> str:
         return "the tokenizer's own"
     text = str(chat_template)
     return "a Jinja string" if "{{" in text or "{%" in text else text
-
-
-def _prompt_length(record: dict[str, str], tokenizer: Any, template: PromptTemplate) -> int:
-    from alpaca_lora.data.prepare import tokenize_prompt
-
-    return len(tokenize_prompt(template.render(record["instruction"], record["input"] or None), tokenizer))
-
-
-def _example_index(records: list[dict[str, str]], full: list[dict[str, list[int]]], cutoff_len: int) -> int:
-    """The first record with an input that fits (it shows the most of the template), else the first that fits."""
-    fits = [i for i, f in enumerate(full) if len(f["input_ids"]) <= cutoff_len and records[i]["output"]]
-    with_input = [i for i in fits if records[i]["input"]]
-    return (with_input or fits or [0])[0]
 
 
 def mark_masked(input_ids: list[int], labels: list[int], tokenizer: Any) -> str:
@@ -275,11 +296,11 @@ def mark_masked(input_ids: list[int], labels: list[int], tokenizer: Any) -> str:
     return "".join(out)
 
 
-def percentiles(values: list[int]) -> dict[str, int]:
+def percentiles(values: list[int] | np.ndarray) -> dict[str, int]:
     """``{"p50", "p90", "p99", "max"}`` of ``values`` (the smallest value at or above each rank); zeros if empty."""
-    if not values:
-        return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
     arr = np.asarray(values)
+    if arr.size == 0:
+        return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
     keys = [f"p{q}" if q < 100 else "max" for q in PERCENTILES]
     return {k: int(np.percentile(arr, q, method="higher")) for k, q in zip(keys, PERCENTILES, strict=True)}
 
@@ -295,18 +316,18 @@ def format_inspection(report: InspectionReport, max_bad: int = 10) -> str:
         f"{'chat template: ' if chat else 'template:    '}{r.template}   cutoff_len: {r.cutoff_len}   "
         f"train_on_inputs: {r.train_on_inputs}",
         "",
-        f"records:     {r.records} read, {good} good, {len(r.bad_records)} bad",
+        f"records:     {r.records} read, {good} good, {r.bad_count} bad",
     ]
-    for reason in r.bad_records[:max_bad]:
-        lines.append(f"  bad: {reason}")
-    if len(r.bad_records) > max_bad:
-        lines.append(f"  ... and {len(r.bad_records) - max_bad} more bad record(s)")
+    shown_bad = r.bad_records[:max_bad]
+    lines += [f"  bad: {reason}" for reason in shown_bad]
+    if r.bad_count > len(shown_bad):
+        lines.append(f"  ... and {r.bad_count - len(shown_bad)} more bad record(s)")
     lp, pp = r.length_percentiles, r.prompt_percentiles
     lines += [
         f"tokens:      example  p50 {lp['p50']}  p90 {lp['p90']}  p99 {lp['p99']}  max {lp['max']}"
         f"   (cutoff_len {r.cutoff_len})",
         f"             prompt   p50 {pp['p50']}  p90 {pp['p90']}  p99 {pp['p99']}  max {pp['max']}"
-        + ("   (before the first trained assistant turn)" if chat else ""),
+        + ("   (before the first assistant turn)" if chat else ""),
         f"over cutoff: {r.over_cutoff} of {good} ({_pct(r.over_cutoff, good)}) longer than cutoff_len",
         f"training:    {r.kept} kept, {r.truncated} of them truncated "
         + ("(last turns cut off, end-of-turn kept); " if chat else "(response cut, EOS kept); ")
