@@ -172,7 +172,8 @@ def test_every_rank_ends_with_the_same_adapter(ddp):
     assert _max_diff(ranks[0], load_file(str(ddp / "out" / "adapter_model.safetensors"))) == 0.0
     infos = [json.loads((ddp / "dump" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert infos[0]["backend"] == "gloo" and infos[0]["world_size"] == 2
-    assert {k: v for k, v in infos[0].items() if k != "rank"} == {k: v for k, v in infos[1].items() if k != "rank"}
+    same = [k for k in infos[0] if k not in ("rank", "data_cache_hit")]  # rank 1 reads the table rank 0 wrote
+    assert {k: infos[0][k] for k in same} == {k: infos[1][k] for k in same}
 
 
 @pytest.mark.slow
