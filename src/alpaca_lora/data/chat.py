@@ -281,3 +281,16 @@ def normalize_messages(messages: Any, *, require_assistant: bool = True) -> list
     if require_assistant and not any(m["role"] == "assistant" for m in out):
         raise DataError("the conversation has no assistant turn, so nothing to train on; add one")
     return out
+
+
+_EOT_PROBE = [{"role": "user", "content": "Hi", "train": True, "tool_call": False},
+              {"role": "assistant", "content": "Hello", "train": True, "tool_call": False}]
+
+
+def end_of_turn_ids(tokenizer: Any, source: str) -> list[int]:
+    """The token that ends an assistant turn in ``source`` (found by rendering a short exchange)."""
+    try:
+        encoded = encode_conversation(_EOT_PROBE, "", tokenizer, source)
+    except (ConfigError, DataError):  # the template cannot render the probe: EOS alone stops
+        return []
+    return [encoded.input_ids[t.end - 1] for t in encoded.turns]

@@ -100,7 +100,7 @@ def alpaca_chat_template(template: PromptTemplate, tokenizer: Any) -> str:
     no_input = template.prompt_no_input.split("{instruction}", 1)
     with_input = template.prompt_input.split("{instruction}", 1)
     between, after = with_input[1].split("{input}", 1)
-    bos = "{{ bos_token }}" if _adds_bos(tokenizer) else ""
+    bos = "{{ bos_token }}" if adds_bos(tokenizer) else ""
     return (
         bos + "{% set ns = namespace(system='') %}{% for message in messages %}"
         "{% if message['role'] == 'system' %}{% set ns.system = message['content'] %}"
@@ -172,7 +172,8 @@ def _lit(text: str) -> str:
     return "'" + escaped + "'"
 
 
-def _adds_bos(tokenizer: Any) -> bool:
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` puts BOS before a plain text (so a chat text must start with ``bos_token``)."""
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
         return False

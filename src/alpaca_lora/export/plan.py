@@ -87,7 +87,7 @@ def plan_merge(adapter_dir: Path, base_model: str | Path | None, allow_mismatch:
     base_config(base_dir)
     has_tokenizer = any((adapter_dir / f).is_file() for f in art.TOKENIZER_FILES)
     template = _template(adapter_dir)
-    probe = _probe_ids(load_tokenizer(adapter_dir if has_tokenizer else base_dir), template)  # what the export ships
+    probe = probe_ids(load_tokenizer(adapter_dir if has_tokenizer else base_dir), template)  # what the export ships
     plan = MergePlan(adapter_dir, base_name, base_dir, lora, adapter, template, probe, files_by_tensor,
                      fingerprint_diffs=diffs)
     plan.updates = {f"{m}.weight": (a.float(), b.float(), _scale(adapter, m)) for m, (a, b) in adapter.pairs.items()}
@@ -197,7 +197,7 @@ def base_config(base_dir: Path) -> Any:
                          f"{shown(str(exc))}); the base is damaged: copy or download it again") from None
 
 
-def _probe_ids(tokenizer: Any, template: PromptTemplate) -> torch.Tensor:
+def probe_ids(tokenizer: Any, template: PromptTemplate) -> torch.Tensor:
     """A fixed (2, T) batch of token ids: an Alpaca prompt and a plain sentence, cut to one length."""
     rows = [tokenizer(t)["input_ids"] for t in (template.render(_PROBE[0]), _PROBE[1])]
     n = min(32, *map(len, rows))

@@ -12,11 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from alpaca_lora.data import chat_templates
-from alpaca_lora.data.chat import encode_conversation, normalize_messages
+from alpaca_lora.data.chat import end_of_turn_ids, normalize_messages
 from alpaca_lora.errors import ConfigError, DataError
-
-_PROBE = [{"role": "user", "content": "Hi", "train": True, "tool_call": False},
-          {"role": "assistant", "content": "Hello", "train": True, "tool_call": False}]
 
 
 def is_conversation(value: Any) -> bool:
@@ -62,12 +59,3 @@ def chat_prompts(conversations: list[list[dict[str, Any]]], tokenizer: Any,
             raise ConfigError(f"conversation {i}: {exc}") from None
         prompts.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
     return prompts, end_of_turn_ids(tokenizer, source)
-
-
-def end_of_turn_ids(tokenizer: Any, source: str) -> list[int]:
-    """The token that ends an assistant turn in ``source`` (found by rendering a short exchange)."""
-    try:
-        encoded = encode_conversation(_PROBE, "", tokenizer, source)
-    except (ConfigError, DataError):  # the template cannot render the probe: EOS alone stops
-        return []
-    return [encoded.input_ids[t.end - 1] for t in encoded.turns]
