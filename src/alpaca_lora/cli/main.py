@@ -1,6 +1,7 @@
 """The ``alpaca-lora`` command. The only module that reads ``sys.argv``; nothing imports it.
 
-Subcommands: ``finetune``, ``merge``, ``generate``, ``push``, ``inspect``, ``estimate``, ``cache`` and ``demo``.
+Subcommands: ``finetune``, ``merge``, ``export-gguf``, ``generate``, ``push``, ``inspect``, ``estimate``,
+``cache`` and ``demo``.
 Their flags are generated (see :mod:`alpaca_lora.cli.flags`) from :class:`FinetuneConfig` and from
 the signatures and docstrings of the functions they call, so the command line and the Python API
 cannot drift apart. ``--config run.yaml`` (or .json) supplies ``FinetuneConfig`` fields; flags
@@ -34,6 +35,7 @@ from alpaca_lora.cli.flags import (
     docstring_args,
     plain_doc,
 )
+from alpaca_lora.cli.gguf_cmd import add_gguf_parser, cmd_export_gguf
 from alpaca_lora.config import FinetuneConfig
 from alpaca_lora.errors import AlpacaLoraError, ConfigError, DataError, TrainingInterrupted
 
@@ -83,6 +85,7 @@ def build_parser() -> ArgumentParser:
     mg = sub.add_parser("merge", help="fold an adapter into full-precision base weights",
                         description=_first_line(merge))
     add_signature_flags(mg, merge)
+    add_gguf_parser(sub)
 
     gen = sub.add_parser("generate", help="answer instructions or conversations with an adapter or merged folder",
                          description=_first_line(generate), epilog=_GENERATE_EPILOG)
@@ -291,7 +294,8 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"finetune": _cmd_finetune, "merge": _cmd_merge, "generate": _cmd_generate, "push": _cmd_push,
+_COMMANDS = {"finetune": _cmd_finetune, "merge": _cmd_merge, "export-gguf": cmd_export_gguf, "generate": _cmd_generate,
+             "push": _cmd_push,
              "inspect": _cmd_inspect, "estimate": _cmd_estimate, "cache": cmd_cache}
 
 

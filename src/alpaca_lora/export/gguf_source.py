@@ -124,8 +124,8 @@ def _provenance(folder: Path, plan: MergePlan | None) -> dict[str, str]:
     data = fp.get("data") if isinstance(fp.get("data"), dict) else {}
     out = {"exported_by": f"alpaca_lora {__version__}", "source": folder.name}
     base = plan.base_name if plan else report.get("base_model") or cfg.get("base_model")
-    if isinstance(base, str) and base:
-        out["base_model"] = base
+    if isinstance(base, str) and base:  # a local path is named by its folder alone: no user paths in a shared file
+        out["base_model"] = Path(base).name if Path(base).is_absolute() or Path(base).exists() else base
     if isinstance(data.get("sha256"), str):
         out["data_sha256"] = data["sha256"]
     if isinstance(data.get("num_records"), int):

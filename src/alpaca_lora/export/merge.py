@@ -250,8 +250,9 @@ def _write_side_files(plan: MergePlan, out: Path, dtype: torch.dtype) -> None:
     for name in art.TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, out / name)
-    if (plan.adapter_dir / art.TEMPLATE_FILE).is_file():
-        shutil.copyfile(plan.adapter_dir / art.TEMPLATE_FILE, out / art.TEMPLATE_FILE)
+    for name in (art.TEMPLATE_FILE, art.CONFIG_FILE, art.FINGERPRINT_FILE):  # the prompt format and provenance
+        if (plan.adapter_dir / name).is_file():
+            shutil.copyfile(plan.adapter_dir / name, out / name)
 
 
 def _model_card(plan: MergePlan, report: dict[str, Any]) -> str:
