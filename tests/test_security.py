@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from alpaca_lora import AlpacaLoraError, ModelError, generate, load_model, merge
+from alpaca_lora import AlpacaLoraError, ModelError, export_gguf, generate, load_model, merge
 from alpaca_lora.export.fingerprint import base_fingerprint, fingerprints_match, weights_digest
 from alpaca_lora.export.layout import FINGERPRINT_FILE, write_json
 from alpaca_lora.model.folder_checks import CODE_FILES
@@ -146,7 +146,9 @@ def test_custom_code_in_any_config_file_is_refused_everywhere(tiny_model_dir, ad
              "load_model": lambda: load_model(folder, None, "float32", device="cpu"),
              "generate": lambda: generate(folder, "Say hi.", max_new_tokens=2),
              "generate adapter": lambda: generate(adapter, "Say hi.", max_new_tokens=2),
-             "merge adapter": lambda: merge(adapter, tmp_path / "merged", verify=False)}
+             "merge adapter": lambda: merge(adapter, tmp_path / "merged", verify=False),
+             "export_gguf": lambda: export_gguf(folder, tmp_path / "m.gguf"),
+             "export_gguf adapter": lambda: export_gguf(adapter, tmp_path / "a.gguf")}
     for name, call in calls.items():
         _count(f"custom code ({where})")
         with pytest.raises(ModelError, match="auto_map") as info:

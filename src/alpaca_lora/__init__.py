@@ -39,6 +39,7 @@ _EXPORTS: dict[str, str] = {
     "FinetuneResult": "alpaca_lora.train.recipe",
     "finetune": "alpaca_lora.train.recipe",
     "merge": "alpaca_lora.export.merge",
+    "export_gguf": "alpaca_lora.export.gguf",
     "push_to_hub": "alpaca_lora.export.hub",
     "generate": "alpaca_lora.inference.generate",
 }
@@ -60,6 +61,7 @@ __all__ = [
     "__version__",
     "default_base_model",
     "estimate_memory",
+    "export_gguf",
     "finetune",
     "generate",
     "get_template",
@@ -93,6 +95,7 @@ if TYPE_CHECKING:
         TrainingDiverged,
         TrainingInterrupted,
     )
+    from alpaca_lora.export.gguf import export_gguf
     from alpaca_lora.export.hub import push_to_hub
     from alpaca_lora.export.merge import merge
     from alpaca_lora.inference.generate import generate

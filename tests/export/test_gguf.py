@@ -248,6 +248,29 @@ def test_missing_tokenizer_and_unknown_pre_tokenizer(tiny_model_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "odd"]
 
 
+@pytest.mark.parametrize("kind", ["weights truncated", "tensor dropped", "config.json values randomised",
+                                  "config.json keys removed", "tokenizer.json truncated", "file deleted"])
+def test_damaged_folders_export_or_raise_our_error(tiny_model_dir, tmp_path, kind):
+    """Damaged model folders (the security suite's damage) never reach gguf or numpy as a bare traceback."""
+    import random
+
+    from alpaca_lora import AlpacaLoraError
+    from test_security import DAMAGE
+
+    outcomes = []
+    for seed in range(4):
+        folder = shutil.copytree(tiny_model_dir, tmp_path / f"m{seed}")
+        DAMAGE[kind](random.Random(f"gguf/{kind}/{seed}"), folder)
+        try:
+            export_gguf(folder, tmp_path / f"m{seed}.gguf", quantization="f16")
+            outcomes.append("exported")
+        except AlpacaLoraError:
+            outcomes.append("refused")
+            assert not (tmp_path / f"m{seed}.gguf").exists()
+    if kind in ("weights truncated", "tensor dropped"):
+        assert set(outcomes) == {"refused"}
+
+
 def test_k_quants_without_llama_cpp_name_the_package(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_quant, "llama_cpp_available", lambda: False)
     with pytest.raises(ModelError, match=r"not installed; install it with: CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip"):

@@ -14,6 +14,8 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -142,24 +144,23 @@ def _check_target(target: Path, overwrite: bool) -> None:
         raise ConfigError(f"the folder {target.parent} of out_path does not exist; create it first")
 
 
-class _partial:  # noqa: N801 - used as a context manager, named like one
-    """A temporary path beside ``target``, removed unless renamed away; a full disk becomes a ModelError."""
-
-    def __init__(self, target: Path, tag: str = "") -> None:
-        self.target, self.tag = target, tag
-
-    def __enter__(self) -> Path:
-        fd, name = tempfile.mkstemp(prefix=f".{self.target.name}{self.tag}.", suffix=".partial", dir=self.target.parent)
-        os.close(fd)
-        self.path = Path(name)
-        return self.path
-
-    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
-        self.path.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and not isinstance(exc, ModelError):
-            what = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror or str(exc)
-            raise ModelError(f"could not write {self.target} ({what}); the partial file was removed. Free space "
-                             f"in {self.target.parent} or write elsewhere") from exc
+@contextmanager
+def _partial(target: Path, tag: str = "") -> Iterator[Path]:
+    """A temporary path beside ``target``, removed unless renamed away; a failed write becomes a ModelError."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}{tag}.", suffix=".partial", dir=target.parent)
+    except OSError as exc:
+        raise ConfigError(f"cannot write in {target.parent} ({exc.strerror}); pass a folder you can write") from None
+    os.close(fd)
+    path = Path(name)
+    try:
+        yield path
+    except OSError as exc:
+        what = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror or str(exc)
+        raise ModelError(f"could not write {target} ({what}); the partial file was removed. Free space in "
+                         f"{target.parent} or write elsewhere") from exc
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def _types_in(path: Path) -> dict[str, int]:

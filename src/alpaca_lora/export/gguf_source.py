@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from alpaca_lora import __version__
 from alpaca_lora.data.prompts import PromptTemplate, get_template
 from alpaca_lora.errors import ConfigError, ModelError
 from alpaca_lora.export import layout as art
@@ -122,7 +121,13 @@ def _provenance(folder: Path, plan: MergePlan | None) -> dict[str, str]:
 
     report, cfg, fp = read("merge_report.json"), read(art.CONFIG_FILE), read(art.FINGERPRINT_FILE)
     data = fp.get("data") if isinstance(fp.get("data"), dict) else {}
-    out = {"exported_by": f"alpaca_lora {__version__}", "source": folder.name}
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        exported_by = f"alpaca_lora {version('alpaca_lora')}"
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        exported_by = "alpaca_lora"
+    out = {"exported_by": exported_by, "source": folder.name}
     base = plan.base_name if plan else report.get("base_model") or cfg.get("base_model")
     if isinstance(base, str) and base:  # a local path is named by its folder alone: no user paths in a shared file
         out["base_model"] = Path(base).name if Path(base).is_absolute() or Path(base).exists() else base

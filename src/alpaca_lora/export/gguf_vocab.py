@@ -25,12 +25,12 @@ logger = logging.getLogger(__name__)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # llama.cpp's token types
 
 # tokenizer.json pre-tokenizers (as a structural key) -> llama.cpp's tokenizer.ggml.pre
-_LLAMA3_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+LLAMA3_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
                  "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
 PRE_TOKENIZERS = {
     "bytelevel": "gpt-2",
     "digits+bytelevel": "smollm",
-    f"split:{_LLAMA3_SPLIT}+bytelevel-noregex": "llama-bpe",
+    f"split:{LLAMA3_SPLIT}+bytelevel-noregex": "llama-bpe",
 }
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from alpaca_lora.errors import ModelError
 from alpaca_lora.export import gguf_quant
 from alpaca_lora.export.gguf_names import (
     LlamaShape,
@@ -79,8 +80,6 @@ def write_gguf(path: Path, source: ModelSource, shape: LlamaShape, vocab: Vocab,
 
 def raise_missing(source: ModelSource, name: str) -> None:
     """A ModelError for a tensor every Llama checkpoint has."""
-    from alpaca_lora.errors import ModelError
-
     raise ModelError(f"{source.config_dir} has no {name}; the checkpoint is incomplete: copy or download it again")
 
 
