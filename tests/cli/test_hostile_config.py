@@ -348,6 +348,7 @@ def places(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     (root / "empty").mkdir()
     (root / "file.txt").write_text("not a folder\n")
+    (root / "exists.gguf").write_text("an earlier export\n")
     (root / "data.json").write_text(json.dumps([{"instruction": "Add 2 and 3.", "output": "5"}]))
     (root / "bad.json").write_text('[{"instruction": "x", "output": "y"},')
     (root / "list.yaml").write_text("- 1\n")
@@ -409,6 +410,16 @@ def _sweep() -> list[tuple[str, tuple[str, ...], int]]:
         ("merge: huge shard size", ("merge", "{r}/empty", "{r}/m", "--max_shard_size", "9" * 100_000), 2),
         ("merge: verify maybe", ("merge", "{r}/empty", "{r}/m", "--verify", "maybe"), 2),
         ("merge: unknown flag", ("merge", "{r}/empty", "{r}/m", "--dtyp", "float32"), 2),
+        ("export-gguf: no args", ("export-gguf",), 2), ("export-gguf: one arg", ("export-gguf", "{r}/empty"), 2),
+        ("export-gguf: folder missing", ("export-gguf", "{r}/missing", "{r}/m.gguf"), 1),
+        ("export-gguf: folder a file", ("export-gguf", "{r}/file.txt", "{r}/m.gguf"), 1),
+        ("export-gguf: folder empty", ("export-gguf", "{r}/empty", "{r}/m.gguf"), 1),
+        ("export-gguf: not .gguf", ("export-gguf", "{r}/empty", "{r}/m.bin"), 2),
+        ("export-gguf: output exists", ("export-gguf", "{r}/empty", "{r}/exists.gguf"), 2),
+        ("export-gguf: quantization q3", ("export-gguf", "{r}/empty", "{r}/m.gguf", "--quantization", "q3"), 2),
+        ("export-gguf: overwrite maybe", ("export-gguf", "{r}/empty", "{r}/m.gguf", "--overwrite", "maybe"), 2),
+        ("export-gguf: adapter_only on a folder", ("export-gguf", "{r}/empty", "{r}/m.gguf", "--adapter_only"), 1),
+        ("export-gguf: output in a missing folder", ("export-gguf", "{r}/empty", "{r}/no/m.gguf"), 2),
         ("generate: no args", ("generate",), 2), ("generate: no instruction", ("generate", "{r}/empty"), 2),
         ("generate: folder missing", ("generate", "{r}/missing", "Hi."), 1),
         ("generate: folder a file", ("generate", "{r}/file.txt", "Hi."), 1),

@@ -50,9 +50,10 @@ def llama_shape(config: Any, where: str) -> LlamaShape:
         raise ModelError(f"{where} is a {getattr(config, 'model_type', None)!r} model ({archs}); GGUF export writes "
                          "the Llama architecture (LlamaForCausalLM), the family alpaca_lora trains. Convert other "
                          "architectures with llama.cpp's convert_hf_to_gguf.py")
-    if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "mlp_bias", False):
-        raise ModelError(f"{where}: hidden_act={config.hidden_act!r}, mlp_bias={config.mlp_bias}; llama.cpp's llama "
-                         "graph runs a SiLU MLP without biases")
+    if (getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "mlp_bias", False)
+            or getattr(config, "attention_bias", False)):
+        settings = {k: getattr(config, k, None) for k in ("hidden_act", "mlp_bias", "attention_bias")}
+        raise ModelError(f"{where}: {settings}; GGUF export writes Llama's SiLU MLP and attention without biases")
     rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ROPE_TYPES:
@@ -66,6 +67,21 @@ def llama_shape(config: Any, where: str) -> LlamaShape:
         context=config.max_position_embeddings, rms_eps=float(config.rms_norm_eps), rope_theta=float(theta),
         rope={**rope, "rope_type": rope_type}, vocab_size=config.vocab_size,
         tied=bool(getattr(config, "tie_word_embeddings", False)))
+
+
+def expected_shapes(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
+    """Every weight a Llama checkpoint of ``shape`` holds, with its shape (a tied output head left out)."""
+    h, q, kv = shape.hidden, shape.n_head * shape.head_dim, shape.n_head_kv * shape.head_dim
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (shape.vocab_size, h), "model.norm.weight": (h,)}
+    if not shape.tied:
+        out["lm_head.weight"] = (shape.vocab_size, h)
+    block = {"input_layernorm": (h,), "post_attention_layernorm": (h,), "self_attn.q_proj": (q, h),
+             "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h), "self_attn.o_proj": (h, q),
+             "mlp.gate_proj": (shape.intermediate, h), "mlp.up_proj": (shape.intermediate, h),
+             "mlp.down_proj": (h, shape.intermediate)}
+    for i in range(shape.n_layers):
+        out.update({f"model.layers.{i}.{part}.weight": dims for part, dims in block.items()})
+    return out
 
 
 def gguf_name(name: str) -> str | None:

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import logging
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,7 @@ LLAMA_CPP_HINT = ('CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python (
 # so for 4-bit types this only catches garbage; each tensor is also checked (gguf_verify.WEIGHT_TOLERANCE).
 TOLERANCE = {"f32": 1e-4, "f16": 1e-2, "bf16": 5e-2, "q8_0": 0.15, "q6_k": 0.3, "q5_k_m": 0.5, "q4_k_m": 1.0,
              "q4_0": 1.2}
+logger = logging.getLogger(__name__)
 _FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 _BLOCK = 32
 
@@ -105,7 +111,29 @@ def quantize_with_llama_cpp(source: Path, target: Path, quantization: str) -> No
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = _FILE_TYPES[quantization]
     params.nthread = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    with _stderr_captured() as log:  # llama.cpp logs a line per tensor; kept for an error, summarized otherwise
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    fallback = [line.split("WARNING: ", 1)[1] for line in log if "required fallback quantization" in line]
+    if fallback:
+        logger.info("llama.cpp's quantizer: %s (widths that are no multiple of 256)", fallback[0])
     if status != 0 or not target.is_file():
-        raise ModelError(f"llama.cpp's quantizer failed on {source} with status {status} (its log above says why); "
-                         "check free disk space, or export with quantization='q8_0' or 'q4_0' instead")
+        tail = "\n".join(line for line in log[-5:])
+        raise ModelError(f"llama.cpp's quantizer failed on {source} with status {status}; its log ends:\n{tail}\n"
+                         "Check free disk space, or export with quantization='q8_0' or 'q4_0' instead")
+
+
+@contextmanager
+def _stderr_captured() -> Iterator[list[str]]:
+    """Collect what C code writes to file descriptor 2 while the block runs (its lines, after the block)."""
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines.extend(sink.read().decode("utf-8", "replace").splitlines())

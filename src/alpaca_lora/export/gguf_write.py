@@ -17,6 +17,7 @@ from alpaca_lora.errors import ModelError
 from alpaca_lora.export import gguf_quant
 from alpaca_lora.export.gguf_names import (
     LlamaShape,
+    expected_shapes,
     gguf_name,
     llama3_rope_factors,
     rotary_heads,
@@ -32,18 +33,29 @@ PROVENANCE_PREFIX = "alpaca_lora."
 
 
 def tensor_plan(source: ModelSource, shape: LlamaShape, quantization: str) -> list[tuple[str, str, Any]]:
-    """``(gguf name, transformers name, GGML type)`` of every tensor the file holds, in file order."""
+    """``(gguf name, transformers name, GGML type)`` of every tensor the file holds, in file order.
+
+    Raises:
+        ModelError: A weight the config calls for is missing or has another shape, or the checkpoint holds
+            one it does not (llama.cpp would refuse to load the file).
+
+    """
+    expected = expected_shapes(shape)
+    for name, dims in expected.items():
+        if name not in source.shapes:
+            raise_missing(source, name)
+        if tuple(source.shapes[name]) != dims:
+            raise ModelError(f"{name} in {source.config_dir} has shape {list(source.shapes[name])}, the config "
+                             f"calls for {list(dims)}; the checkpoint and config.json do not match")
     plan = []
     for name in source.names:
         target = gguf_name(name)
-        if target is None or (target == "output.weight" and shape.tied):
+        if target is None or (name == "lm_head.weight" and shape.tied):
             continue  # rotary tables are recomputed; a tied output head is the embedding
-        dims = tuple(source.shapes[name])
-        plan.append((target, name, gguf_quant.tensor_type(target, dims, quantization)))
-    if not any(t[0] == "token_embd.weight" for t in plan):
-        raise_missing(source, "model.embed_tokens.weight")
-    if not shape.tied and not any(t[0] == "output.weight" for t in plan):
-        raise_missing(source, "lm_head.weight")
+        if name not in expected:
+            raise ModelError(f"{source.config_dir} holds {name}, which its config.json has no place for "
+                             f"({shape.n_layers} layers); the checkpoint and config do not match")
+        plan.append((target, name, gguf_quant.tensor_type(target, expected[name], quantization)))
     return sorted(plan, key=lambda t: _order(t[0]))
 
 
