@@ -154,6 +154,24 @@ def test_adapter_gguf_over_base_gguf_equals_the_merged_model(alpaca_run, tiny_mo
     assert relative_rms(llama_logits(base, ids), ref) > 0.1  # the adapter matters: the check could fail
 
 
+@pytest.mark.parametrize("quantization", ["f16", "q8_0"])
+def test_tiny_merged_model_logits_and_greedy_answers(alpaca_run, smol_tokenizer, tmp_path, quantization):
+    """The merged tiny model, exported: llama.cpp's next-token logits and greedy continuation as transformers'."""
+    _, merged = alpaca_run
+    out = export_gguf(merged, tmp_path / f"tiny-{quantization}.gguf", quantization=quantization)
+    ids = smol_tokenizer(PROMPT)["input_ids"]
+    got, ref = llama_logits(out, ids), hf_logits(merged, ids)
+    assert relative_rms(got, ref) < (0.01 if quantization == "f16" else 0.15)
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    want = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                          pad_token_id=smol_tokenizer.pad_token_id)[0, len(ids):].tolist()
+    with Llama(out) as llm:
+        answer = [t for _, t in zip(range(8), llm.generate(ids, temp=0.0, top_k=1, reset=True), strict=False)]
+    agree = next((i for i, (a, b) in enumerate(zip(answer, want, strict=True)) if a != b), len(want))
+    assert agree >= (8 if quantization == "f16" else 1), (answer, want)
+
+
 def test_alpaca_run_chat_template_renders_in_llama_cpp(alpaca_run, tmp_path):
     """An Alpaca run ships its prompt template as the chat template: llama.cpp renders the training prompt."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
