@@ -42,6 +42,8 @@ _EXPORTS: dict[str, str] = {
     "export_gguf": "alpaca_lora.export.gguf",
     "push_to_hub": "alpaca_lora.export.hub",
     "generate": "alpaca_lora.inference.generate",
+    "evaluate": "alpaca_lora.inference.evaluate",
+    "EvalReport": "alpaca_lora.inference.evaluate",
 }
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "EvalReport",
     "FinetuneConfig",
     "FinetuneResult",
     "InspectionReport",
@@ -61,6 +64,7 @@ __all__ = [
     "__version__",
     "default_base_model",
     "estimate_memory",
+    "evaluate",
     "export_gguf",
     "finetune",
     "generate",
@@ -98,6 +102,7 @@ if TYPE_CHECKING:
     from alpaca_lora.export.gguf import export_gguf
     from alpaca_lora.export.hub import push_to_hub
     from alpaca_lora.export.merge import merge
+    from alpaca_lora.inference.evaluate import EvalReport, evaluate
     from alpaca_lora.inference.generate import generate
     from alpaca_lora.model.embedded import default_base_model
     from alpaca_lora.model.load import load_model

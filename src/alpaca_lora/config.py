@@ -117,6 +117,11 @@ class FinetuneConfig:
     """Log the training loss every this many optimizer steps."""
     eval_steps: int | None = None
     """Evaluate every this many optimizer steps; None evaluates at the end of each epoch."""
+    eval_generate_samples: int = 0
+    """At each evaluation, also answer this many validation records greedily (the same ones each time) and log
+    exact match, BLEU, ROUGE-L and chrF (``eval_exact_match``, ...); 0 (default) logs the eval loss only."""
+    eval_generate_max_new_tokens: int = 64
+    """Most tokens per answer of ``eval_generate_samples``."""
     save_steps: int | None = None
     """Write a checkpoint every this many optimizer steps; None writes one at the end of each epoch."""
     save_total_limit: int = 2
@@ -210,6 +215,14 @@ class FinetuneConfig:
                 f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}; "
                 f"use batch_size={fixed}"
             )
+        if isinstance(self.eval_generate_samples, int) and self.eval_generate_samples > 0:
+            if self.train_on_inputs is True:
+                p.append(f"eval_generate_samples={self.eval_generate_samples} with train_on_inputs=True: the prompt of "
+                         "a record trained whole cannot be told from its answer; set train_on_inputs=False or "
+                         "eval_generate_samples=0")
+            if self.val_set_size == 0:
+                p.append(f"eval_generate_samples={self.eval_generate_samples} with val_set_size=0: there is no "
+                         "validation split to answer; set val_set_size (e.g. 0.05) or eval_generate_samples=0")
         if self.fsdp is True and is_choice(self.quantization, ("int8",)):
             p.append("fsdp=True with quantization='int8': FSDP shards 4-bit bases ('nf4', 'fp4') or full-precision "
                      "ones (None); use quantization='nf4'")
@@ -303,7 +316,7 @@ _INTS = {
     "cutoff_len": (1, INT_MAX), "lora_r": (1, MAX_LORA_R), "lora_alpha": (1, INT_MAX), "seed": (0, SEED_MAX),
     "logging_steps": (1, INT_MAX), "eval_steps": (1, INT_MAX), "save_steps": (1, INT_MAX),
     "save_total_limit": (1, INT_MAX), "loss_chunk_size": (1, INT_MAX), "ddp_timeout": (1, INT_MAX),
-    "data_num_proc": (1, 256),
+    "data_num_proc": (1, 256), "eval_generate_samples": (0, INT_MAX), "eval_generate_max_new_tokens": (1, 4096),
 }
 """Int fields and their inclusive ranges."""
 _OPTIONAL = ("max_steps", "eval_steps", "save_steps", "data_num_proc")

@@ -12,7 +12,6 @@ from alpaca_lora.data.prompts import get_template
 from alpaca_lora.demo.tasks import (
     TASK_KINDS,
     TaskScore,
-    evaluate_tasks,
     exact_match,
     format_score_table,
     make_tasks,
@@ -217,36 +216,17 @@ def test_score_predictions_counts_by_kind_and_overall() -> None:
         score_predictions(records, ["a", "b"])
 
 
-def test_evaluate_tasks_perfect_and_wrong_answer_functions() -> None:
-    train, test = train_test_tasks(40, 24, seed=1)
-    answers = {(r["instruction"], r["input"]): r["output"] for r in test}
-    calls: list[int] = []
+def test_task_scores_count_the_evaluate_rows_by_kind() -> None:
+    """The demo's table comes from evaluate()'s per-record exact match: no second scorer."""
+    from alpaca_lora.demo.run import task_scores
+    from alpaca_lora.inference.evaluate import EvalReport
 
-    def perfect(instructions: list[str], inputs: list[str]) -> list[str]:
-        calls.append(len(instructions))
-        return [f"  {answers[key]}\n" for key in zip(instructions, inputs, strict=True)]
-
-    scores, predictions = evaluate_tasks(perfect, test, batch_size=5, progress=False)
-    assert calls == [5, 5, 5, 5, 4]
-    assert scores["overall"].accuracy == 1.0 and scores["overall"].total == 24
-    assert all(scores[k].correct == scores[k].total == 3 for k in TASK_KINDS)
-    assert [p.strip() for p in predictions] == [r["output"] for r in test]
-
-    scores, predictions = evaluate_tasks(lambda i, x: ["42"] * len(i), train, progress=False)
-    assert predictions == ["42"] * 40
-    assert scores["overall"].total == 40
-    assert scores["overall"].correct == sum(r["output"] == "42" for r in train)
-    assert scores["uppercase"].accuracy == 0.0
-
-
-def test_evaluate_tasks_rejects_bad_answer_functions_and_batch_sizes() -> None:
-    records = make_tasks(6)
-    with pytest.raises(DataError, match="answer_fn must return"):
-        evaluate_tasks(lambda i, x: ["a"], records, progress=False)
-    with pytest.raises(DataError, match="answer_fn must return"):
-        evaluate_tasks(lambda i, x: [1] * len(i), records, progress=False)
-    with pytest.raises(ConfigError, match="batch_size"):
-        evaluate_tasks(lambda i, x: list(i), records, batch_size=0)
+    _, test = train_test_tasks(40, 24, seed=1)
+    rows = [{"kind": r["kind"], "prediction": r["output"] if i % 2 else "x",
+             "scores": {"exact_match": float(i % 2)}} for i, r in enumerate(test)]
+    scores = task_scores(EvalReport({"exact_match": 0.5}, rows=rows))
+    assert scores["overall"].total == 24 and scores["overall"].correct == 12
+    assert sum(scores[k].correct for k in TASK_KINDS) == 12 and list(scores)[-1] == "overall"
 
 
 def test_format_score_table() -> None:

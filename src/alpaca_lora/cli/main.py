@@ -1,6 +1,6 @@
 """The ``alpaca-lora`` command. The only module that reads ``sys.argv``; nothing imports it.
 
-Subcommands: ``finetune``, ``merge``, ``export-gguf``, ``generate``, ``push``, ``inspect``, ``estimate``,
+Subcommands: ``finetune``, ``merge``, ``export-gguf``, ``eval``, ``generate``, ``push``, ``inspect``, ``estimate``,
 ``cache`` and ``demo``.
 Their flags are generated (see :mod:`alpaca_lora.cli.flags`) from :class:`FinetuneConfig` and from
 the signatures and docstrings of the functions they call, so the command line and the Python API
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from alpaca_lora.cli.cache_cmd import add_cache_parser, cmd_cache
+from alpaca_lora.cli.eval_cmd import add_eval_parser, cmd_eval
 from alpaca_lora.cli.flags import (
     ArgumentParser,
     add_dataclass_flags,
@@ -86,6 +87,7 @@ def build_parser() -> ArgumentParser:
                         description=_first_line(merge))
     add_signature_flags(mg, merge)
     add_gguf_parser(sub)
+    add_eval_parser(sub)
 
     gen = sub.add_parser("generate", help="answer instructions or conversations with an adapter or merged folder",
                          description=_first_line(generate), epilog=_GENERATE_EPILOG)
@@ -294,9 +296,9 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"finetune": _cmd_finetune, "merge": _cmd_merge, "export-gguf": cmd_export_gguf, "generate": _cmd_generate,
-             "push": _cmd_push,
-             "inspect": _cmd_inspect, "estimate": _cmd_estimate, "cache": cmd_cache}
+_COMMANDS = {"finetune": _cmd_finetune, "merge": _cmd_merge, "export-gguf": cmd_export_gguf, "eval": cmd_eval,
+             "generate": _cmd_generate, "push": _cmd_push, "inspect": _cmd_inspect, "estimate": _cmd_estimate,
+             "cache": cmd_cache}
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

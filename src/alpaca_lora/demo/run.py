@@ -23,10 +23,11 @@ from alpaca_lora.config_checks import (
     keyword_checked,
     number_problem,
 )
-from alpaca_lora.demo.tasks import TaskScore, evaluate_tasks, format_score_table, train_test_tasks
+from alpaca_lora.data.metrics import METRICS
+from alpaca_lora.demo.tasks import TaskScore, format_score_table, train_test_tasks
 from alpaca_lora.errors import ConfigError, shown
 from alpaca_lora.export.merge import merge
-from alpaca_lora.inference.generate import generate
+from alpaca_lora.inference.evaluate import EvalReport, evaluate
 from alpaca_lora.model.embedded import default_base_model
 from alpaca_lora.train.recipe import finetune
 
@@ -107,21 +108,38 @@ class DemoReport:
     samples: list[dict[str, str]]
     timings_s: dict[str, float] = field(default_factory=dict)
     train_loss: float | None = None
+    metrics_base: dict[str, float] | None = None  # corpus exact match, BLEU, ROUGE-L, chrF of evaluate()
+    metrics_tuned: dict[str, float] = field(default_factory=dict)
+    eval_command: str = ""
 
     def table(self) -> str:
-        """The before/after exact-match table by task kind."""
-        return format_score_table(self.base, self.tuned) if self.base else format_score_table(self.tuned)
+        """The before/after exact-match table by task kind, then BLEU, ROUGE-L and chrF beside exact match."""
+        table = format_score_table(self.base, self.tuned) if self.base else format_score_table(self.tuned)
+        names = [m for m in METRICS if m in self.metrics_tuned]
+        rows = [f"{'metric':<14}" + (f"{'base':>9}" if self.metrics_base else "") + f"{'tuned':>9}"]
+        for m in names:
+            scale = 100 if m in ("exact_match", "rouge_l") else 1
+            base = f"{scale * self.metrics_base[m]:>9.1f}" if self.metrics_base else ""
+            rows.append(f"{m:<14}{base}{scale * self.metrics_tuned[m]:>9.1f}")
+        return table + "\n\nAll metrics (exact match and ROUGE-L in %, BLEU and chrF 0-100):\n" + "\n".join(rows)
 
 
-class _Answerer:
-    """Answer task batches with greedy generation from a model folder."""
+def _evaluate(model_dir: Path, test: list[dict[str, str]], template: str, compute_dtype: str) -> EvalReport:
+    """Greedy answers (24 new tokens at most) scored by :func:`alpaca_lora.evaluate`, as ``alpaca-lora eval``."""
+    return evaluate(model_dir, test, max_new_tokens=24, batch_size=16, template=template, compute_dtype=compute_dtype,
+                    loss=False, bootstrap=0)
 
-    def __init__(self, model_dir: Path, template: str, compute_dtype: str) -> None:
-        self.model_dir, self.template, self.compute_dtype = str(model_dir), template, compute_dtype
 
-    def __call__(self, instructions: list[str], inputs: list[str]) -> list[str]:
-        return generate(self.model_dir, instructions, inputs, template=self.template, max_new_tokens=24,
-                        batch_size=16, compute_dtype=self.compute_dtype)
+def task_scores(report: EvalReport) -> dict[str, TaskScore]:
+    """Exact-match counts by task kind and overall, from the per-record scores of ``report``."""
+    scores: dict[str, TaskScore] = {}
+    overall = TaskScore("overall")
+    for row in report.rows:
+        hit = int(row["scores"]["exact_match"])
+        for s in (scores.setdefault(row.get("kind", "unknown"), TaskScore(row.get("kind", "unknown"))), overall):
+            s.correct += hit
+            s.total += 1
+    return {**scores, "overall": overall}
 
 
 def run_demo(config: DemoConfig | None = None, *, log: Any = print) -> DemoReport:
@@ -142,11 +160,14 @@ def run_demo(config: DemoConfig | None = None, *, log: Any = print) -> DemoRepor
     train, test = train_test_tasks(cfg.n_train, cfg.n_test, seed=cfg.seed)
     log(f"[1/5] base model: {base}\n      {len(train)} training tasks, {len(test)} held-out tasks")
 
-    before = None
+    held_out = out / "held_out.json"
+    held_out.write_text(json.dumps(test, indent=1) + "\n", encoding="utf-8")
+    before = before_report = None
     if not cfg.skip_base_eval:
         log("[2/5] scoring the base model on the held-out tasks")
         t = time.perf_counter()
-        before, _ = evaluate_tasks(_Answerer(base, template, cfg.compute_dtype), test)
+        before_report = _evaluate(base, test, template, cfg.compute_dtype)
+        before = task_scores(before_report)
         timings["base_eval"] = time.perf_counter() - t
 
     log(f"[3/5] fine-tuning: 4-bit NF4 base + LoRA (r 16 on every linear layer), {steps} steps of 16 examples")
@@ -167,13 +188,18 @@ def run_demo(config: DemoConfig | None = None, *, log: Any = print) -> DemoRepor
 
     log("[5/5] scoring the merged model on the held-out tasks")
     t = time.perf_counter()
-    after, predictions = evaluate_tasks(_Answerer(merged, template, cfg.compute_dtype), test)
+    after_report = _evaluate(merged, test, template, cfg.compute_dtype)
+    after, predictions = task_scores(after_report), [r["prediction"] for r in after_report.rows]
     timings["tuned_eval"] = time.perf_counter() - t
     samples = [{"kind": r["kind"], "instruction": r["instruction"], "input": r["input"], "expected": r["output"],
                 "answer": p} for r, p in list(zip(test, predictions, strict=True))[:: max(1, len(test) // 6)][:6]]
     timings["total"] = time.perf_counter() - t0
+    command = (f"alpaca-lora eval {merged} {held_out} --max_new_tokens 24"
+               + ("" if cfg.skip_base_eval else f" --compare {base}"))
     report = DemoReport(base=before, tuned=after, adapter_dir=result.adapter_dir, merged_dir=merged,
-                        samples=samples, timings_s=timings, train_loss=result.train_loss)
+                        samples=samples, timings_s=timings, train_loss=result.train_loss,
+                        metrics_base=before_report.scores if before_report else None,
+                        metrics_tuned=after_report.scores, eval_command=command)
     _write_report(report, out / "demo_report.json")
     return report
 
@@ -185,7 +211,8 @@ def _scores(s: dict[str, TaskScore] | None) -> dict[str, Any] | None:
 def _write_report(report: DemoReport, path: Path) -> None:
     data = {"base": _scores(report.base), "tuned": _scores(report.tuned), "adapter_dir": str(report.adapter_dir),
             "merged_dir": str(report.merged_dir), "samples": report.samples, "timings_s": report.timings_s,
-            "train_loss": report.train_loss}
+            "train_loss": report.train_loss, "metrics_base": report.metrics_base, "metrics_tuned": report.metrics_tuned,
+            "eval_command": report.eval_command}
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
@@ -197,5 +224,6 @@ def format_report(report: DemoReport) -> str:
         mark = "ok " if s["answer"].strip() == s["expected"] else "   "
         lines.append(f"  {mark}{prompt}\n      -> {s['answer']!r} (expected {s['expected']!r})")
     lines += ["", "Time: " + ", ".join(f"{k} {v:.0f}s" for k, v in report.timings_s.items()),
-              f"Adapter folder: {report.adapter_dir}", f"Merged model:   {report.merged_dir}"]
+              f"Adapter folder: {report.adapter_dir}", f"Merged model:   {report.merged_dir}",
+              f"Score it again, beside the base: {report.eval_command}"]
     return "\n".join(lines)

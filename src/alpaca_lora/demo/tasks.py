@@ -7,12 +7,12 @@ few tokens, one fixed instruction wording per kind) and to be scored by exact st
 fine-tune's effect shows up as held-out accuracy before and after training::
 
     train, test = train_test_tasks(800, 160, seed=0)
-    before, _ = evaluate_tasks(answer_fn, test)      # answer_fn(instructions, inputs) -> answers
-    print(format_score_table(before))
+    report = alpaca_lora.evaluate("merged", test, compare="base")  # exact match, BLEU, ROUGE-L, chrF
+    print(report.table())
 
 Records are dicts with the Alpaca columns ``instruction``/``input``/``output`` plus ``kind``;
-``input`` is ``""`` for kinds that need none. Only the standard library (and tqdm for the progress
-bar) is used, so this module does not depend on the model code.
+``input`` is ``""`` for kinds that need none. Exact match is :func:`alpaca_lora.data.metrics.exact_match`
+(strip, collapse whitespace, case kept); this module does not depend on the model code.
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from tqdm.auto import tqdm
-
+from alpaca_lora.data.metrics import exact_match, normalize_answer
 from alpaca_lora.errors import ConfigError, DataError
+
+__all__ = ["TASK_KINDS", "TaskScore", "exact_match", "format_score_table", "make_tasks", "normalize_answer",
+           "score_predictions", "train_test_tasks"]
 
 Triple = tuple[str, str, str]  # (instruction, input, output)
 
@@ -247,16 +249,6 @@ def train_test_tasks(
     return _interleave(train_by_kind), _interleave(test_by_kind)
 
 
-def normalize_answer(text: str) -> str:
-    """Strip ``text`` and collapse inner runs of whitespace to one space; case is kept."""
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-    """Return whether ``prediction`` equals ``reference`` after :func:`normalize_answer`."""
-    return normalize_answer(prediction) == normalize_answer(reference)
-
-
 @dataclass
 class TaskScore:
     """Exact-match counts for one task kind (or ``"overall"``).
@@ -344,46 +336,3 @@ def format_score_table(before: dict[str, TaskScore], after: dict[str, TaskScore]
     if kinds and kinds[-1] == "overall":
         body.insert(len(body) - 1, rule)
     return "\n".join([line(header), rule, *body])
-
-
-def evaluate_tasks(
-    answer_fn: Callable[[list[str], list[str]], list[str]],
-    records: Sequence[dict[str, str]],
-    batch_size: int = 16,
-    *,
-    progress: bool = True,
-) -> tuple[dict[str, TaskScore], list[str]]:
-    """Answer every record with ``answer_fn``, batch by batch, and score the answers.
-
-    Args:
-        answer_fn: Called as ``answer_fn(instructions, inputs)`` with equal-length lists (``input``
-            is ``""`` when a record has none); returns one answer string per item, e.g. a wrapper
-            around :func:`alpaca_lora.generate`.
-        records: Task records, e.g. the test half of :func:`train_test_tasks`.
-        batch_size: Records per call to ``answer_fn``.
-        progress: Show a tqdm progress bar.
-
-    Returns:
-        ``(scores, predictions)``: scores as from :func:`score_predictions`, and the raw answers.
-
-    Raises:
-        ConfigError: ``batch_size`` is not a positive integer.
-        DataError: ``answer_fn`` returned the wrong number of answers or a non-string.
-
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    predictions: list[str] = []
-    with tqdm(total=len(records), desc="evaluating", unit="example", disable=not progress) as bar:
-        for start in range(0, len(records), batch_size):
-            batch = records[start : start + batch_size]
-            answers = list(answer_fn([r["instruction"] for r in batch], [r.get("input", "") for r in batch]))
-            if len(answers) != len(batch) or not all(isinstance(a, str) for a in answers):
-                types = sorted({type(a).__name__ for a in answers})
-                raise DataError(
-                    f"answer_fn must return a list of {len(batch)} strings for a batch of {len(batch)} "
-                    f"records, got {len(answers)} items of types {types}"
-                )
-            predictions.extend(answers)
-            bar.update(len(batch))
-    return score_predictions(records, predictions), predictions

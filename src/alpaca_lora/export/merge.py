@@ -271,6 +271,8 @@ def _model_card(plan: MergePlan, report: dict[str, Any]) -> str:
     lora, check = plan.lora_config, report["verification"]
     hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", plan.base_name) and not Path(plan.base_name).exists()
     metrics = {k: results[k] for k in ("train_loss", "eval_loss", "steps", "tokens_seen") if k in results}
+    if isinstance(results.get("eval_scores"), dict):  # generation metrics of eval_generate_samples
+        metrics.update({k: round(v, 4) for k, v in results["eval_scores"].items() if isinstance(v, (int, float))})
     verified = "not run" if check is None else (
         f"max abs logit difference merged vs base + adapter {check['max_abs_logit_diff']:.2e} in fp32 (tolerance "
         f"{check['tolerance']:.2e}); the adapter moves the logits by up to "

@@ -7,7 +7,7 @@ generation pads left), so every prompt ends at the last column and batched greed
 one-by-one output. Only the new tokens are decoded, and generation stops at EOS.
 
 Arguments are checked in :mod:`alpaca_lora.inference.arguments`, decoding runs in
-:mod:`alpaca_lora.inference.decoding`; this module loads (and caches) the model of a folder.
+:mod:`alpaca_lora.model.decoding`; this module loads (and caches) the model of a folder.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from alpaca_lora.inference.arguments import (
     is_int,
 )
 from alpaca_lora.inference.conversation import chat_prompts, conversation_requests
-from alpaca_lora.inference.decoding import generate_batches, stream_text
 from alpaca_lora.model import adapter_files
+from alpaca_lora.model.decoding import generate_batches, stream_text
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def generate(
     kwargs = generation_kwargs(max_new_tokens, do_sample, temperature, top_p, top_k, num_beams,
                                 repetition_penalty, gen_kwargs)
     check_options(stream, batch, num_beams, batch_size, template, quantization, compute_dtype, base_model)
-    model, tok, folder = _resolve(model_or_dir, tokenizer, quantization, compute_dtype, base_model)
+    model, tok, folder = resolve_model(model_or_dir, tokenizer, quantization, compute_dtype, base_model)
     end_of_turn: list[int] = []
     if chats is not None:
         prompts, end_of_turn = chat_prompts(chats[0], tok, chat_template)
@@ -161,7 +161,7 @@ def clear_cache() -> None:
 # ---- models ----------------------------------------------------------------------------------------
 
 
-def _resolve(model_or_dir: Any, tokenizer: Any, quantization: str | None, compute_dtype: str,
+def resolve_model(model_or_dir: Any, tokenizer: Any, quantization: str | None, compute_dtype: str,
              base_model: str | Path | None) -> tuple[Any, Any, Path | None]:
     """Return ``(model, tokenizer, its folder)`` for a folder (cached) or a loaded model."""
     if isinstance(model_or_dir, (str, Path)):
@@ -207,6 +207,11 @@ def _model_folder(model: Any) -> Path | None:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = getattr(inner, "name_or_path", None) or getattr(getattr(inner, "config", None), "_name_or_path", None)
     return art.resolve_local(name) if name else None
+
+
+def prompt_template(folder: Path | None, template: Any = None) -> PromptTemplate:
+    """The template generate() renders prompts with: ``template`` if given, else the folder's own."""
+    return get_template(template) if template is not None else _folder_template(folder)
 
 
 def _folder_template(folder: Path | None) -> PromptTemplate:

@@ -89,7 +89,10 @@ def _parse(line: str) -> dict[str, Any] | None:
 
 
 def plot_losses(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """Plot train and eval loss by step to a PNG; return its path (None when nothing was logged)."""
+    """Plot train and eval loss by step to a PNG (generation metrics, when logged, in a second panel).
+
+    Returns its path (None when nothing was logged).
+    """
     train = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))]
     evals = [(r["step"], r["eval_loss"]) for r in records if isinstance(r.get("eval_loss"), (int, float))]
     if not train and not evals:
@@ -99,7 +102,22 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    scored = [r for r in records if isinstance(r.get("eval_exact_match"), (int, float))]
+    fig, axes = plt.subplots(1, 2 if scored else 1, figsize=(12 if scored else 7, 4), squeeze=False)
+    ax = axes[0][0]
+    if scored:  # generation metrics of eval_generate_samples, on their own scales (0..1 and 0..100 as %)
+        right = axes[0][1]
+        steps = [r["step"] for r in scored]
+        for key, label, scale in (("eval_exact_match", "exact match", 100), ("eval_rouge_l", "ROUGE-L F", 100),
+                                  ("eval_bleu", "BLEU", 1), ("eval_chrf", "chrF", 1)):
+            values = [r.get(key) for r in scored]
+            if all(isinstance(v, (int, float)) for v in values):
+                right.plot(steps, [scale * v for v in values], "o-", label=label)
+        right.set_xlabel("optimizer step")
+        right.set_ylabel("score (0-100)")
+        right.set_title("generation metrics on a validation sample")
+        right.grid(alpha=0.3)
+        right.legend()
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
     if evals:

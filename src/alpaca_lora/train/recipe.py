@@ -32,6 +32,7 @@ from alpaca_lora.kernels.modes import dropout_disabled
 from alpaca_lora.train import stops
 from alpaca_lora.train.checkpoint import WRITE_ERRORS, capture_rng, disk_full, latest_checkpoint, save_run_checkpoint
 from alpaca_lora.train.distributed import init_distributed
+from alpaca_lora.train.generation_eval import GENERATION_KEYS, generation_sample, generation_scores
 from alpaca_lora.train.interrupt import StopRequest, stop_requests
 from alpaca_lora.train.metrics import plot_losses
 from alpaca_lora.train.setup import resolve_config, setup
@@ -53,6 +54,8 @@ class FinetuneResult:
         records_kept: Training records after dropping those with no trainable label.
         records_dropped: Records dropped, by reason.
         compute_dtype: The dtype training computed in ("auto" resolved on the training machine).
+        eval_scores: With ``eval_generate_samples``: the last evaluation's generation metrics
+            (``eval_exact_match``, ``eval_bleu``, ``eval_rouge_l``, ``eval_chrf``); empty otherwise.
 
     """
 
@@ -65,6 +68,7 @@ class FinetuneResult:
     records_kept: int = 0
     records_dropped: dict[str, int] = field(default_factory=dict)
     compute_dtype: str = ""
+    eval_scores: dict[str, float] = field(default_factory=dict)
 
 
 def finetune(
@@ -148,6 +152,7 @@ def fit(run: Run, stop: StopRequest | None = None) -> None:
     bar = tqdm(total=run.total_steps, initial=state.step, desc="finetune", unit="step", dynamic_ncols=True,
                disable=not strategy.is_main)
     order: dict[int, list[list[int]]] = {}
+    sample = _generation_sample(run)  # the same validation records at every evaluation
     start = time.perf_counter()
     while state.step < run.total_steps:
         epoch, k = divmod(state.step, per_epoch)
@@ -218,8 +223,7 @@ def fit(run: Run, stop: StopRequest | None = None) -> None:
                 record.update(loss_scale=run.scaler.scale, skipped=not applied)
             run.metrics.log(record)
         if run.val_set is not None and (state.step % cfg.eval_steps == 0 if cfg.eval_steps else epoch_end):
-            state.last_eval_loss = evaluate(run)
-            run.metrics.log({"step": state.step, "eval_loss": state.last_eval_loss})
+            evaluate_and_log(run, sample)
         if (state.step % cfg.save_steps == 0 if cfg.save_steps else epoch_end) and state.step < run.total_steps:
             save_run_checkpoint(run)
         if stop is not None and stop.aborted:
@@ -249,6 +253,20 @@ def autocast(device: torch.device, dtype: torch.dtype) -> Any:
 
 
 @torch.no_grad()
+def evaluate_and_log(run: Run, sample: list[tuple[list[int], str]]) -> None:
+    """Evaluate the loss (and, with a sample, the generation metrics) and log them as one record."""
+    run.state.last_eval_loss = evaluate(run)
+    record: dict[str, Any] = {"step": run.state.step, "eval_loss": run.state.last_eval_loss}
+    if sample:
+        record.update(generation_scores(run, sample))
+    run.metrics.log(record)
+
+
+def _generation_sample(run: Run) -> list[tuple[list[int], str]]:
+    n = run.cfg.eval_generate_samples
+    return generation_sample(run.val_set, n, run.tokenizer) if n and run.val_set is not None else []
+
+
 def evaluate(run: Run) -> float:
     """Mean token loss over the validation split (batches sorted by length, dropout off, shared by the processes)."""
     order = np.argsort(column(run.val_set, "length"), kind="stable").tolist()
@@ -273,15 +291,16 @@ def save(run: Run) -> FinetuneResult:
 
     """
     out, state = run.output_dir, run.state
-    eval_loss = state.last_eval_loss
     if run.val_set is not None and not any("eval_loss" in r and r["step"] == state.step for r in run.metrics.records):
-        eval_loss = evaluate(run)
-        run.metrics.log({"step": state.step, "eval_loss": eval_loss})
+        evaluate_and_log(run, _generation_sample(run))
+    eval_loss = state.last_eval_loss
+    scored = [r for r in run.metrics.records if GENERATION_KEYS[0] in r]
     result = FinetuneResult(
         adapter_dir=out, train_loss=float(np.mean(state.recent_losses)) if state.recent_losses else float("nan"),
         eval_loss=eval_loss, steps=state.step, tokens_seen=state.tokens_seen, runtime_s=state.runtime_s,
         records_kept=run.report.kept, records_dropped=dict(run.report.drop_reasons),
-        compute_dtype=str(run.dtype).removeprefix("torch."))
+        compute_dtype=str(run.dtype).removeprefix("torch."),
+        eval_scores={k: scored[-1][k] for k in GENERATION_KEYS if k in scored[-1]} if scored else {})
     write_adapter = run.strategy.gather_adapter(run.model, run.lora_names)  # a collective under FSDP
     try:
         with run.strategy.guard("save"):

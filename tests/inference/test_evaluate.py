@@ -1,0 +1,104 @@
+"""evaluate(): scores of answers you control, the real model's loss, comparison, reports, and bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from alpaca_lora import ConfigError, DataError
+from alpaca_lora.data.prepare import tokenize_instruction
+from alpaca_lora.inference import generate as generate_module
+from alpaca_lora.inference.evaluate import evaluate
+from conftest import SHORT_RECORDS
+
+RECORDS = [dict(r, kind="short" if len(r["output"]) < 5 else "long") for r in SHORT_RECORDS]
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """generate() replaced by answers keyed by the model: "right" answers every record, "half" every other."""
+    calls = []
+
+    def answer(model, instruction, input=None, **kwargs):  # noqa: A002
+        calls.append((model, kwargs.get("template")))
+        outputs = {(r["instruction"], r["input"]): r["output"] for r in RECORDS}
+        if isinstance(instruction[0], list):  # conversations: the last user turn keys the answer
+            return [outputs.get((m[-1]["content"], ""), "?") for m in instruction]
+        keys = list(zip(instruction, input, strict=True))
+        if model == "right":
+            return [f" {outputs[k]}\n" for k in keys]
+        return [outputs[k] if (i % 2 == 0) else "wrong" for i, k in enumerate(keys)]
+
+    monkeypatch.setattr(generate_module, "generate", answer)
+    return calls
+
+
+def test_scores_of_controlled_answers(scripted):
+    right = evaluate("right", RECORDS, loss=False, bootstrap=0)
+    assert right.scores["exact_match"] == 1.0 and right.scores["chrf"] == pytest.approx(100.0)
+    assert right.scores["bleu"] == 0.0  # sacreBLEU's corpus BLEU of one-word answers: no 2- to 4-grams at all
+    half = evaluate("half", RECORDS, loss=False, bootstrap=200)
+    assert half.scores["exact_match"] == 0.5
+    assert [r["scores"]["exact_match"] for r in half.rows] == [1.0, 0.0] * 4
+    assert half.rows[1]["prediction"] == "wrong" and half.rows[1]["reference"] == RECORDS[1]["output"]
+    assert set(half.by_kind) == {"short", "long"} and half.intervals["exact_match"][0] < 0.5
+    assert half.settings["records"] == 8 and half.settings["greedy"]
+
+
+def test_compare_scores_both_on_the_same_prompts(scripted, tmp_path):
+    report = evaluate("half", RECORDS, compare="right", loss=False, bootstrap=0, batch_size=2)
+    assert report.compare.scores["exact_match"] == 1.0 and report.scores["exact_match"] == 0.5
+    table = report.table()
+    assert "compare" in table and "-50.0%" in table and "exact_match by kind" in table
+    changed = report.changed(3)
+    assert len(changed) == 3 and all(c["prediction"] == "wrong" and c["change"] == -1.0 for c in changed)
+    assert {template for _, template in scripted} == {None, scripted[-1][1]}  # compare got the model's template
+    report.to_json(tmp_path / "r.json")
+    report.to_jsonl(tmp_path / "r.jsonl")
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["scores"]["exact_match"] == 0.5 and saved["compare"]["scores"]["exact_match"] == 1.0
+    lines = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert len(lines) == 8 and lines[1]["compare_prediction"].strip() == lines[1]["reference"]
+
+
+def test_conversations_are_scored_at_their_last_assistant_turn(scripted):
+    chats = [{"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]}
+             for r in RECORDS if not r["input"]]
+    report = evaluate("any", chats, loss=False, bootstrap=0)
+    assert report.scores["exact_match"] == 1.0 and report.rows[0]["reference"] == chats[0]["messages"][1]["content"]
+
+
+def test_bad_input_is_refused_clearly(scripted):
+    with pytest.raises(DataError, match="holds no records"):
+        evaluate("right", [], loss=False)
+    with pytest.raises(DataError, match=r"index 1: field 'output' is empty"):
+        evaluate("right", [RECORDS[0], {**RECORDS[1], "output": " "}], loss=False)
+    with pytest.raises(ConfigError, match="did you mean 'exact_match'"):
+        evaluate("right", RECORDS, metrics=["exact"], loss=False)
+    with pytest.raises(ConfigError, match="batch_size=0"):
+        evaluate("right", RECORDS, batch_size=0)
+    with pytest.raises(DataError, match="has no assistant turn"):
+        evaluate("right", [{"messages": [{"role": "user", "content": "hi"}]}], loss=False)
+
+
+def test_real_model_answers_and_loss_match_generate_and_a_manual_forward(tiny_model_dir, smol_tokenizer):
+    """No stub: the answers are generate()'s, and eval_loss is the response-token cross-entropy."""
+    from alpaca_lora.inference.generate import generate
+    from alpaca_lora.model.load import load_model
+
+    report = evaluate(tiny_model_dir, RECORDS[:4], max_new_tokens=6, compute_dtype="float32", bootstrap=0)
+    answers = generate(tiny_model_dir, [r["instruction"] for r in RECORDS[:4]], [r["input"] for r in RECORDS[:4]],
+                       max_new_tokens=6, compute_dtype="float32")
+    assert [r["prediction"] for r in report.rows] == answers
+    model, tok = load_model(tiny_model_dir, None, "float32", device="cpu")
+    total, count = 0.0, 0
+    for r in RECORDS[:4]:
+        f = tokenize_instruction(r, tok, "alpaca", cutoff_len=1024)
+        ids, labels = torch.tensor([f["input_ids"]]), torch.tensor([f["labels"]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1]
+        total += float(torch.nn.functional.cross_entropy(logits, labels[0, 1:], ignore_index=-100, reduction="sum"))
+        count += int((labels[0, 1:] != -100).sum())
+    assert report.scores["eval_loss"] == pytest.approx(total / count, rel=1e-4)
+    assert report.scores["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-3)

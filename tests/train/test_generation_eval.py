@@ -1,0 +1,68 @@
+"""Generation metrics during training: the asked prompts, the logged scores, the plot, results and model card."""
+
+import json
+
+import pytest
+
+from alpaca_lora import ConfigError, FinetuneConfig, finetune, merge
+from alpaca_lora.data.prepare import tokenize_instruction, tokenize_prompt
+from alpaca_lora.data.prompts import get_template
+from alpaca_lora.inference.evaluate import evaluate
+from alpaca_lora.train.generation_eval import GENERATION_KEYS, generation_sample
+from conftest import SHORT_RECORDS
+
+
+def test_the_sample_asks_the_training_prompt_and_expects_the_response(smol_tokenizer):
+    import datasets
+
+    template = get_template("alpaca")
+    rows = [tokenize_instruction(r, smol_tokenizer, template, cutoff_len=128) for r in SHORT_RECORDS]
+    sample = generation_sample(datasets.Dataset.from_list(rows), 5, smol_tokenizer)
+    assert len(sample) == 5
+    for (prompt, reference), record in zip(sample, SHORT_RECORDS, strict=False):
+        assert prompt == tokenize_prompt(template.render(record["instruction"], record["input"] or None),
+                                         smol_tokenizer)
+        assert reference == record["output"]  # the end-of-text token is not part of the answer
+
+
+def test_config_refuses_generation_metrics_it_cannot_compute():
+    with pytest.raises(ConfigError, match="val_set_size=0: there is no validation split"):
+        FinetuneConfig(eval_generate_samples=4, val_set_size=0)
+    with pytest.raises(ConfigError, match="train_on_inputs=True"):
+        FinetuneConfig(eval_generate_samples=4, train_on_inputs=True)
+    assert FinetuneConfig().eval_generate_samples == 0  # off by default: the eval loss stays the default
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16", "float16"])
+def test_scores_are_logged_at_each_evaluation_and_reach_results_and_card(tiny_model_dir, tmp_path, compute_dtype):
+    out = tmp_path / "run"
+    result = finetune(tiny_model_dir, SHORT_RECORDS * 4, out, max_steps=4, batch_size=4, micro_batch_size=4,
+                      val_set_size=8, eval_steps=2, eval_generate_samples=3, eval_generate_max_new_tokens=6,
+                      cutoff_len=64, compute_dtype=compute_dtype, quantization="nf4", learning_rate=1e-3)
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+    assert [e["step"] for e in evals] == [2, 4]
+    assert all(set(GENERATION_KEYS) <= e.keys() and e["eval_generate_s"] > 0 for e in evals)
+    assert result.eval_scores == {k: evals[-1][k] for k in GENERATION_KEYS}
+    assert 0 <= result.eval_scores["eval_exact_match"] <= 1 and 0 <= result.eval_scores["eval_chrf"] <= 100
+    saved = json.loads((out / "train_results.json").read_text())
+    assert saved["eval_scores"] == result.eval_scores
+    from PIL import Image
+
+    assert Image.open(out / "loss.png").size[0] > 1000  # a second panel for the generation metrics
+    if compute_dtype == "float32":
+        card = (merge(out, tmp_path / "merged", dtype="float32") / "README.md").read_text()
+        assert '"eval_chrf"' in card
+
+
+def test_off_by_default_logs_loss_only(tiny_model_dir, tmp_path):
+    result = finetune(tiny_model_dir, SHORT_RECORDS * 2, tmp_path / "run", max_steps=2, batch_size=4,
+                      micro_batch_size=4, val_set_size=4, cutoff_len=64, compute_dtype="float32", quantization=None)
+    assert result.eval_scores == {} and result.eval_loss is not None
+    assert not any("eval_bleu" in line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16", "float16"])
+def test_evaluate_in_each_precision(tiny_model_dir, compute_dtype):
+    report = evaluate(tiny_model_dir, SHORT_RECORDS[:3], max_new_tokens=4, compute_dtype=compute_dtype, bootstrap=0)
+    assert report.scores["eval_loss"] > 0 and report.scores["perplexity"] < float("inf")
+    assert len(report.rows) == 3 and all(isinstance(r["prediction"], str) for r in report.rows)
