@@ -63,8 +63,8 @@ def test_compare_scores_both_on_the_same_prompts(scripted, tmp_path):
 
 
 def test_conversations_are_scored_at_their_last_assistant_turn(scripted):
-    chats = [{"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]}
-             for r in RECORDS if not r["input"]]
+    chats = [{"messages": [{"role": "user", "content": r["instruction"]},
+                           {"role": "assistant", "content": r["output"]}]} for r in RECORDS if not r["input"]]
     report = evaluate("any", chats, loss=False, bootstrap=0)
     assert report.scores["exact_match"] == 1.0 and report.rows[0]["reference"] == chats[0]["messages"][1]["content"]
 
@@ -102,3 +102,16 @@ def test_real_model_answers_and_loss_match_generate_and_a_manual_forward(tiny_mo
         count += int((labels[0, 1:] != -100).sum())
     assert report.scores["eval_loss"] == pytest.approx(total / count, rel=1e-4)
     assert report.scores["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-3)
+
+
+def test_real_model_on_conversations_answers_the_last_turn_and_has_a_loss(tiny_model_dir):
+    from alpaca_lora.inference.generate import generate
+
+    chats = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": r["instruction"]},
+              {"role": "assistant", "content": r["output"]}] for r in SHORT_RECORDS[:3]]
+    report = evaluate(tiny_model_dir, [{"messages": c} for c in chats], max_new_tokens=5, compute_dtype="float32",
+                      bootstrap=0)
+    assert [r["prediction"] for r in report.rows] == generate(tiny_model_dir, [c[:-1] for c in chats],
+                                                              max_new_tokens=5, compute_dtype="float32")
+    assert [r["reference"] for r in report.rows] == [r["output"] for r in SHORT_RECORDS[:3]]
+    assert math.isfinite(report.scores["eval_loss"]) and report.scores["eval_loss"] > 0
