@@ -14,10 +14,18 @@ from typing import Any
 
 import torch
 
-from alpaca_lora.data.prompts import PromptTemplate, get_template
+from alpaca_lora.data.prompts import PromptTemplate
 from alpaca_lora.errors import ConfigError, ModelError
 from alpaca_lora.export import layout as art
-from alpaca_lora.export.plan import MergePlan, base_config, merged_tensor, plan_merge, probe_ids, tensor_files
+from alpaca_lora.export.plan import (
+    MergePlan,
+    base_config,
+    merged_tensor,
+    plan_merge,
+    probe_ids,
+    saved_template,
+    tensor_files,
+)
 from alpaca_lora.export.safetensors_stream import read_tensor, tensor_metas
 from alpaca_lora.model import folder_checks
 
@@ -56,7 +64,7 @@ def open_source(model_dir: Path, base_model: str | Path | None) -> ModelSource:
                          "(from finetune)")
     folder_checks.refuse_special_files(model_dir)
     folder_checks.refuse_custom_code(model_dir)
-    template = _template(model_dir)
+    template = saved_template(model_dir)
     if art.is_run_folder(model_dir):
         plan = plan_merge(model_dir, base_model, False)
         config_dir, files = plan.base_dir, plan.base_files
@@ -99,16 +107,6 @@ def chat_template_of(source: ModelSource) -> str | None:
     if (source.folder / art.TEMPLATE_FILE).is_file():
         return alpaca_chat_template(source.template, source.tokenizer)
     return None
-
-
-def _template(folder: Path) -> PromptTemplate:
-    saved = folder / art.TEMPLATE_FILE
-    if not saved.is_file():
-        return get_template("alpaca")
-    try:
-        return get_template(art.read_json(saved))
-    except ConfigError as exc:
-        raise ModelError(f"{saved} is not a usable prompt template ({exc}); restore it from the training run") from None
 
 
 def _provenance(folder: Path, plan: MergePlan | None) -> dict[str, str]:

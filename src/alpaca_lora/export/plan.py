@@ -86,7 +86,7 @@ def plan_merge(adapter_dir: Path, base_model: str | Path | None, allow_mismatch:
                          "was saved empty (every lora_B matrix is zero, e.g. saved at step 0); re-run finetune")
     base_config(base_dir)
     has_tokenizer = any((adapter_dir / f).is_file() for f in art.TOKENIZER_FILES)
-    template = _template(adapter_dir)
+    template = saved_template(adapter_dir)
     probe = probe_ids(load_tokenizer(adapter_dir if has_tokenizer else base_dir), template)  # what the export ships
     plan = MergePlan(adapter_dir, base_name, base_dir, lora, adapter, template, probe, files_by_tensor,
                      fingerprint_diffs=diffs)
@@ -94,7 +94,7 @@ def plan_merge(adapter_dir: Path, base_model: str | Path | None, allow_mismatch:
     return plan
 
 
-def _template(adapter_dir: Path) -> PromptTemplate:
+def saved_template(adapter_dir: Path) -> PromptTemplate:
     """The adapter's saved prompt template (``alpaca`` when it saved none); a damaged one is a ModelError."""
     saved = adapter_dir / art.TEMPLATE_FILE
     if not saved.is_file():
