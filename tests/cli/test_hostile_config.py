@@ -528,13 +528,8 @@ def _command() -> list[str]:
     return [script] if script else [sys.executable, "-m", "alpaca_lora"]
 
 
-def test_ctrl_c_while_importing_exits_130_in_one_line():
-    """SIGINT once the command has begun importing torch: status 130 and one line, no traceback.
-
-    ``PYTHONPROFILEIMPORTTIME`` makes the interpreter print a line as each module import ends, so the
-    signal is sent exactly when the first torch module is imported, whatever the machine's speed.
-    """
-    _count("cli: Ctrl-C at import")
+def _interrupt_at_torch_import() -> tuple[int, list[str]]:
+    """Run ``estimate --help``, send SIGINT when the first torch module is imported; (status, stderr lines)."""
     env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
     proc = subprocess.Popen([*_command(), "estimate", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env, text=True)
@@ -546,9 +541,25 @@ def test_ctrl_c_while_importing_exits_130_in_one_line():
             proc.send_signal(signal.SIGINT)
             break
     _, rest = proc.communicate(timeout=120)
-    err = [ln for ln in "".join(seen).splitlines() + rest.splitlines() if not ln.startswith("import time:")]
+    return proc.returncode, [ln for ln in "".join(seen).splitlines() + rest.splitlines()
+                             if not ln.startswith("import time:")]
+
+
+def test_ctrl_c_while_importing_exits_130_in_one_line():
+    """SIGINT once the command has begun importing torch: status 130 and one line, no traceback.
+
+    ``PYTHONPROFILEIMPORTTIME`` makes the interpreter print a line as each module import ends, so the
+    signal is sent when the first torch module is imported, whatever the machine's speed. On a loaded
+    machine the command can still finish before the signal lands (status 0, nothing to test): such a
+    run is repeated, up to five times.
+    """
+    _count("cli: Ctrl-C at import")
+    for _ in range(5):
+        code, err = _interrupt_at_torch_import()
+        if code != 0:
+            break
     text = "\n".join(err)
-    assert proc.returncode == 130, text[-2000:]
+    assert code == 130, text[-2000:]
     assert "Traceback" not in text and err == ["alpaca-lora: interrupted"], text[-2000:]
 
 
