@@ -54,6 +54,19 @@ def test_scores_are_logged_at_each_evaluation_and_reach_results_and_card(tiny_mo
         assert '"eval_chrf"' in card
 
 
+def test_answering_during_training_leaves_training_unchanged(tiny_model_dir, tmp_path):
+    """Same seed, with and without generation metrics: the same losses, step by step (dropout on)."""
+    def losses(samples: int) -> list[float]:
+        out = tmp_path / f"run{samples}"
+        finetune(tiny_model_dir, SHORT_RECORDS * 4, out, max_steps=4, batch_size=4, micro_batch_size=2,
+                 val_set_size=8, eval_steps=1, eval_generate_samples=samples, eval_generate_max_new_tokens=4,
+                 cutoff_len=64, compute_dtype="float32", quantization="nf4", lora_dropout=0.1, seed=3)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r.get("loss", r.get("eval_loss")) for r in rows]
+
+    assert losses(0) == losses(3)
+
+
 def test_off_by_default_logs_loss_only(tiny_model_dir, tmp_path):
     result = finetune(tiny_model_dir, SHORT_RECORDS * 2, tmp_path / "run", max_steps=2, batch_size=4,
                       micro_batch_size=4, val_set_size=4, cutoff_len=64, compute_dtype="float32", quantization=None)
