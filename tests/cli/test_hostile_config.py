@@ -10,7 +10,9 @@ time is stable; ``pytest -s`` prints how many inputs each kind tried.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -528,13 +530,21 @@ def _command() -> list[str]:
     return [script] if script else [sys.executable, "-m", "alpaca_lora"]
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_at_torch_import() -> tuple[int, list[str]]:
     """Run ``estimate --help``, send SIGINT when the first torch module is imported; (status, stderr lines)."""
     env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
+    # The command gets the default SIGINT disposition: a suite started in the background (`cmd &` in a
+    # script) ignores SIGINT, and an ignored signal stays ignored in every process it starts.
     proc = subprocess.Popen([*_command(), "estimate", "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env, text=True)
-    seen = []
+                            env=env, text=True, preexec_fn=_default_sigint)
     assert proc.stderr is not None
+    with contextlib.suppress(OSError):  # a one-page pipe: the command cannot run far ahead of what is read
+        fcntl.fcntl(proc.stderr.fileno(), 1031, 4096)  # F_SETPIPE_SZ (Linux)
+    seen = []
     for line in proc.stderr:
         seen.append(line)
         if line.startswith("import time:") and line.rsplit("|", 1)[-1].strip().startswith("torch"):

@@ -55,7 +55,10 @@ def test_scores_are_logged_at_each_evaluation_and_reach_results_and_card(tiny_mo
 
 
 def test_answering_during_training_leaves_training_unchanged(tiny_model_dir, tmp_path):
-    """Same seed, with and without generation metrics: the same losses, step by step (dropout on)."""
+    """Same seed, with and without generation metrics: the same losses, step by step (dropout on).
+
+    Equal up to float rounding: the CPU's threaded products may sum in another order after generation ran.
+    """
     def losses(samples: int) -> list[float]:
         out = tmp_path / f"run{samples}"
         finetune(tiny_model_dir, SHORT_RECORDS * 4, out, max_steps=4, batch_size=4, micro_batch_size=2,
@@ -64,7 +67,7 @@ def test_answering_during_training_leaves_training_unchanged(tiny_model_dir, tmp
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         return [r.get("loss", r.get("eval_loss")) for r in rows]
 
-    assert losses(0) == losses(3)
+    assert losses(0) == pytest.approx(losses(3), rel=1e-4)
 
 
 def test_off_by_default_logs_loss_only(tiny_model_dir, tmp_path):
