@@ -123,6 +123,26 @@ def test_training_dropout_is_unbiased_and_applied_per_projection(tiny_model_dir)
     assert rel < 0.15, rel  # one call alone is off by about 1.0 at p = 0.5
 
 
+@pytest.mark.parametrize("quantization", ["nf4", None])
+def test_dropout_follows_the_dropout_module_not_the_layer(tiny_model_dir, quantization):
+    """Evaluation and generation during training switch off only the dropout modules (the 4-bit layers stay
+    in training mode): the fused layers must then draw no mask, like peft's, and leave the RNG untouched."""
+    from alpaca_lora.kernels.modes import dropout_disabled
+
+    fused, plain = _pair(tiny_model_dir, quantization, lora_dropout=0.3)
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(4))
+    fused.train()
+    plain.train()
+    torch.manual_seed(0)
+    rng = torch.get_rng_state()
+    with torch.no_grad(), dropout_disabled(fused), dropout_disabled(plain):
+        out_f, out_p = fused(input_ids=ids).logits, plain(input_ids=ids).logits
+    assert torch.equal(torch.get_rng_state(), rng), "a dropout mask was drawn with dropout switched off"
+    torch.testing.assert_close(out_f, out_p, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(fused(input_ids=ids).logits, out_f)  # dropout back on afterwards
+
+
 def test_gradient_checkpointing_recomputes_the_same_masks(tiny_model_dir):
     fused_gc, _ = _pair(tiny_model_dir, "nf4", lora_dropout=0.3, gradient_checkpointing=True)
     fused_plain, _ = _pair(tiny_model_dir, "nf4", lora_dropout=0.3, gradient_checkpointing=False)

@@ -143,7 +143,7 @@ class FusedLoraForward:
         coef = float(self.scaling[adapter])  # type: ignore[attr-defined]
         p = float(getattr(dropout, "p", 0.0))
         dropped = None
-        if self.training and p > 0:  # type: ignore[attr-defined]
+        if dropout.training and p > 0:  # the dropout module's own mode, as peft's nn.Dropout would read it
             dropped, scale = dropout_mask(x.shape, p, x.device)
             coef *= scale
         dtype = active_compute_dtype(x.device.type, lora_a.dtype)
