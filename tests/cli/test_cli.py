@@ -415,3 +415,16 @@ def test_finetune_on_conversations_ships_a_chat_template_and_generate_answers_th
     assert code == 0, err[-3000:]
     prompts = [c["messages"][:1] for c in chats]
     assert out == _answers(generate(out_dir, prompts, max_new_tokens=4))
+
+
+def test_eval_writes_report_and_records_to_two_files_whatever_the_output_suffix(tiny_model_dir, records, tmp_path):
+    data = tmp_path / "held.json"
+    data.write_text(json.dumps(records[:3]))
+    for output, rows_file in (("r.json", "r.jsonl"), ("r2.jsonl", "r2.records.jsonl")):
+        code, out, err = cli("eval", tiny_model_dir, data, "--max_new_tokens", "2", "--compute_dtype", "float32",
+                             "--output", tmp_path / output)
+        assert code == 0, err[-2000:]
+        report = json.loads((tmp_path / output).read_text())
+        assert report["settings"]["records"] == 3 and "exact_match" in report["scores"]
+        rows = [json.loads(line) for line in (tmp_path / rows_file).read_text().splitlines()]
+        assert [r["reference"] for r in rows] == [r["output"] for r in records[:3]]

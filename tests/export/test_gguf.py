@@ -272,10 +272,34 @@ def test_damaged_folders_export_or_raise_our_error(tiny_model_dir, tmp_path, kin
 
 
 def test_k_quants_without_llama_cpp_name_the_package(tiny_model_dir, tmp_path, monkeypatch):
+    """Refused before the model is read (not after writing a whole f16 file)."""
+    from alpaca_lora.export import gguf_source
+
     monkeypatch.setattr(gguf_quant, "llama_cpp_available", lambda: False)
+    monkeypatch.setattr(gguf_source, "open_source", lambda *a: pytest.fail("the model was read first"))
     with pytest.raises(ModelError, match=r"not installed; install it with: CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip"):
         export_gguf(tiny_model_dir, tmp_path / "m.gguf", quantization="q4_k_m")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_only_a_merged_folders_card_gets_the_export_row(tiny_model_dir, merged, tmp_path):
+    """A base model's own README (or a hub cache's linked one) is not ours to edit; merge()'s card is."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "README.md").write_text("# someone's model card\n")
+    export_gguf(base, tmp_path / "base.gguf", quantization="f16")
+    assert (base / "README.md").read_text() == "# someone's model card\n"
+    linked = tmp_path / "linked"
+    shutil.copytree(merged, linked)
+    target = tmp_path / "card-elsewhere.md"
+    target.write_text((linked / "README.md").read_text())
+    (linked / "README.md").unlink()
+    (linked / "README.md").symlink_to(target)
+    before = target.read_text()
+    export_gguf(linked, tmp_path / "linked.gguf", quantization="f16")
+    assert target.read_text() == before
 
 
 def test_a_full_disk_is_a_clear_error_and_the_partial_file_is_removed(tiny_model_dir, tmp_path):

@@ -115,3 +115,53 @@ def test_real_model_on_conversations_answers_the_last_turn_and_has_a_loss(tiny_m
                                                               max_new_tokens=5, compute_dtype="float32")
     assert [r["reference"] for r in report.rows] == [r["output"] for r in SHORT_RECORDS[:3]]
     assert math.isfinite(report.scores["eval_loss"]) and report.scores["eval_loss"] > 0
+
+
+def test_a_model_passed_in_while_training_is_scored_without_dropout(tiny_model_dir):
+    """A model straight from training (train mode, LoRA dropout 0.5): the same loss twice, still training after."""
+    from alpaca_lora import FinetuneConfig
+    from alpaca_lora.model.load import load_model
+    from alpaca_lora.model.lora import attach_lora
+
+    model, tok = load_model(tiny_model_dir, "nf4", "float32", device="cpu")
+    model = attach_lora(model, FinetuneConfig(lora_dropout=0.5, lora_target_modules="all-linear")).train()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5, generator=torch.Generator().manual_seed(hash(name) % 1000))
+    torch.manual_seed(0)
+    rng = torch.get_rng_state()
+    losses = [evaluate(model, RECORDS[:4], tokenizer=tok, metrics=("exact_match",), max_new_tokens=2,
+                       bootstrap=0).scores["eval_loss"] for _ in range(2)]
+    assert losses[0] == losses[1] and math.isfinite(losses[0])
+    assert torch.equal(torch.get_rng_state(), rng)  # no dropout mask drawn
+    assert model.training  # given back as it came
+
+
+def test_a_loaded_model_and_its_compare_are_prompted_with_its_folder_template(tiny_model_dir, tmp_path):
+    """The first model loaded from a folder with a saved template: compare= (the same folder) gets that template
+    too, so the two give the same answers; a loaded compare model takes tokenizer= as well."""
+    import shutil
+
+    from alpaca_lora.data.prompts import get_template
+    from alpaca_lora.export import layout as art
+    from alpaca_lora.inference.generate import resolve_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / art.TEMPLATE_FILE).write_text(json.dumps(get_template("alpaca_short").to_dict()))
+    model, tok, _ = resolve_model(folder, None, None, "float32", None)
+    report = evaluate(model, RECORDS[:3], tokenizer=tok, compare=folder, max_new_tokens=4, bootstrap=0,
+                      compute_dtype="float32")
+    assert [r["prediction"] for r in report.rows] == [r["prediction"] for r in report.compare.rows]
+    alpaca = evaluate(model, RECORDS[:3], tokenizer=tok, template="alpaca", max_new_tokens=4, bootstrap=0,
+                      compute_dtype="float32", loss=False)
+    assert [r["prediction"] for r in alpaca.rows] != [r["prediction"] for r in report.rows]  # the template matters
+    loaded = evaluate(folder, RECORDS[:3], tokenizer=tok, compare=model, max_new_tokens=4, bootstrap=0,
+                      compute_dtype="float32", loss=False)
+    assert [r["prediction"] for r in loaded.compare.rows] == [r["prediction"] for r in loaded.rows]
+
+
+def test_kinds_are_read_from_any_spelling_of_a_json_path(scripted, tmp_path):
+    path = tmp_path / "HELD.JSON"
+    path.write_text(json.dumps(RECORDS))
+    assert set(evaluate("half", path, loss=False, bootstrap=0).by_kind) == {"short", "long"}

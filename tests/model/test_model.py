@@ -139,9 +139,13 @@ def test_no_grad_forward_pauses_checkpointing_and_restores_it(tiny_model_dir, tm
     run = setup(tiny_model_dir, records, tmp_path, FinetuneConfig(val_set_size=2, max_steps=1, cutoff_len=96))
     flags = [m for m in run.model.modules() if getattr(m, "gradient_checkpointing", False) is True]
     assert flags
+    grad_modes = []
+    loss_sum = run.loss_sum
+    run.loss_sum = lambda *a: grad_modes.append(torch.is_grad_enabled()) or loss_sum(*a)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert evaluate(run) > 0
+    assert grad_modes and not any(grad_modes)  # no autograd graph is built for the eval loss
     assert not [w for w in caught if "requires_grad" in str(w.message)]
     assert all(m.gradient_checkpointing for m in flags)
     run.metrics.close()

@@ -59,6 +59,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                   f"(expected {row['reference'][:40]!r})")
     if args.output:
         out = report.to_json(args.output)
-        rows = report.to_jsonl(Path(args.output).with_suffix(".jsonl"))
+        records = Path(args.output).with_suffix(".jsonl")
+        if records == Path(args.output):  # --output x.jsonl: the records must not overwrite the report
+            records = records.with_suffix(".records.jsonl")
+        rows = report.to_jsonl(records)
         print(f"\nreport: {out}; records: {rows}")
     return 0

@@ -153,11 +153,12 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    from alpaca_lora.export import layout as art
     from alpaca_lora.export.merge import merge
 
     kwargs = _given(args, {"base_model", "dtype", "max_shard_size", "merge_into", "allow_base_mismatch", "verify"})
     out = merge(args.adapter_dir, args.output_dir, **kwargs)
-    report = json.loads((out / "merge_report.json").read_text(encoding="utf-8"))
+    report = json.loads((out / art.MERGE_REPORT).read_text(encoding="utf-8"))
     check = report.get("verification") or {}
     print(f"merged {args.adapter_dir} into {report['base_model']} -> {out} "
           f"({report['dtype']}, {len(report['weight_files'])} weight file(s))")

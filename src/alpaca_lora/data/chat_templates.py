@@ -90,6 +90,19 @@ def resolve_chat_template(tokenizer: Any, chat_template: str | Path | None = Non
         f"one of {chat_template_names()}, a Jinja string, a .jinja file path, or None for the tokenizer's own")
 
 
+def alpaca_pieces(template: PromptTemplate) -> tuple[str, str, str, str, str]:
+    """The literal text around an Alpaca template's placeholders, for the renderings built from it.
+
+    Returns:
+        ``(no-input before, no-input after, with-input before, between instruction and input, after input)``.
+
+    """
+    no_input = template.prompt_no_input.split("{instruction}", 1)
+    with_input = template.prompt_input.split("{instruction}", 1)
+    between, after = with_input[1].split("{input}", 1)
+    return no_input[0], no_input[1], with_input[0], between, after
+
+
 def alpaca_chat_template(template: PromptTemplate, tokenizer: Any) -> str:
     """An Alpaca prompt template as a chat template (see the module docs).
 
@@ -97,18 +110,16 @@ def alpaca_chat_template(template: PromptTemplate, tokenizer: Any) -> str:
     :func:`~alpaca_lora.data.prepare.tokenize_instruction` does, since a chat text is tokenized
     without the tokenizer's special tokens.
     """
-    no_input = template.prompt_no_input.split("{instruction}", 1)
-    with_input = template.prompt_input.split("{instruction}", 1)
-    between, after = with_input[1].split("{input}", 1)
+    plain_before, plain_after, before, between, after = alpaca_pieces(template)
     bos = "{{ bos_token }}" if adds_bos(tokenizer) else ""
     return (
         bos + "{% set ns = namespace(system='') %}{% for message in messages %}"
         "{% if message['role'] == 'system' %}{% set ns.system = message['content'] %}"
         "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
         "{% elif ns.system %}"
-        f"{{{{ {_lit(with_input[0])} + message['content'] + {_lit(between)} + ns.system + {_lit(after)} }}}}"
+        f"{{{{ {_lit(before)} + message['content'] + {_lit(between)} + ns.system + {_lit(after)} }}}}"
         "{% set ns.system = '' %}"
-        f"{{% else %}}{{{{ {_lit(no_input[0])} + message['content'] + {_lit(no_input[1])} }}}}"
+        f"{{% else %}}{{{{ {_lit(plain_before)} + message['content'] + {_lit(plain_after)} }}}}"
         "{% endif %}{% endfor %}"
     )
 

@@ -25,7 +25,6 @@ from alpaca_lora.errors import ConfigError, DataError, shown
 
 METRICS = ("exact_match", "bleu", "rouge_l", "chrf")
 """Metric names, in report order."""
-SCALES = {"exact_match": "0..1", "bleu": "0..100", "rouge_l": "0..1", "chrf": "0..100"}
 BOOTSTRAP_SEED = 12345  # sacreBLEU's own default seed, used for every metric so intervals are reproducible
 
 
@@ -101,11 +100,13 @@ def corpus_scores(predictions: Sequence[str], references: Sequence[str], metrics
     for m in metrics:
         if m in ("bleu", "chrf"):
             metric = BLEU() if m == "bleu" else CHRF()
-            score = metric.corpus_score(list(predictions), [list(references)])
+            resampling = bootstrap > 1 and len(references) > 1
+            # with n_bootstrap, .score is still the corpus score; sacreBLEU's interval is its mean +- 1.96 sd
+            score = metric.corpus_score(list(predictions), [list(references)],
+                                        n_bootstrap=bootstrap if resampling else 1)
             result.scores[m] = float(score.score)
-            if bootstrap > 1 and len(references) > 1:
-                resampled = metric.corpus_score(list(predictions), [list(references)], n_bootstrap=bootstrap)
-                result.intervals[m] = (float(resampled._mean - resampled._ci), float(resampled._mean + resampled._ci))
+            if resampling:
+                result.intervals[m] = (float(score._mean - score._ci), float(score._mean + score._ci))
             result.signatures[m] = str(metric.get_signature())
         else:
             values = np.array([float(exact_match(p, r, ignore_case=ignore_case)) for p, r in

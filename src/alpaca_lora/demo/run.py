@@ -24,7 +24,7 @@ from alpaca_lora.config_checks import (
     number_problem,
 )
 from alpaca_lora.data.metrics import METRICS
-from alpaca_lora.demo.tasks import TaskScore, format_score_table, train_test_tasks
+from alpaca_lora.demo.tasks import TaskScore, format_score_table, tally, train_test_tasks
 from alpaca_lora.errors import ConfigError, shown
 from alpaca_lora.export.merge import merge
 from alpaca_lora.inference.evaluate import EvalReport, evaluate
@@ -132,14 +132,8 @@ def _evaluate(model_dir: Path, test: list[dict[str, str]], template: str, comput
 
 def task_scores(report: EvalReport) -> dict[str, TaskScore]:
     """Exact-match counts by task kind and overall, from the per-record scores of ``report``."""
-    scores: dict[str, TaskScore] = {}
-    overall = TaskScore("overall")
-    for row in report.rows:
-        hit = int(row["scores"]["exact_match"])
-        for s in (scores.setdefault(row.get("kind", "unknown"), TaskScore(row.get("kind", "unknown"))), overall):
-            s.correct += hit
-            s.total += 1
-    return {**scores, "overall": overall}
+    return tally([row.get("kind", "unknown") for row in report.rows],
+                 [int(row["scores"]["exact_match"]) for row in report.rows])
 
 
 def run_demo(config: DemoConfig | None = None, *, log: Any = print) -> DemoReport:

@@ -288,13 +288,16 @@ def score_predictions(records: Sequence[dict[str, str]], predictions: Sequence[s
         raise DataError(
             f"got {len(predictions)} predictions for {len(records)} records; pass one prediction per record"
         )
+    return tally([r.get("kind", "unknown") for r in records],
+                 [int(exact_match(p, r["output"])) for r, p in zip(records, predictions, strict=True)])
+
+
+def tally(kinds: Sequence[str], hits: Sequence[int]) -> dict[str, TaskScore]:
+    """Count ``hits`` (1 or 0 per record) by kind, in order of first appearance, then ``"overall"`` last."""
     scores: dict[str, TaskScore] = {}
     overall = TaskScore("overall")
-    for record, prediction in zip(records, predictions, strict=True):
-        kind = record.get("kind", "unknown")
-        score = scores.setdefault(kind, TaskScore(kind))
-        hit = exact_match(prediction, record["output"])
-        for s in (score, overall):
+    for kind, hit in zip(kinds, hits, strict=True):
+        for s in (scores.setdefault(kind, TaskScore(kind)), overall):
             s.correct += hit
             s.total += 1
     scores["overall"] = overall

@@ -115,8 +115,12 @@ def export_gguf(
     art.write_json(report_path, report)
     if not adapter_only:
         text = ollama.modelfile(target.name, source, chat_template_of(source))
-        target.with_name(target.name.removesuffix(".gguf") + MODELFILE_SUFFIX).write_text(text, encoding="utf-8")
-        _record_in_card(model_dir / "README.md", report)
+        modelfile = target.with_name(target.name.removesuffix(".gguf") + MODELFILE_SUFFIX)
+        try:
+            modelfile.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            logger.warning("could not write the Ollama Modelfile %s (%s); the GGUF file is complete", modelfile, exc)
+        _record_in_card(Path(model_dir), report)
     logger.info("wrote %s (%s, %.1f MB)", target, quantization, report["size_bytes"] / 1e6)
     return target
 
@@ -132,7 +136,10 @@ def _check_args(model_dir: Any, out_path: Any, quantization: Any, base_model: An
     if not str(out_path).endswith(".gguf"):
         raise ConfigError(f"out_path={shown(str(out_path))}: name the file *.gguf (llama.cpp, Ollama and LM Studio "
                           "look for that suffix)")
-    return gguf_quant.check_quantization(quantization)
+    quantization = gguf_quant.check_quantization(quantization)
+    if quantization not in gguf_quant.DIRECT and not adapter_only:
+        gguf_quant.require_llama_cpp(quantization)  # before anything is read or written
+    return quantization
 
 
 def _check_target(target: Path, overwrite: bool) -> None:
@@ -172,10 +179,22 @@ def _types_in(path: Path) -> dict[str, int]:
     return counts
 
 
-def _record_in_card(card: Path, report: dict[str, Any]) -> None:
-    """Add (or replace) this file's row in the model card's GGUF section, when the folder has a card."""
-    if not card.is_file():
+def _record_in_card(folder: Path, report: dict[str, Any]) -> None:
+    """Add (or replace) this file's row in the GGUF section of the card of a folder merge() wrote.
+
+    Any other folder is left as it is (a base model's card, or a hub cache's linked file, is not ours to
+    edit); a card that cannot be written is a warning, since the GGUF file is already complete.
+    """
+    card = folder / "README.md"
+    if not (card.is_file() and not card.is_symlink() and (folder / art.MERGE_REPORT).is_file()):
         return
+    try:
+        _add_card_row(card, report)
+    except OSError as exc:
+        logger.warning("could not add %s to the model card %s (%s)", report["file"], card, exc)
+
+
+def _add_card_row(card: Path, report: dict[str, Any]) -> None:
     check = report.get("verification")
     row = (f"| `{report['file']}` | {report['quantization']} | {report['size_bytes'] / 1e6:.1f} MB | "
            + (f"{check['relative_max_diff']:.2e} of the largest logit, top-1 agreement "

@@ -84,16 +84,25 @@ def encode(t: torch.Tensor, qtype: Any) -> np.ndarray:
     return quants.quantize(data, qtype)
 
 
-def decode(data: np.ndarray, qtype: Any, shape: tuple[int, ...]) -> torch.Tensor:
-    """The fp32 values of a tensor read from GGUF (``data`` as ``gguf.GGUFReader`` gives it), in torch ``shape``."""
+def decode(tensor: Any) -> torch.Tensor:
+    """The fp32 values of a tensor ``gguf.GGUFReader`` read, in torch's shape order (GGUF lists it reversed)."""
     from gguf import quants
 
-    return torch.from_numpy(np.array(quants.dequantize(data, qtype), dtype=np.float32)).reshape(shape)
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    values = np.array(quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+    return torch.from_numpy(values).reshape(shape)
 
 
 def llama_cpp_available() -> bool:
     """Whether llama-cpp-python (llama.cpp's quantizer and runtime) is installed."""
     return importlib.util.find_spec("llama_cpp") is not None
+
+
+def require_llama_cpp(quantization: str) -> None:
+    """Raise ModelError, with the install command, when ``quantization`` needs llama.cpp and it is missing."""
+    if not llama_cpp_available():
+        raise ModelError(f"quantization={quantization!r} is made by llama.cpp's quantizer, which is not installed; "
+                         f"install it with: {LLAMA_CPP_HINT}. Or pick one written directly: {list(DIRECT)}")
 
 
 def quantize_with_llama_cpp(source: Path, target: Path, quantization: str) -> None:
@@ -103,9 +112,7 @@ def quantize_with_llama_cpp(source: Path, target: Path, quantization: str) -> No
         ModelError: llama-cpp-python is not installed (with the install command) or the quantizer failed.
 
     """
-    if not llama_cpp_available():
-        raise ModelError(f"quantization={quantization!r} is made by llama.cpp's quantizer, which is not installed; "
-                         f"install it with: {LLAMA_CPP_HINT}. Or pick one written directly: {list(DIRECT)}")
+    require_llama_cpp(quantization)
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
@@ -116,7 +123,7 @@ def quantize_with_llama_cpp(source: Path, target: Path, quantization: str) -> No
     fallback = [line.split("WARNING: ", 1)[1] for line in log if "required fallback quantization" in line]
     if fallback:
         logger.info("llama.cpp's quantizer: %s (widths that are no multiple of 256)", fallback[0])
-    if status != 0 or not target.is_file():
+    if status != 0 or target.stat().st_size == 0:  # the file exists (mkstemp); an empty one is a failure
         tail = "\n".join(line for line in log[-5:])
         raise ModelError(f"llama.cpp's quantizer failed on {source} with status {status}; its log ends:\n{tail}\n"
                          "Check free disk space, or export with quantization='q8_0' or 'q4_0' instead")

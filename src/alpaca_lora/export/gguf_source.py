@@ -117,7 +117,7 @@ def _provenance(folder: Path, plan: MergePlan | None) -> dict[str, str]:
         path = folder / name
         return art.read_json(path) if path.is_file() else {}
 
-    report, cfg, fp = read("merge_report.json"), read(art.CONFIG_FILE), read(art.FINGERPRINT_FILE)
+    report, cfg, fp = read(art.MERGE_REPORT), read(art.CONFIG_FILE), read(art.FINGERPRINT_FILE)
     data = fp.get("data") if isinstance(fp.get("data"), dict) else {}
     from importlib.metadata import PackageNotFoundError, version
 

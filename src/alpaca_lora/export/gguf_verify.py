@@ -42,7 +42,7 @@ def gguf_tensors(path: Path, shape: LlamaShape) -> tuple[Any, Callable[[str], to
         if target is None or target not in tensors:
             raise ModelError(f"{path} has no tensor for {name} ({target}); the file is incomplete")
         t = tensors[target]
-        w = gguf_quant.decode(t.data, t.tensor_type, tuple(int(d) for d in reversed(t.shape)))
+        w = gguf_quant.decode(t)
         heads = rotary_heads(name, shape)
         return from_gguf_rows(w, heads) if heads else w
 

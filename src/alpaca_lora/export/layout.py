@@ -38,6 +38,7 @@ PLOT_FILE = "loss.png"
 CHECKPOINT_PREFIX = "checkpoint-"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 INDEX_FILE = "model.safetensors.index.json"
+MERGE_REPORT = "merge_report.json"
 """The index of a sharded safetensors checkpoint (tensor name -> shard file)."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",

@@ -33,7 +33,7 @@ from alpaca_lora.model.dtypes import DTYPES
 logger = logging.getLogger(__name__)
 
 MERGE_TARGETS = ("original", "dequantized")
-MERGE_REPORT = "merge_report.json"
+MERGE_REPORT = art.MERGE_REPORT
 EXPORT_FILES = ("config.json", "generation_config.json", art.INDEX_FILE, *art.TOKENIZER_FILES, art.TEMPLATE_FILE,
                 "README.md", MERGE_REPORT, art.ADAPTER_CONFIG, art.ADAPTER_WEIGHTS, art.CONFIG_FILE,
                 art.FINGERPRINT_FILE, art.RESULTS_FILE, art.PLOT_FILE)

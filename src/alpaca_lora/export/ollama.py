@@ -47,17 +47,14 @@ def modelfile(gguf_name: str, source: ModelSource, chat_template: str | None) ->
 
 def alpaca_go_template(source: ModelSource, tokenizer: Any) -> str:
     """The Alpaca prompt template as a Go template (a system message becomes the Alpaca input)."""
-    from alpaca_lora.data.chat_templates import adds_bos
+    from alpaca_lora.data.chat_templates import adds_bos, alpaca_pieces
 
-    t = source.template
-    no_input = t.prompt_no_input.split("{instruction}", 1)
-    with_input = t.prompt_input.split("{instruction}", 1)
-    between, after = with_input[1].split("{input}", 1)
+    plain_before, plain_after, before, between, after = alpaca_pieces(source.template)
     bos = _lit(tokenizer.bos_token) if adds_bos(tokenizer) and tokenizer.bos_token else ""
     return (f'{bos}{{{{ $sys := "" }}}}{{{{ range .Messages }}}}{{{{ if eq .Role "system" }}}}{{{{ $sys = .Content }}}}'
             f'{{{{ else if eq .Role "assistant" }}}}{{{{ .Content }}}}{_lit(tokenizer.eos_token)}'
-            f'{{{{ else if $sys }}}}{_lit(with_input[0])}{{{{ .Content }}}}{_lit(between)}{{{{ $sys }}}}{_lit(after)}'
-            f'{{{{ $sys = "" }}}}{{{{ else }}}}{_lit(no_input[0])}{{{{ .Content }}}}{_lit(no_input[1])}'
+            f'{{{{ else if $sys }}}}{_lit(before)}{{{{ .Content }}}}{_lit(between)}{{{{ $sys }}}}{_lit(after)}'
+            f'{{{{ $sys = "" }}}}{{{{ else }}}}{_lit(plain_before)}{{{{ .Content }}}}{_lit(plain_after)}'
             "{{ end }}{{ end }}")
 
 

@@ -18,6 +18,7 @@ def eval_loss(model_or_dir: Any, items: list[dict[str, Any]], gen: dict[str, Any
     from alpaca_lora.data.collator import InstructionCollator
     from alpaca_lora.data.prepare import tokenize_instruction
     from alpaca_lora.inference.generate import prompt_template, resolve_model
+    from alpaca_lora.model.decoding import answering
 
     model, tok, folder = resolve_model(model_or_dir, gen.get("tokenizer"), gen.get("quantization"),
                                        gen.get("compute_dtype", "auto"), gen.get("base_model"))
@@ -34,7 +35,7 @@ def eval_loss(model_or_dir: Any, items: list[dict[str, Any]], gen: dict[str, Any
     collate = InstructionCollator(tok)
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    with torch.no_grad():
+    with answering(model), torch.no_grad():  # dropout off, also for a model passed in while it trains
         for start in range(0, len(features), batch_size):
             batch = collate(features[start:start + batch_size])
             labels = batch["labels"][:, 1:].to(device)  # (B, T-1): token t+1 is predicted at t

@@ -138,8 +138,9 @@ def evaluate(
         max_new_tokens: Most tokens per answer.
         batch_size: Records answered per forward pass.
         template: Prompt template override (by default the folder's own).
-        compare: Another model (anything ``model_or_dir`` takes) scored on the same records with the same
-            prompts (the model's template), e.g. its base.
+        compare: Another model (anything ``model_or_dir`` takes; a loaded one uses ``tokenizer=`` too) scored
+            on the same records, e.g. its base. Alpaca records get the same prompts (the model's template);
+            conversations are rendered with each model's own chat template.
         ignore_case: Exact match ignores case.
         bootstrap: Resamples for the 95% intervals (0 or 1: none).
         loss: Also compute the eval loss and perplexity on the records' references.
@@ -177,10 +178,13 @@ def evaluate(
     report = _score(model_or_dir, items, chosen, settings, gen, max_new_tokens, batch_size, ignore_case, bootstrap,
                     loss)
     if compare is not None:  # prompted exactly as the model: a base is scored on the tuned model's template
-        from alpaca_lora.inference.generate import prompt_template
+        from alpaca_lora.inference.generate import model_folder, prompt_template
 
-        folder = Path(model_or_dir).expanduser() if isinstance(model_or_dir, (str, Path)) else None
-        other = {**gen, "tokenizer": None, "base_model": None, "template": prompt_template(folder, template)}
+        folder = (Path(model_or_dir).expanduser() if isinstance(model_or_dir, (str, Path))
+                  else model_folder(model_or_dir))
+        loaded = not isinstance(compare, (str, Path))  # a loaded compare model shares tokenizer=
+        other = {**gen, "tokenizer": tokenizer if loaded else None, "base_model": None,
+                 "template": prompt_template(folder, template)}
         report.compare = _score(compare, items, chosen, settings, other, max_new_tokens, batch_size, ignore_case,
                                 bootstrap, loss)
     return report
@@ -224,11 +228,12 @@ def _kinds(data: Any, n: int) -> list[Any] | None:
         values = [r.get("kind") for r in data[:n]]
     elif isinstance(data, datasets.Dataset) and "kind" in data.column_names:
         values = data.select(range(n))["kind"]
-    elif isinstance(data, (str, Path)) and str(data).endswith((".json", ".jsonl")):
+    elif isinstance(data, (str, Path)) and Path(data).suffix.lower() in (".json", ".jsonl"):
+        path = Path(data).expanduser()
         try:  # load_data already read and checked the file; only the optional kinds are read here
-            with open(data, encoding="utf-8-sig") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 lines = itertools.islice(filter(str.strip, f), n)
-                rows = json.load(f) if str(data).endswith(".json") else [json.loads(line) for line in lines]
+                rows = json.load(f) if path.suffix.lower() == ".json" else [json.loads(line) for line in lines]
         except (OSError, ValueError):
             return None
         values = [r.get("kind") if isinstance(r, dict) else None for r in rows[:n]] if isinstance(rows, list) else []

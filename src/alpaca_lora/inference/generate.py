@@ -177,7 +177,7 @@ def resolve_model(model_or_dir: Any, tokenizer: Any, quantization: str | None, c
     if not hasattr(model_or_dir, "generate"):
         raise ConfigError(f"model_or_dir must be a folder path or a loaded causal LM, got {type(model_or_dir)}")
     _check_adapter_finite(model_or_dir)
-    folder = _model_folder(model_or_dir)
+    folder = model_folder(model_or_dir)
     if tokenizer is None:
         if folder is None or not (folder / "tokenizer_config.json").is_file():
             raise ConfigError("a loaded model needs tokenizer=: its folder is unknown or holds no tokenizer")
@@ -203,7 +203,8 @@ def _check_adapter_finite(model: Any) -> None:
                          "checkpoint-N/ folder of the run, or retrain with a lower learning_rate")
 
 
-def _model_folder(model: Any) -> Path | None:
+def model_folder(model: Any) -> Path | None:
+    """The local folder a loaded model was read from (its saved template lives there), or None."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = getattr(inner, "name_or_path", None) or getattr(getattr(inner, "config", None), "_name_or_path", None)
     return art.resolve_local(name) if name else None

@@ -29,7 +29,7 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tu
 
 
 @contextlib.contextmanager
-def _answering(model: Any) -> Iterator[None]:
+def answering(model: Any) -> Iterator[None]:
     """Put a model in eval mode for the block, then restore its previous mode.
 
     A model in training with bitsandbytes 4-bit layers only has its dropout switched off (and its
@@ -83,7 +83,7 @@ def generate_batches(model: Any, tokenizer: Any, prompts: list[list[int]], kwarg
                      batch_size: int, limit: int | None) -> list[str]:
     """Answer ``prompts`` in left-padded batches of similar length; the texts in the order of ``prompts``."""
     texts: dict[int, str] = {}
-    with _answering(model), torch.no_grad():
+    with answering(model), torch.no_grad():
         for idx in _batches(prompts, batch_size, kwargs["max_new_tokens"], limit):
             ids, mask = _left_pad([prompts[i] for i in idx], kwargs["pad_token_id"], model.device)
             out = model.generate(input_ids=ids, attention_mask=mask, **_tokenizer_for(kwargs, tokenizer),
@@ -112,7 +112,7 @@ def stream_text(model: Any, tokenizer: Any, prompt: list[int], kwargs: dict[str,
             failure.append(exc)
             streamer.end()
 
-    with _answering(model):
+    with answering(model):
         thread = threading.Thread(target=run, name="alpaca_lora-generate", daemon=True)
         thread.start()
         try:

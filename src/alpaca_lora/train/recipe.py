@@ -267,6 +267,7 @@ def _generation_sample(run: Run) -> list[tuple[list[int], str]]:
     return generation_sample(run.val_set, n, run.tokenizer) if n and run.val_set is not None else []
 
 
+@torch.no_grad()
 def evaluate(run: Run) -> float:
     """Mean token loss over the validation split (batches sorted by length, dropout off, shared by the processes)."""
     order = np.argsort(column(run.val_set, "length"), kind="stable").tolist()
