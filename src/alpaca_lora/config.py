@@ -44,6 +44,9 @@ CPU_MATMULS = ("auto", "onednn", "blas")
 DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt")
 SCHEDULERS = ("linear", "cosine", "constant")
 REPORTERS = ("none", "tensorboard", "wandb")
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
+_PISSA_NITER = re.compile(r"pissa_niter_[1-9]\d{0,3}")
+"""``init_lora_weights`` values; "pissa_niter_N" (N >= 1) is accepted too."""
 
 
 @keyword_checked
@@ -83,7 +86,26 @@ class FinetuneConfig:
     """Modules that get adapters: "attention" (q,k,v,o projections), "all-linear", or a list of names."""
     fused_lora: bool = True
     """Compute each LoRA update in one autograd node with a 16-bit dropout mask (same function as peft's
-    layers, cheaper on CPUs); False keeps peft's layers."""
+    layers, cheaper on CPUs); False keeps peft's layers. DoRA layers always run peft's forward."""
+    use_rslora: bool = False
+    """rsLoRA (Kalajdzievski 2023, arXiv:2312.03732): scale the update by lora_alpha / sqrt(lora_r) instead of
+    lora_alpha / lora_r, so that high ranks (64 and up) keep learning as fast as low ones."""
+    use_dora: bool = False
+    """DoRA (Liu et al. 2024, arXiv:2402.09353): a trained magnitude per output row beside LoRA's low-rank
+    direction update; closer to full fine-tuning at low ranks. Steps are slower: each forward takes the
+    norm of every adapted weight (dequantized first on a 4-bit base)."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+ (Hayou et al. 2024, arXiv:2402.12354): the B matrices learn this many times faster than the A
+    matrices (a second optimizer parameter group); the paper's choice is 16. None: one learning rate."""
+    init_lora_weights: str = "default"
+    """How the adapters start. "default": A Kaiming-uniform, B zero, so the model starts as the base.
+    "gaussian": A normal with std 1/r. "pissa" (Meng et al. 2024, arXiv:2404.02948), or "pissa_niter_N" for
+    a fast randomized SVD with N iterations: A and B from each weight's top-r singular vectors, the base
+    keeping the residual. "olora" (Büyükakyüz 2024, arXiv:2406.01775): the same with a QR decomposition.
+    "loftq" (Li et al. 2023, arXiv:2310.08659; quantization="nf4" only): A and B from the SVD of the
+    quantization error, so the 4-bit base plus the adapter starts closer to the full-precision model.
+    PiSSA and OLoRA on a 4-bit base quantize the residual again; their saved adapter is converted to a
+    plain LoRA of rank 2r on the original base, so merge, generate and export read it as any other."""
     train_on_inputs: bool = False
     """Also train on the prompt tokens (by default only the response and EOS carry loss)."""
     add_eos_token: bool = True
@@ -184,7 +206,7 @@ class FinetuneConfig:
         for name in ("lora_target_modules", "report_to"):
             if isinstance(getattr(self, name), tuple):
                 setattr(self, name, list(getattr(self, name)))
-        for name in (*_INTS, *_FLOATS, "val_set_size"):
+        for name in (*_INTS, *_FLOATS, "val_set_size", "loraplus_lr_ratio"):
             value = getattr(self, name)
             if isinstance(value, (bool, int, float)):
                 continue
@@ -223,10 +245,39 @@ class FinetuneConfig:
             if self.val_set_size == 0:
                 p.append(f"eval_generate_samples={self.eval_generate_samples} with val_set_size=0: there is no "
                          "validation split to answer; set val_set_size (e.g. 0.05) or eval_generate_samples=0")
+        p.extend(self._lora_variant_problems())
         if self.fsdp is True and is_choice(self.quantization, ("int8",)):
             p.append("fsdp=True with quantization='int8': FSDP shards 4-bit bases ('nf4', 'fp4') or full-precision "
                      "ones (None); use quantization='nf4'")
         return p
+
+    def _lora_variant_problems(self) -> list[str]:
+        """Problems of the LoRA variant fields, alone and with the base's quantization or FSDP."""
+        p: list[str] = []
+        ratio = self.loraplus_lr_ratio
+        if ratio is not None:
+            problem = number_problem("loraplus_lr_ratio", ratio, lambda v: 0 < v <= 1e6, "in (0, 1e6]")
+            p.append(problem and f"{problem}, or None (LoRA+ off); the LoRA+ paper uses 16")
+        init = self.init_lora_weights
+        if not (is_choice(init, LORA_INITS) or (isinstance(init, str) and _PISSA_NITER.fullmatch(init))):
+            return [x for x in p if x] + [choice_problem("init_lora_weights", init, LORA_INITS)
+                                          + " (or 'pissa_niter_N', e.g. 'pissa_niter_4')"]
+        if init == "loftq" and self.quantization != "nf4":
+            p.append(f"init_lora_weights='loftq' with quantization={shown(self.quantization)}: LoftQ fits the "
+                     "adapter to the NF4 base's quantization error; use quantization='nf4', or another "
+                     "init_lora_weights")
+        if init not in ("default", "gaussian", "loftq") and self.quantization == "int8":
+            p.append(f"init_lora_weights={init!r} with quantization='int8': the residual base cannot be stored "
+                     "in 8 bits here; use quantization='nf4' or None")
+        if self.fsdp is True:
+            used = [name for name, on in (("use_dora=True", self.use_dora is True),
+                                          ("loraplus_lr_ratio", ratio is not None),
+                                          (f"init_lora_weights={init!r}", init not in ("default", "gaussian")))
+                    if on]
+            if used:
+                p.append(f"fsdp=True with {', '.join(used)}: FSDP's flat parameters hold neither the per-matrix "
+                         "groups nor the changed base these need; run them with fsdp=False")
+        return [x for x in p if x]
 
     def _structured_problems(self) -> list[str]:
         """Problems of the fields that take text, lists or dicts."""
@@ -355,6 +406,20 @@ def _template_problem(t: Any) -> str:
             return f"template={shown(t)}: {exc}"
         return ""
     return f"template={shown(t)}: must be {names} (got {type(t).__name__})"
+
+
+def lora_variants(fields: dict[str, Any]) -> list[str]:
+    """The LoRA variants a run's settings turn on, as short names (``["DoRA", "LoRA+ x16", "init pissa"]``).
+
+    Args:
+        fields: ``FinetuneConfig.to_dict()``, or a saved ``finetune_config.json`` (missing keys are off).
+
+    """
+    ratio, init = fields.get("loraplus_lr_ratio"), fields.get("init_lora_weights", "default")
+    named = (("DoRA", fields.get("use_dora") is True), ("rsLoRA", fields.get("use_rslora") is True),
+             (f"LoRA+ x{ratio:g}" if isinstance(ratio, (int, float)) else "LoRA+", ratio is not None),
+             (f"init {init}", init not in ("default", None, True)))
+    return [name for name, on in named if on]
 
 
 def field_names() -> list[str]:

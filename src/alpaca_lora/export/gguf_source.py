@@ -20,7 +20,9 @@ from alpaca_lora.export import layout as art
 from alpaca_lora.export.plan import (
     MergePlan,
     base_config,
+    merge_target,
     merged_tensor,
+    plan_dequantized,
     plan_merge,
     probe_ids,
     saved_template,
@@ -67,6 +69,8 @@ def open_source(model_dir: Path, base_model: str | Path | None) -> ModelSource:
     template = saved_template(model_dir)
     if art.is_run_folder(model_dir):
         plan = plan_merge(model_dir, base_model, False)
+        if merge_target("auto", model_dir) == "dequantized":  # as merge() would (a LoftQ adapter)
+            plan_dequantized(plan)
         config_dir, files = plan.base_dir, plan.base_files
         tok_dir = model_dir if (model_dir / "tokenizer.json").is_file() else plan.base_dir
 

@@ -22,17 +22,26 @@ from typing import Any
 
 import torch
 
+from alpaca_lora.config import lora_variants
 from alpaca_lora.data.prompts import PromptTemplate
 from alpaca_lora.errors import ConfigError, ModelError, shown
 from alpaca_lora.export import layout as art
-from alpaca_lora.export.plan import MergePlan, base_config, base_tensor, merged_tensor, plan_dequantized, plan_merge
+from alpaca_lora.export.plan import (
+    MergePlan,
+    base_config,
+    base_tensor,
+    merge_target,
+    merged_tensor,
+    plan_dequantized,
+    plan_merge,
+)
 from alpaca_lora.export.safetensors_stream import SafetensorsWriter, release_free_memory, tensor_metas
 from alpaca_lora.export.verify import verify_merge
 from alpaca_lora.model.dtypes import DTYPES
 
 logger = logging.getLogger(__name__)
 
-MERGE_TARGETS = ("original", "dequantized")
+MERGE_TARGETS = ("auto", "original", "dequantized")
 MERGE_REPORT = art.MERGE_REPORT
 EXPORT_FILES = ("config.json", "generation_config.json", art.INDEX_FILE, *art.TOKENIZER_FILES, art.TEMPLATE_FILE,
                 "README.md", MERGE_REPORT, art.ADAPTER_CONFIG, art.ADAPTER_WEIGHTS, art.CONFIG_FILE,
@@ -47,7 +56,7 @@ def merge(
     base_model: str | Path | None = None,
     dtype: str = "float16",
     max_shard_size: int | str = "2GB",
-    merge_into: str = "original",
+    merge_into: str = "auto",
     allow_base_mismatch: bool = False,
     verify: bool = True,
 ) -> Path:
@@ -59,7 +68,9 @@ def merge(
 
     ``merge_into`` chooses the weights the update is added to:
 
-    - ``"original"`` (default): the original full-precision base. The export keeps the base's full
+    - ``"auto"`` (default): ``"dequantized"`` for an adapter trained with ``init_lora_weights="loftq"``
+      (it corrects the NF4 rounding, so it belongs on the rounded weights), else ``"original"``.
+    - ``"original"``: the original full-precision base. The export keeps the base's full
       precision, but its forward differs slightly from training, where the adapter learned to
       correct the NF4-rounded base (the gap is the 4-bit quantization error, small for real models).
     - ``"dequantized"``: each base linear weight is first rounded through 4-bit exactly as training
@@ -73,7 +84,7 @@ def merge(
         base_model: The base to merge into; None takes the one recorded in ``adapter_dir``.
         dtype: Export dtype: "float16", "bfloat16" or "float32".
         max_shard_size: Largest safetensors shard, in bytes or as "500MB", "2GB", "1GiB".
-        merge_into: "original" or "dequantized" (see above).
+        merge_into: "auto", "original" or "dequantized" (see above).
         allow_base_mismatch: Merge even when the base's fingerprint differs from the recorded one.
         verify: Check merged logits against base + unmerged adapter on a probe batch (fp32).
 
@@ -99,6 +110,7 @@ def merge(
     out_dtype = _check_args(dtype, merge_into, adapter_dir, output_dir, base_model, allow_base_mismatch, verify)
     shard_bytes = parse_size(max_shard_size)
     plan = plan_merge(Path(adapter_dir), base_model, allow_base_mismatch)
+    merge_into = merge_target(merge_into, Path(adapter_dir))
     if merge_into == "dequantized":
         plan_dequantized(plan)
     target = _prepare_output(Path(output_dir), plan)
@@ -289,7 +301,8 @@ def _model_card(plan: MergePlan, report: dict[str, Any]) -> str:
          else f"| Prompt template | `{template.name}` (`{art.TEMPLATE_FILE}`; also as `chat_template.jinja`) |"),
         f"| LoRA | r={cfg.get('lora_r', lora.get('r'))}, alpha={cfg.get('lora_alpha', lora.get('lora_alpha'))}, "
         f"dropout={cfg.get('lora_dropout', lora.get('lora_dropout'))}, "
-        f"targets={cfg.get('lora_target_modules', lora.get('target_modules'))} |",
+        f"targets={cfg.get('lora_target_modules', lora.get('target_modules'))}"
+        + "".join(f", {v}" for v in lora_variants(cfg)) + " |",
         f"| Base during training | {cfg.get('quantization') or 'full precision'}, "
         f"compute {cfg.get('compute_dtype', 'unknown')} |",
         f"| Data | {data.get('num_records', '?')} records, sha256 `{data.get('sha256', '?')}` |",

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 # Adapter features whose merge is more than W + scale * B @ A (peft's merge_and_unload handles some), with
 # the value that leaves each off; peft switches most on with any other value, even 0 or [].
-_UNSUPPORTED = {**dict.fromkeys(("use_dora", "fan_in_fan_out", "lora_bias", "use_qalora"), False),
+_UNSUPPORTED = {**dict.fromkeys(("fan_in_fan_out", "lora_bias", "use_qalora"), False),
                 **dict.fromkeys(("modules_to_save", "layer_replication", "trainable_token_indices", "target_parameters",
                                  "alora_invocation_tokens", "monteclora_config", "velora_config", "kasa_config",
                                  "arrow_config", "use_bdlora"), None)}
@@ -47,6 +47,7 @@ class MergePlan:
     probe_ids: torch.Tensor  # (2, T): the verification's probe, tokenized when the tokenizer was checked
     base_files: dict[str, Path]  # base tensor name -> safetensors file
     updates: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)  # weight -> A, B, scale
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)  # DoRA: weight -> magnitude per output row
     fingerprint_diffs: list[str] = field(default_factory=list)
     quantize: set[str] = field(default_factory=set)  # weights rounded through 4-bit first ("dequantized")
     quant_type: str | None = None
@@ -67,8 +68,14 @@ def plan_merge(adapter_dir: Path, base_model: str | Path | None, allow_mismatch:
     used = [k for k, off in _UNSUPPORTED.items() if lora.get(k, off) != off] + (
         ["bias"] if adapter.config.bias != "none" else [])
     if used:
-        raise ModelError(f"the adapter in {adapter_dir} uses {used}; merge() folds plain LoRA on linear layers. "
+        raise ModelError(f"the adapter in {adapter_dir} uses {used}; merge() folds LoRA and DoRA on linear layers. "
                          "Merge it with peft's merge_and_unload() on a full-precision model instead")
+    init = lora.get("init_lora_weights", True)
+    if isinstance(init, str) and (init.startswith("pissa") or init == "olora"):
+        raise ModelError(f"the adapter in {adapter_dir} is the raw form of a {init} run (a checkpoint): it adds to "
+                         "the residual base training kept, not to the base model. Merge the run's output folder, "
+                         "whose adapter finetune() converted to a plain LoRA on the base; or resume the run to "
+                         "its end")
     base_name, base_dir, diffs = fingerprint.resolve_adapter_base(adapter_dir, base_model)
     if diffs and not allow_mismatch:
         raise ModelError(f"the base {base_dir} is not the model the adapter in {adapter_dir} was trained on "
@@ -90,7 +97,10 @@ def plan_merge(adapter_dir: Path, base_model: str | Path | None, allow_mismatch:
     probe = probe_ids(load_tokenizer(adapter_dir if has_tokenizer else base_dir), template)  # what the export ships
     plan = MergePlan(adapter_dir, base_name, base_dir, lora, adapter, template, probe, files_by_tensor,
                      fingerprint_diffs=diffs)
-    plan.updates = {f"{m}.weight": (a.float(), b.float(), _scale(adapter, m)) for m, (a, b) in adapter.pairs.items()}
+    plan.updates = {f"{m}.weight": (a.float(), b.float(), adapter.scale(m)) for m, (a, b) in adapter.pairs.items()}
+    if adapter.config.use_dora:
+        plan.magnitudes = {f"{m}.weight": adapter.extra[f"{adapter_files.PEFT_PREFIX}{m}.lora_magnitude_vector"].float()
+                           for m in adapter.pairs}
     return plan
 
 
@@ -125,9 +135,17 @@ def tensor_files(base_dir: Path) -> dict[str, Path]:
     return found
 
 
-def _scale(adapter: adapter_files.LoraAdapter, module: str) -> float:
-    """LoRA scaling of ``module``: alpha / r, or alpha / sqrt(r) with rsLoRA, by peft's pattern rules."""
-    return adapter.scale(module)
+def merge_target(merge_into: str, adapter_dir: Path) -> str:
+    """Resolve ``merge_into="auto"``: "dequantized" for a LoftQ run, else "original".
+
+    A LoftQ adapter starts as the SVD of the NF4 base's rounding error: it corrects that rounding, so it
+    belongs on the rounded weights; on the original ones it would add the error a second time.
+    """
+    if merge_into != "auto":
+        return merge_into
+    cfg_file = adapter_dir / art.CONFIG_FILE
+    cfg = art.read_json(cfg_file) if cfg_file.is_file() else {}
+    return "dequantized" if isinstance(cfg, dict) and cfg.get("init_lora_weights") == "loftq" else "original"
 
 
 def plan_dequantized(plan: MergePlan) -> None:
@@ -167,11 +185,17 @@ def base_tensor(plan: MergePlan, name: str) -> torch.Tensor:
 
 
 def merged_tensor(plan: MergePlan, name: str) -> torch.Tensor:
-    """The base tensor ``name`` plus its LoRA update (computed in fp32)."""
+    """The base tensor ``name`` plus its LoRA update (computed in fp32).
+
+    With DoRA each output row is then rescaled to its trained magnitude: ``m / ||W + s B A||_row``
+    times ``W + s B A`` (peft's merge, Liu et al. 2024).
+    """
     w = base_tensor(plan, name)
     if name in plan.updates:
         a, b, scale = plan.updates[name]
         w += scale * (b @ a)  # (out, r) @ (r, in)
+        if name in plan.magnitudes:
+            w *= (plan.magnitudes[name] / torch.linalg.vector_norm(w, dim=1)).unsqueeze(1)
     return w
 
 

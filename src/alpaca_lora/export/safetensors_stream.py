@@ -150,10 +150,16 @@ def _tied_aliases(model: Any) -> dict[str, str]:
 
 @contextmanager
 def _streaming(model: torch.nn.Module, source: Callable[[str], torch.Tensor]) -> Iterator[None]:
-    """Hook every module that owns parameters: fill them from ``source`` before it runs, free them after."""
+    """Hook every module that owns parameters: fill them from ``source`` before it runs, free them after.
+
+    A peft LoRA layer is filled and freed as one unit with its ``base_layer``: DoRA reads the base weight
+    again after the base layer has run (for its row norms).
+    """
     handles = []
+    units = [p for p, m in model.named_modules() if hasattr(m, "base_layer") and p]
     for prefix, module in model.named_modules():
-        names = [n for n, _ in module.named_parameters(recurse=False)]
+        inside = any(prefix.startswith(u + ".") for u in units)
+        names = [] if inside else [n for n, _ in module.named_parameters(recurse=prefix in units)]
         if names:
             handles.append(module.register_forward_pre_hook(_Fill(prefix, names, source)))
             handles.append(module.register_forward_hook(_Free(names)))
@@ -171,12 +177,19 @@ class _Fill:
     def __call__(self, module: torch.nn.Module, args: Any) -> None:
         for n in self.names:
             full = f"{self.prefix}.{n}" if self.prefix else n
-            t, expected = self.source(full), getattr(module, n)
+            owner, leaf = _owner(module, n)
+            t, expected = self.source(full), getattr(owner, leaf)
             if t.shape != expected.shape:
                 raise ModelError(f"{full} has shape {list(t.shape)} in the checkpoint, the model expects "
                                  f"{list(expected.shape)}; the base does not fit the adapter")
             t = t.to(expected.dtype) if t.is_floating_point() else t
-            module.register_parameter(n, torch.nn.Parameter(t, requires_grad=False))
+            owner.register_parameter(leaf, torch.nn.Parameter(t, requires_grad=False))
+
+
+def _owner(module: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    """The submodule that holds the parameter ``name`` (dotted, relative to ``module``) and its own name."""
+    path, _, leaf = name.rpartition(".")
+    return (module.get_submodule(path) if path else module), leaf
 
 
 class _Free:
@@ -186,10 +199,11 @@ class _Free:
     def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         freed = 0
         for n in self.names:
-            p = getattr(module, n)
+            owner, leaf = _owner(module, n)
+            p = getattr(owner, leaf)
             freed += p.numel() * p.element_size()
-            module.register_parameter(n, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
-                                                            requires_grad=False))
+            owner.register_parameter(leaf, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                              requires_grad=False))
         if freed > 2**20:
             release_free_memory()
 

@@ -83,12 +83,18 @@ def verify_merge(plan: MergePlan, out: Path, dtype: torch.dtype) -> dict[str, An
 
 
 def _with_lora(plan: MergePlan, base: Callable[[str], torch.Tensor]) -> Callable[[str], torch.Tensor]:
-    """Source for a peft-injected skeleton: LoRA A/B from the adapter, base_layer weights from ``base``."""
+    """Source for a peft-injected skeleton: the adapter's tensors, and base_layer weights from ``base``.
+
+    The adapter gives LoRA A and B, and with DoRA each layer's magnitude.
+    """
     def source(name: str) -> torch.Tensor:
         m = re.fullmatch(r"(.+)\.lora_([AB])\.[^.]+\.weight", name)
         if m:
             a, b, _ = plan.updates[f"{m.group(1)}.weight"]
             return a if m.group(2) == "A" else b
+        m = re.fullmatch(r"(.+)\.lora_magnitude_vector\.[^.]+\.weight", name)
+        if m:
+            return plan.magnitudes[f"{m.group(1)}.weight"]
         return base(name.replace(".base_layer.", "."))
 
     return source

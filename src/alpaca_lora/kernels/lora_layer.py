@@ -23,13 +23,17 @@ The adapter's parameters and state-dict keys are peft's own (these classes subcl
 and only replace ``forward``), so saving, loading and merging are unchanged. Anything the fast
 path does not cover (merged or disabled adapters, several active adapters, DoRA and other
 variants, LoRA bias, mixed-adapter batches, ``fan_in_fan_out``, FSDP's views into its flat
-parameter) falls back to peft's forward. Reduced precision follows peft's dtype rule (the
+parameter) falls back to peft's forward, logged once per reason. rsLoRA's scale and every
+``init_lora_weights`` are computed exactly here (they only change ``scaling`` or the starting weights).
+Reduced precision follows peft's dtype rule (the
 autocast dtype under autocast, else the adapter's) on every device, autocast on the CPU included.
 ``FinetuneConfig.fused_lora=False`` keeps peft's layers throughout.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any
 
 import torch
@@ -37,6 +41,7 @@ import torch
 from alpaca_lora.kernels.autocast import active_compute_dtype
 from alpaca_lora.kernels.bnb_import import import_bitsandbytes
 
+logger = logging.getLogger(__name__)
 bnb = import_bitsandbytes()  # before peft's bnb layers import it
 
 from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit  # noqa: E402
@@ -128,6 +133,12 @@ class _LoraUpdate(torch.autograd.Function):
         return (grad_out if need_base else None), grad_x, grad_a, grad_b, None, None, None
 
 
+@functools.cache
+def _fallback_once(reason: str) -> None:
+    """Log, once per process and reason, that layers take peft's forward instead of the fused one."""
+    logger.info("fused LoRA path: %s", reason)
+
+
 class FusedLoraForward:
     """Mixin: peft's LoRA forward, with the common case computed by :class:`_LoraUpdate`."""
 
@@ -157,7 +168,12 @@ class FusedLoraForward:
         if len(active) != 1:
             return None
         adapter = active[0]
-        if adapter in self.lora_variant or self.lora_bias.get(adapter, False):  # type: ignore[attr-defined]
+        if adapter in self.lora_variant:  # type: ignore[attr-defined]
+            variant = type(self.lora_variant[adapter]).__name__  # type: ignore[attr-defined]
+            _fallback_once(f"{variant} (e.g. DoRA's weight norm) is computed by peft's own LoRA forward")
+            return None
+        if self.lora_bias.get(adapter, False):  # type: ignore[attr-defined]
+            _fallback_once("a LoRA bias is computed by peft's own LoRA forward")
             return None
         if getattr(self, "fan_in_fan_out", False):
             return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,11 +94,20 @@ def attach_lora(model: Any, config: Any) -> Any:
         config: A :class:`~alpaca_lora.config.FinetuneConfig` (lora_* fields, gradient_checkpointing).
 
     Returns:
-        A ``peft.PeftModel`` whose only trainable parameters are the LoRA weights (kept in fp32). The
-        random LoRA A matrices come from ``config.seed`` alone; the caller's random state is left as it was.
+        A ``peft.PeftModel`` whose only trainable parameters are the LoRA weights (kept in fp32; with DoRA
+        also a magnitude vector per adapted layer). The random LoRA A matrices come from ``config.seed``
+        alone; the caller's random state is left as it was. ``init_lora_weights`` other than "default"
+        may have changed the base weights too (PiSSA and OLoRA leave the residual there; see
+        :mod:`alpaca_lora.model.lora_init`).
+
+    Raises:
+        ModelError: No trainable parameter was attached, or PiSSA / LoftQ on a 4-bit base cannot read the
+            base's full-precision weights from its folder.
 
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from alpaca_lora.model import lora_init
 
     targets = resolve_target_modules(model, config.lora_target_modules)
     # The non-reentrant kind recomputes a layer only as far as its backward needs (it skips the MLP's
@@ -115,6 +125,8 @@ def attach_lora(model: Any, config: Any) -> Any:
             p.requires_grad_(False)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    init = getattr(config, "init_lora_weights", "default")
+    quantized_4bit = getattr(model, "is_loaded_in_4bit", False)
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -122,6 +134,9 @@ def attach_lora(model: Any, config: Any) -> Any:
         target_modules=targets,
         bias="none",
         task_type="CAUSAL_LM",
+        use_rslora=getattr(config, "use_rslora", False),
+        use_dora=getattr(config, "use_dora", False),
+        init_lora_weights=lora_init.peft_init(init, quantized_4bit),
     )
     if getattr(config, "fused_lora", False):
         from alpaca_lora.kernels.lora_layer import register_fused_layers
@@ -129,10 +144,24 @@ def attach_lora(model: Any, config: Any) -> Any:
         register_fused_layers(lora, model, targets)
     with _seeded(config.seed):  # LoRA A is random: reproducible from the seed, the caller's RNG untouched
         peft_model = get_peft_model(model, lora)
+        if lora_init.computed_here(init, quantized_4bit):
+            lora_init.apply_init(peft_model, init, _base_folder(model))
     n_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     if n_trainable == 0:
         raise ModelError("LoRA attached no trainable parameters; check lora_target_modules")
     return peft_model
+
+
+def _base_folder(model: Any) -> Path:
+    """The local folder the base was loaded from (its safetensors hold the full-precision weights)."""
+    from alpaca_lora.model.folder_checks import local_model_folder
+
+    name = getattr(model, "name_or_path", "") or ""
+    folder = local_model_folder(name) if name else None
+    if folder is None:
+        raise ModelError(f"the base model's folder ({name!r}) is not on this machine; PiSSA and LoftQ on a 4-bit "
+                         "base read its full-precision weights from there. Load the base from a local folder")
+    return folder
 
 
 @contextlib.contextmanager

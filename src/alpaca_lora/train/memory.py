@@ -129,6 +129,9 @@ def estimate_memory(base_model: str | Path | dict[str, Any], **overrides: Any) -
 
     targets = _targets(cfg.lora_target_modules)
     lora_params = n_layers * cfg.lora_r * sum(a + b for name, (a, b) in shapes.items() if name in targets)
+    adapted_out = sum(shapes[t][1] for t in targets if t in shapes)  # output rows of one layer's adapted weights
+    if cfg.use_dora:
+        lora_params += n_layers * adapted_out  # one trained magnitude per output row
     tokens = cfg.micro_batch_size * cfg.cutoff_len
     # Tensors kept for backward per token per layer: the inputs of the two norms, sdpa's query, key,
     # value and output, the MLP's gate, up and activation (frozen 4-bit layers keep only their
@@ -136,6 +139,8 @@ def estimate_memory(base_model: str | Path | dict[str, Any], **overrides: Any) -
     lora_inputs = sum(shapes[t][0] for t in targets if t in shapes)
     per_layer = (2 * h + 2 * heads * hd + 2 * kv * hd + 3 * i) * act
     per_layer += lora_inputs * (act + 1 if cfg.lora_dropout > 0 else act)
+    if cfg.use_dora:  # the base output and the LoRA output are kept apart for the magnitude's gradient
+        per_layer += adapted_out * act
     if cfg.gradient_checkpointing:
         activations = n_layers * tokens * h * act + tokens * per_layer
     else:
@@ -154,6 +159,10 @@ def estimate_memory(base_model: str | Path | dict[str, Any], **overrides: Any) -
         "logits_and_loss": int(logits),
         "workspace": int(0.05 * base) + 40 * 1024**2,
     }
+    if cfg.use_dora:  # each forward builds W + s B A of one adapted weight in fp32 for its row norms
+        parts["workspace"] += 2 * 4 * max((a * b for name, (a, b) in shapes.items() if name in targets), default=0)
+    if cfg.device == "cpu" and (cfg.init_lora_weights.startswith("pissa") or cfg.init_lora_weights == "olora"):
+        parts["initial_adapter_copy"] = lora_params * 4  # kept to save the adapter as a plain LoRA
     return MemoryEstimate(parts=parts, total=sum(parts.values()),
                           assumptions={"compute_bytes": act, "tokens_per_micro_batch": tokens,
                                        "lora_parameters": lora_params, "quantized_parameters": linear})

@@ -10,9 +10,19 @@ import torch
 from alpaca_lora.config import FinetuneConfig
 
 
-def build_optimizer(cfg: FinetuneConfig, params: list[torch.nn.Parameter], total_steps: int) -> tuple[Any, Any]:
-    """AdamW over ``params`` and its learning-rate schedule (a ``LambdaLR`` of :class:`LrSchedule`)."""
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+def build_optimizer(cfg: FinetuneConfig, params: list[torch.nn.Parameter], total_steps: int,
+                    lora_b: set[int] | None = None) -> tuple[Any, Any]:
+    """AdamW over ``params`` and its learning-rate schedule (a ``LambdaLR`` of :class:`LrSchedule`).
+
+    With ``cfg.loraplus_lr_ratio`` (LoRA+), the parameters whose ``id`` is in ``lora_b`` (the B matrices)
+    form a second group at ``learning_rate * loraplus_lr_ratio``; the schedule scales both groups alike.
+    """
+    groups: list[Any] = params
+    if cfg.loraplus_lr_ratio is not None:
+        fast = lora_b or set()
+        groups = [{"params": [p for p in params if id(p) not in fast]},
+                  {"params": [p for p in params if id(p) in fast], "lr": cfg.learning_rate * cfg.loraplus_lr_ratio}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * total_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, LrSchedule(cfg.lr_scheduler, warmup, total_steps))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from alpaca_lora.config import FinetuneConfig
+from alpaca_lora.config import FinetuneConfig, lora_variants
 from alpaca_lora.data.prepare import PrepareReport
 from alpaca_lora.errors import AlpacaLoraError
 from alpaca_lora.model.load import trainable_parameters
@@ -58,7 +58,8 @@ def preflight_summary(
         f"  model         {base_model}",
         f"  weights       {quant}; compute {dtype_name} on {device}",
         f"  trainable     {trainable:,} of {total:,} parameters ({100 * trainable / max(1, total):.3f}%), "
-        f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {cfg.lora_target_modules}",
+        f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {cfg.lora_target_modules}"
+        + (f" ({', '.join(variants)})" if (variants := lora_variants(cfg.to_dict())) else ""),
         f"  records       {report.kept} kept for training, {report.dropped} dropped{reasons}, "
         f"{report.truncated} truncated at cutoff_len={cfg.cutoff_len}"
         + (f" ({report.dropped_turns} turns cut off), {report.turns} assistant turns trained"

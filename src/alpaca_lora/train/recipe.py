@@ -29,6 +29,7 @@ from alpaca_lora.export.chat_template import check_saved_chat_template
 from alpaca_lora.files import non_finite
 from alpaca_lora.kernels.cpu_memory import restore_memory_settings
 from alpaca_lora.kernels.modes import dropout_disabled
+from alpaca_lora.model.lora_init import to_plain_lora
 from alpaca_lora.train import stops
 from alpaca_lora.train.checkpoint import WRITE_ERRORS, capture_rng, disk_full, latest_checkpoint, save_run_checkpoint
 from alpaca_lora.train.distributed import init_distributed
@@ -308,6 +309,8 @@ def save(run: Run) -> FinetuneResult:
             if run.strategy.is_main:
                 write_adapter(out)
                 _check_adapter(out, len(run.lora_names))
+                if run.initial_lora is not None:  # PiSSA / OLoRA: a plain LoRA on the original base
+                    to_plain_lora(out, run.initial_lora)
                 run.tokenizer.save_pretrained(out)  # with run.chat_template as its chat template
                 if run.chat_sample is not None:
                     check_saved_chat_template(out, *run.chat_sample)

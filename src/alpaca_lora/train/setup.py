@@ -32,6 +32,7 @@ from alpaca_lora.kernels.cross_entropy import token_losses_sum
 from alpaca_lora.kernels.packed_attention import use_packed_attention
 from alpaca_lora.model.load import load_base, load_tokenizer, resolve_compute_dtype, trainable_parameters
 from alpaca_lora.model.lora import attach_lora
+from alpaca_lora.model.lora_init import initial_factors, is_residual
 from alpaca_lora.train.checkpoint import remove_incomplete, resume
 from alpaca_lora.train.distributed import Dist, check_world_size, init_distributed
 from alpaca_lora.train.loss_scale import LossScaler
@@ -98,6 +99,7 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
     # from_pretrained returns the model in eval mode; training needs train mode (dropout on), and the
     # 4-bit layers must never run an inference forward before training (see model.modes.dropout_disabled).
     model = attach_lora(model, cfg).train()
+    initial_lora = initial_factors(model) if is_residual(cfg.init_lora_weights) else None
     seed_everything(cfg.seed)  # the training randomness (dropout) starts from the seed, whatever loading drew
     matmul = resolve_backend(cfg.cpu_matmul, device, dtype) if strategy.name != "fsdp" else "blas"
     if matmul == "onednn":
@@ -115,7 +117,9 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
         logger.info(preflight_summary(base_model, cfg, model, report, val_records=len(val_set or []),
                                       total_steps=total_steps, device=device, dtype=dtype))
     collator = _collator(cfg, strategy, tokenizer, model, dtype)
-    model, optimizer, scheduler = strategy.prepare(model, lambda params: build_optimizer(cfg, params, total_steps))
+    lora_b = {id(p) for n, p in model.named_parameters() if p.requires_grad and ".lora_B." in n}  # LoRA+'s group
+    model, optimizer, scheduler = strategy.prepare(model,
+                                                   lambda params: build_optimizer(cfg, params, total_steps, lora_b))
 
     output_dir.mkdir(parents=True, exist_ok=True)
     for junk in remove_incomplete(output_dir):  # left by a save that was killed
@@ -132,7 +136,7 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
                dtype=dtype, total_steps=total_steps, fingerprint=fingerprint, report=report, metrics=metrics,
                lora_names=lora_names, matmul=matmul, data_format=data_format, data_cache_hit=run_data.cache_hit,
                chat_template=run_data.chat_template,
-               chat_sample=run_data.chat_sample, state=RunState(step=resumed_at or 0))
+               chat_sample=run_data.chat_sample, initial_lora=initial_lora, state=RunState(step=resumed_at or 0))
 
 
 def check_output_dir(output_dir: Path) -> None:

@@ -78,6 +78,8 @@ class Run:
             for Alpaca records the Alpaca template as a chat template).
         chat_sample: A training conversation (normalized messages, tools) and its training text, rendered
             again from the saved folder at save time.
+        initial_lora: For PiSSA and OLoRA, the starting ``(A0, B0)`` of each adapted module, with which the
+            saved adapter is converted to a plain LoRA on the original base (:mod:`alpaca_lora.model.lora_init`).
         state: The progress, advanced by the training loop.
 
     """
@@ -107,4 +109,5 @@ class Run:
     data_cache_hit: bool = False
     chat_template: str = ""
     chat_sample: tuple[list[dict[str, Any]], str, str] | None = None
+    initial_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     state: RunState = field(default_factory=RunState)
