@@ -70,12 +70,6 @@ def plan_merge(adapter_dir: Path, base_model: str | Path | None, allow_mismatch:
     if used:
         raise ModelError(f"the adapter in {adapter_dir} uses {used}; merge() folds LoRA and DoRA on linear layers. "
                          "Merge it with peft's merge_and_unload() on a full-precision model instead")
-    init = lora.get("init_lora_weights", True)
-    if isinstance(init, str) and (init.startswith("pissa") or init == "olora"):
-        raise ModelError(f"the adapter in {adapter_dir} is the raw form of a {init} run (a checkpoint): it adds to "
-                         "the residual base training kept, not to the base model. Merge the run's output folder, "
-                         "whose adapter finetune() converted to a plain LoRA on the base; or resume the run to "
-                         "its end")
     base_name, base_dir, diffs = fingerprint.resolve_adapter_base(adapter_dir, base_model)
     if diffs and not allow_mismatch:
         raise ModelError(f"the base {base_dir} is not the model the adapter in {adapter_dir} was trained on "

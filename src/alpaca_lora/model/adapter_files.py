@@ -213,6 +213,12 @@ def _lora_config(raw: dict[str, Any], file: Path, error: type[AlpacaLoraError]) 
         problems.append("target_modules is missing: it names the modules the adapter updates")
     if problems:
         raise error(f"{file} is not a usable LoRA config:\n  - " + "\n  - ".join(problems) + f"\n{_FIX_CONFIG}")
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and (init.startswith("pissa") or init == "olora"):
+        raise error(f"{file} is the raw form of an init_lora_weights={init!r} adapter (a checkpoint of such a run): "
+                    "it adds to the residual base training kept, not to the base model. Use the run's output "
+                    "folder, whose adapter finetune() converted to a plain LoRA on the base, or resume the run to "
+                    "its end")
     from peft import LoraConfig
 
     try:  # peft's own checks of the fields above and of everything else it reads

@@ -146,6 +146,8 @@ def attach_lora(model: Any, config: Any) -> Any:
         peft_model = get_peft_model(model, lora)
         if lora_init.computed_here(init, quantized_4bit):
             lora_init.apply_init(peft_model, init, _base_folder(model))
+            if lora_init.is_residual(init):  # checkpoints say what they are: A and B on a residual base
+                peft_model.peft_config["default"].init_lora_weights = init
     n_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     if n_trainable == 0:
         raise ModelError("LoRA attached no trainable parameters; check lora_target_modules")
