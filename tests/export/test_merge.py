@@ -1,6 +1,5 @@
 """merge(): merged logits equal adapter logits, a self-describing pickle-free export, wrong bases refused."""
 
-import importlib
 import json
 import logging
 import shutil
@@ -227,9 +226,10 @@ def test_an_untrained_adapter_is_refused_before_anything_is_written(adapter, tmp
 
 def test_a_wrong_merge_fails_verification_and_leaves_no_export(adapter, tmp_path, monkeypatch):
     """Break the merge math on purpose (a 10% wrong LoRA scale): the logit check must catch it."""
-    plan_module = importlib.import_module("alpaca_lora.export.plan")
-    scale = plan_module._scale
-    monkeypatch.setattr(plan_module, "_scale", lambda *a: 1.1 * scale(*a))
+    from alpaca_lora.model.adapter_files import LoraAdapter
+
+    scale = LoraAdapter.scale
+    monkeypatch.setattr(LoraAdapter, "scale", lambda self, module: 1.1 * scale(self, module))
     with pytest.raises(ModelError, match="verification failed"):
         merge(adapter, tmp_path / "out", dtype="float32")
     assert not list((tmp_path / "out").iterdir())
