@@ -44,6 +44,8 @@ CPU_MATMULS = ("auto", "onednn", "blas")
 DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt")
 SCHEDULERS = ("linear", "cosine", "constant")
 REPORTERS = ("none", "tensorboard", "wandb")
+MAX_NEW_TOKENS = 10_000
+"""Most tokens ``add_tokens`` or ``special_tokens`` may list."""
 LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 _PISSA_NITER = re.compile(r"pissa_niter_[1-9]\d{0,3}")
 """``init_lora_weights`` values; "pissa_niter_N" (N >= 1) is accepted too."""
@@ -106,6 +108,14 @@ class FinetuneConfig:
     quantization error, so the 4-bit base plus the adapter starts closer to the full-precision model.
     PiSSA and OLoRA on a 4-bit base quantize the residual again; their saved adapter is converted to a
     plain LoRA of rank 2r on the original base, so merge, generate and export read it as any other."""
+    add_tokens: list[str] | None = None
+    """New tokens for the vocabulary (a domain's words or markers), which the tokenizer then keeps whole.
+    Their embedding rows (and untied lm_head rows) start at the mean of the existing rows, as Stanford
+    Alpaca's resize did, and train beside LoRA as those rows only (peft's trainable_token_indices). Tokens
+    the vocabulary already holds are skipped and reported. See docs/lora_variants.md, "New tokens"."""
+    special_tokens: list[str] | None = None
+    """New special tokens (a chat format's markers, e.g. "<|tool|>"): as ``add_tokens``, and marked special,
+    so decoding with ``skip_special_tokens`` drops them."""
     train_on_inputs: bool = False
     """Also train on the prompt tokens (by default only the response and EOS carry loss)."""
     add_eos_token: bool = True
@@ -203,7 +213,7 @@ class FinetuneConfig:
             self.template = self.template.to_dict()
         if self.report_to is None:
             self.report_to = "none"  # transformers users pass None for "no reporter"
-        for name in ("lora_target_modules", "report_to"):
+        for name in ("lora_target_modules", "report_to", "add_tokens", "special_tokens"):
             if isinstance(getattr(self, name), tuple):
                 setattr(self, name, list(getattr(self, name)))
         for name in (*_INTS, *_FLOATS, "val_set_size", "loraplus_lr_ratio"):
@@ -246,6 +256,7 @@ class FinetuneConfig:
                 p.append(f"eval_generate_samples={self.eval_generate_samples} with val_set_size=0: there is no "
                          "validation split to answer; set val_set_size (e.g. 0.05) or eval_generate_samples=0")
         p.extend(self._lora_variant_problems())
+        p.extend(self._new_token_problems())
         if self.fsdp is True and is_choice(self.quantization, ("int8",)):
             p.append("fsdp=True with quantization='int8': FSDP shards 4-bit bases ('nf4', 'fp4') or full-precision "
                      "ones (None); use quantization='nf4'")
@@ -278,6 +289,29 @@ class FinetuneConfig:
                 p.append(f"fsdp=True with {', '.join(used)}: FSDP's flat parameters hold neither the per-matrix "
                          "groups nor the changed base these need; run them with fsdp=False")
         return [x for x in p if x]
+
+    def _new_token_problems(self) -> list[str]:
+        """Problems of ``add_tokens`` and ``special_tokens``."""
+        p: list[str] = []
+        seen: set[str] = set()
+        for name in ("add_tokens", "special_tokens"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not (isinstance(value, list) and 0 < len(value) <= MAX_NEW_TOKENS
+                    and all(isinstance(t, str) and t.strip() and len(t) <= 200 for t in value)):
+                p.append(f"{name}={shown(value)}: must be None or a list of 1 to {MAX_NEW_TOKENS} non-blank "
+                         "strings of at most 200 characters, e.g. ['<|tool|>']")
+                continue
+            twice = sorted({t for t in value if t in seen or value.count(t) > 1})
+            if twice:
+                p.append(f"{name}: {shown(twice)} given more than once (across add_tokens and special_tokens); "
+                         "list each new token once")
+            seen.update(value)
+        if seen and self.fsdp is True:
+            p.append("fsdp=True with add_tokens / special_tokens: the new rows train as peft trainable tokens, which "
+                     "FSDP's flat parameters cannot hold; run with fsdp=False")
+        return p
 
     def _structured_problems(self) -> list[str]:
         """Problems of the fields that take text, lists or dicts."""

@@ -31,6 +31,9 @@ def adapter_pairs(source: ModelSource, shape: LlamaShape) -> tuple[float, list[t
     """``(alpha, [(gguf weight name, A, B as stored)])``: B carries each module's scale relative to alpha / r."""
     plan = source.plan
     assert plan is not None  # export_gguf checked the folder is an adapter
+    if plan.token_rows:
+        raise ModelError(f"{plan.adapter_dir} trains new tokens; llama.cpp's LoRA GGUF cannot grow the base's "
+                         "vocabulary. Export the merged model instead (adapter_only=False)")
     if plan.magnitudes:
         raise ModelError(f"{plan.adapter_dir} is a DoRA adapter; llama.cpp's LoRA GGUF holds A and B only, not "
                          "DoRA's magnitudes. Export the merged model instead (adapter_only=False)")

@@ -27,6 +27,7 @@ from alpaca_lora.export.plan import (
     probe_ids,
     saved_template,
     tensor_files,
+    tensor_shape,
 )
 from alpaca_lora.export.safetensors_stream import read_tensor, tensor_metas
 from alpaca_lora.model import folder_checks
@@ -90,9 +91,13 @@ def open_source(model_dir: Path, base_model: str | Path | None) -> ModelSource:
         raise ModelError(f"{tok_dir} holds no tokenizer.json; a GGUF carries its tokenizer. Copy the tokenizer files "
                          "of the base model (tokenizer.json, tokenizer_config.json) into the folder")
     tokenizer = load_tokenizer(tok_dir)
-    shapes = {name: meta[0] for name, meta in tensor_metas(files).items()}
+    shapes = {name: tensor_shape(plan, name, meta[0]) if plan else meta[0]
+              for name, meta in tensor_metas(files).items()}
     probe = plan.probe_ids if plan else probe_ids(tokenizer, template)
-    source = ModelSource(model_dir, config_dir, base_config(config_dir), sorted(files), shapes, read, tokenizer,
+    config = base_config(config_dir)
+    if plan is not None and plan.vocab_size:  # the adapter's new tokens grew the embedding
+        config.vocab_size = plan.vocab_size
+    source = ModelSource(model_dir, config_dir, config, sorted(files), shapes, read, tokenizer,
                          tok_dir, template, probe, plan=plan)
     source.provenance = _provenance(model_dir, plan)
     source.generation = _generation(config_dir)

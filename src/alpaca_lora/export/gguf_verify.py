@@ -50,9 +50,12 @@ def gguf_tensors(path: Path, shape: LlamaShape) -> tuple[Any, Callable[[str], to
 
 
 def compare_logits(config_dir: Path, probe: torch.Tensor, source: Callable[[str], torch.Tensor],
-                   written: Callable[[str], torch.Tensor]) -> dict[str, Any]:
-    """Logits of ``probe`` from the source weights and from the written ones, as export-report figures."""
-    model = skeleton(config_dir)
+                   written: Callable[[str], torch.Tensor], vocab_size: int | None = None) -> dict[str, Any]:
+    """Logits of ``probe`` from the source weights and from the written ones, as export-report figures.
+
+    ``vocab_size`` overrides the config's (an adapter's new tokens grew the embedding).
+    """
+    model = skeleton(config_dir, vocab_size)
     with torch.no_grad():
         ref = streamed_logits(model, probe, source)  # (B, T, V)
         got = streamed_logits(model, probe, written)
@@ -119,7 +122,7 @@ def verify_gguf(path: Path, source: ModelSource, shape: LlamaShape, vocab: Vocab
         raise ModelError(f"{path} read back without the training chat template; the file is damaged")
     check_metadata(reader, shape)
     weights = check_weights(reader, written, source.names, source.read)
-    result = compare_logits(source.config_dir, source.probe, source.read, written)
+    result = compare_logits(source.config_dir, source.probe, source.read, written, source.config.vocab_size)
     tolerance = gguf_quant.TOLERANCE[quantization]
     result.update(weight_relative_error=weights, tolerance=tolerance, passed=result["relative_rms_diff"] <= tolerance)
     logger.info("gguf check (%s): logits off by %.3g (relative RMS; tolerance %.3g), top-1 agreement %.1f%%",

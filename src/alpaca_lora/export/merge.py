@@ -34,6 +34,7 @@ from alpaca_lora.export.plan import (
     merged_tensor,
     plan_dequantized,
     plan_merge,
+    tensor_shape,
 )
 from alpaca_lora.export.safetensors_stream import SafetensorsWriter, release_free_memory, tensor_metas
 from alpaca_lora.export.verify import verify_merge
@@ -197,7 +198,7 @@ def _write_weights(plan: MergePlan, out: Path, dtype: torch.dtype, shard_bytes: 
     """Write merged tensors as safetensors shards, streaming one tensor at a time; return the file names."""
     from tqdm.auto import tqdm
 
-    metas = tensor_metas(plan.base_files)
+    metas = {n: (tensor_shape(plan, n, shape), dt) for n, (shape, dt) in tensor_metas(plan.base_files).items()}
     names = sorted(metas)
     out_dtype = {n: dtype if metas[n][1].is_floating_point else metas[n][1] for n in names}
     nbytes = {n: math.prod(metas[n][0]) * out_dtype[n].itemsize for n in names}
@@ -255,6 +256,8 @@ def _write_side_files(plan: MergePlan, out: Path, dtype: torch.dtype) -> None:
     """Config (with the export dtype), generation config, tokenizer and prompt template."""
     config = base_config(plan.base_dir)
     config.dtype = dtype
+    if plan.vocab_size:  # new tokens grew the embedding
+        config.vocab_size = plan.vocab_size
     config.save_pretrained(out)
     if (plan.base_dir / "generation_config.json").is_file():
         shutil.copyfile(plan.base_dir / "generation_config.json", out / "generation_config.json")

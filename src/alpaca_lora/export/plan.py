@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 # Adapter features whose merge is more than W + scale * B @ A (peft's merge_and_unload handles some), with
 # the value that leaves each off; peft switches most on with any other value, even 0 or [].
 _UNSUPPORTED = {**dict.fromkeys(("fan_in_fan_out", "lora_bias", "use_qalora"), False),
-                **dict.fromkeys(("modules_to_save", "layer_replication", "trainable_token_indices", "target_parameters",
+                **dict.fromkeys(("modules_to_save", "layer_replication", "target_parameters",
                                  "alora_invocation_tokens", "monteclora_config", "velora_config", "kasa_config",
                                  "arrow_config", "use_bdlora"), None)}
 _PROBE = ("Name three primary colors.", "Low-rank adapters add a small update to each frozen weight matrix.")
@@ -48,6 +48,8 @@ class MergePlan:
     base_files: dict[str, Path]  # base tensor name -> safetensors file
     updates: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)  # weight -> A, B, scale
     magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)  # DoRA: weight -> magnitude per output row
+    token_rows: dict[str, tuple[list[int], torch.Tensor]] = field(default_factory=dict)  # embedding -> new-token rows
+    vocab_size: int | None = None  # the grown vocabulary (new tokens), or None: the base's
     fingerprint_diffs: list[str] = field(default_factory=list)
     quantize: set[str] = field(default_factory=set)  # weights rounded through 4-bit first ("dequantized")
     quant_type: str | None = None
@@ -88,9 +90,19 @@ def plan_merge(adapter_dir: Path, base_model: str | Path | None, allow_mismatch:
     base_config(base_dir)
     has_tokenizer = any((adapter_dir / f).is_file() for f in art.TOKENIZER_FILES)
     template = saved_template(adapter_dir)
-    probe = probe_ids(load_tokenizer(adapter_dir if has_tokenizer else base_dir), template)  # what the export ships
+    tokenizer = load_tokenizer(adapter_dir if has_tokenizer else base_dir)
+    probe = probe_ids(tokenizer, template)  # what the export ships
+    token_rows = adapter.token_rows()
+    if token_rows:  # new tokens: the probe asks for them too, so the check reads their rows
+        new_ids = sorted({i for ids, _ in token_rows.values() for i in ids})
+        if max(new_ids) >= len(tokenizer):
+            raise ModelError(f"the adapter in {adapter_dir} trains token id {max(new_ids)}, but its tokenizer has "
+                             f"{len(tokenizer)} tokens; the folder's tokenizer is not the one it was trained with")
+        probe = torch.cat([probe, torch.tensor(new_ids).expand(probe.shape[0], -1)], dim=1)
     plan = MergePlan(adapter_dir, base_name, base_dir, lora, adapter, template, probe, files_by_tensor,
-                     fingerprint_diffs=diffs)
+                     fingerprint_diffs=diffs, token_rows=token_rows)
+    if token_rows:
+        plan.vocab_size = max(len(tokenizer), *(base_rows(plan, name) for name in token_rows))
     plan.updates = {f"{m}.weight": (a.float(), b.float(), adapter.scale(m)) for m, (a, b) in adapter.pairs.items()}
     if adapter.config.use_dora:
         plan.magnitudes = {f"{m}.weight": adapter.extra[f"{adapter_files.PEFT_PREFIX}{m}.lora_magnitude_vector"].float()
@@ -170,16 +182,43 @@ def plan_dequantized(plan: MergePlan) -> None:
 
 
 
+def base_rows(plan: MergePlan, name: str) -> int:
+    """Rows of the base tensor ``name`` as stored (before any new-token rows)."""
+    from alpaca_lora.export.safetensors_stream import tensor_metas
+
+    return int(tensor_metas({name: plan.base_files[name]})[name][0][0])
+
+
+def tensor_shape(plan: MergePlan, name: str, stored: list[int]) -> list[int]:
+    """The merged shape of ``name``: as ``stored``, with the grown vocabulary for an embedding of new tokens."""
+    return [plan.vocab_size, *stored[1:]] if name in plan.token_rows and plan.vocab_size else list(stored)
+
+
 def base_tensor(plan: MergePlan, name: str) -> torch.Tensor:
-    """The base tensor ``name``: fp32 when floating, rounded through 4-bit first for "dequantized"."""
+    """The base tensor ``name``: fp32 when floating, rounded through 4-bit first for "dequantized".
+
+    An embedding that new tokens grew gets zero rows up to the grown vocabulary (:func:`with_token_rows`
+    fills the trained ones).
+    """
     w = read_tensor(plan.base_files, name)
     if not w.is_floating_point():
         return w
-    return _roundtrip_4bit(w, plan) if name in plan.quantize else w.float()
+    w = _roundtrip_4bit(w, plan) if name in plan.quantize else w.float()
+    if name in plan.token_rows and plan.vocab_size and plan.vocab_size > w.shape[0]:
+        w = torch.cat([w, w.new_zeros(plan.vocab_size - w.shape[0], *w.shape[1:])])
+    return w
+
+
+def with_token_rows(plan: MergePlan, name: str, w: torch.Tensor) -> torch.Tensor:
+    """``w`` with the adapter's new-token rows written in (a no-op for every other tensor)."""
+    if name in plan.token_rows:
+        ids, rows = plan.token_rows[name]
+        w[torch.tensor(ids)] = rows.to(w.dtype)
+    return w
 
 
 def merged_tensor(plan: MergePlan, name: str) -> torch.Tensor:
-    """The base tensor ``name`` plus its LoRA update (computed in fp32).
+    """The base tensor ``name`` plus its LoRA update (computed in fp32), and new-token rows.
 
     With DoRA each output row is then rescaled to its trained magnitude: ``m / ||W + s B A||_row``
     times ``W + s B A`` (peft's merge, Liu et al. 2024).
@@ -190,7 +229,7 @@ def merged_tensor(plan: MergePlan, name: str) -> torch.Tensor:
         w += scale * (b @ a)  # (out, r) @ (r, in)
         if name in plan.magnitudes:
             w *= (plan.magnitudes[name] / torch.linalg.vector_norm(w, dim=1)).unsqueeze(1)
-    return w
+    return with_token_rows(plan, name, w)
 
 
 

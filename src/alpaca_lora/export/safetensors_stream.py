@@ -117,12 +117,17 @@ class SafetensorsWriter:
         assert exc[0] is not None or not self.order, f"{self.path}: tensors not written: {self.order}"
 
 
-def skeleton(base_dir: Path) -> Any:
-    """The model with parameters on the meta device (no memory) and real buffers (rotary tables)."""
+def skeleton(base_dir: Path, vocab_size: int | None = None) -> Any:
+    """The model with parameters on the meta device (no memory) and real buffers (rotary tables).
+
+    ``vocab_size`` overrides the config's (an adapter's new tokens grew the embedding).
+    """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=False)
+    if vocab_size:
+        config.vocab_size = vocab_size
     with init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False).eval()
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from alpaca_lora.errors import ModelError
-from alpaca_lora.export.plan import MergePlan, base_tensor, merged_tensor, tensor_files
+from alpaca_lora.export.plan import MergePlan, base_tensor, merged_tensor, tensor_files, with_token_rows
 from alpaca_lora.export.safetensors_stream import read_tensor, skeleton, streamed_logits
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def verify_merge(plan: MergePlan, out: Path, dtype: torch.dtype) -> dict[str, An
         w = read_tensor(written, name)
         return w.float() if w.is_floating_point() else w
 
-    model = skeleton(plan.base_dir)
+    model = skeleton(plan.base_dir, plan.vocab_size)
     with torch.no_grad():
         plain = streamed_logits(model, ids, base)
         merged_logits = streamed_logits(model, ids, merged)
@@ -60,7 +60,9 @@ def verify_merge(plan: MergePlan, out: Path, dtype: torch.dtype) -> dict[str, An
         # Exactly the modules the adapter holds weights for (a deeper base has layers it never saw).
         lora_config.target_modules = {n.removesuffix(".weight") for n in plan.updates}
         lora_config.init_lora_weights = False  # the weights come from the adapter; no initialiser runs on meta
-        reference = streamed_logits(model, ids, _with_lora(plan, base), lora_config)
+        lora_config.trainable_token_indices = None  # new-token rows: written into the base for the reference
+        reference = streamed_logits(model, ids, _with_lora(plan, lambda n: with_token_rows(plan, n, base(n))),
+                                    lora_config)
     diff = float((merged_logits - reference).abs().max())
     effect = float((reference - plain).abs().max())
     cast_diff = float((cast_logits - reference).abs().max())

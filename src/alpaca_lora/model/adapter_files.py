@@ -21,6 +21,8 @@ from alpaca_lora.files import load_safetensors, non_finite, read_json, safetenso
 LORA_DTYPES = ("F32", "F16", "BF16", "F64")
 """Safetensors dtypes a LoRA adapter's tensors may have (a merge computes in fp32 from any of them)."""
 PEFT_PREFIX = "base_model.model."
+TOKEN_ROWS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+"""Saved key ending of the new-token rows of an embedding (peft's trainable tokens)."""
 """Prefix of every tensor name in a peft adapter file; peft silently skips a tensor without it."""
 _FIX_CONFIG = "the file is damaged or was edited: restore it from the run that wrote the adapter (or re-run finetune)"
 _FIX_PAIR = ("the config and the weights do not belong together: copy adapter_config.json and "
@@ -113,6 +115,27 @@ class LoraAdapter:
     config: Any
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def token_rows(self) -> dict[str, tuple[list[int], torch.Tensor]]:
+        """New-token rows by embedding weight name (``model.embed_tokens.weight``): ``(ids, rows)``.
+
+        Raises:
+            ModelError: The config lists no ids for a saved set of rows, or as many ids as it has rows.
+
+        """
+        indices = self.config.trainable_token_indices
+        out = {}
+        for key, rows in self.extra.items():
+            if not key.endswith(TOKEN_ROWS_SUFFIX):
+                continue
+            module = key.removeprefix(PEFT_PREFIX).removesuffix(TOKEN_ROWS_SUFFIX)
+            ids = indices.get(module.rsplit(".", 1)[-1]) if isinstance(indices, dict) else indices
+            if not isinstance(ids, list) or len(ids) != rows.shape[0] or rows.dim() != 2:
+                raise ModelError(f"{self.weights_file}: the new-token rows of {module} ({list(rows.shape)}) do not "
+                                 f"match trainable_token_indices={shown(indices, 80)} of {self.config_file}; the "
+                                 "adapter is damaged: re-run finetune")
+            out[f"{module}.weight"] = (list(ids), rows)
+        return out
 
     def scale(self, module: str) -> float:
         """LoRA scaling of ``module``: alpha / r (Hu et al. 2021), alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
@@ -269,6 +292,8 @@ def _declared(name: str, config: Any, halves: dict[str, Any]) -> bool:
     if config.use_dora and path.endswith(".lora_magnitude_vector"):
         return path.removesuffix(".lora_magnitude_vector") in halves
     if config.bias != "none" and path.endswith(".bias"):
+        return True
+    if config.trainable_token_indices and path.endswith(TOKEN_ROWS_SUFFIX):
         return True
     saved = config.modules_to_save or []
     return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", path) for m in saved)

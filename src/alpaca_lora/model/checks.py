@@ -44,17 +44,17 @@ def check_special_tokens(tokenizer: Any, source: str | Path) -> None:
             )
 
 
-def check_vocabulary(tokenizer: Any, embedding_rows: int, source: str | Path) -> None:
-    """Refuse a tokenizer with more token ids than the model has embedding rows.
+def check_vocabulary(tokenizer: Any, embedding_rows: int, source: str | Path, new_tokens: int = 0) -> None:
+    """Refuse a tokenizer with more token ids than the model has embedding rows (``new_tokens`` not counted).
 
     Raises:
         ModelError: Naming ``source`` and both sizes; a token id past the embedding would fail the
             embedding lookup (an IndexError, or a device-side assert on a GPU) once the data holds it.
 
     """
-    if len(tokenizer) > embedding_rows:
+    if len(tokenizer) - new_tokens > embedding_rows:
         raise ModelError(
-            f"the tokenizer of {source!s} has {len(tokenizer):,} tokens but the model's embedding has "
+            f"the tokenizer of {source!s} has {len(tokenizer) - new_tokens:,} tokens but the model's embedding has "
             f"{embedding_rows:,} rows (config.json vocab_size); pass the tokenizer the model was trained with, "
             "or resize the embedding first (model.resize_token_embeddings(len(tokenizer)), then save_pretrained)"
         )

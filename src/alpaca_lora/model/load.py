@@ -196,10 +196,12 @@ def load_base(
     device: str = "auto",
     quant_storage: str | None = None,
     tokenizer: Any = None,
+    new_tokens: int = 0,
 ) -> tuple[Any, Any]:
     """:func:`load_model`, reusing ``tokenizer`` when the caller loaded it already (fine-tuning does, for the data).
 
-    A given tokenizer is checked against the model's embedding like a loaded one; the other
+    A given tokenizer is checked against the model's embedding like a loaded one, without the last
+    ``new_tokens`` tokens it was given for training (their rows are added after loading); the other
     arguments, the result and the errors are those of :func:`load_model`.
     """
     from transformers import AutoModelForCausalLM
@@ -212,7 +214,7 @@ def load_base(
     embedding_rows = check_base_folder(folder) if folder is not None else None
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(base_model)
     if embedding_rows is not None:
-        check_vocabulary(tokenizer, embedding_rows, base_model)
+        check_vocabulary(tokenizer, embedding_rows, base_model, new_tokens)
     # On the CPU, loading frees hundreds of large quantization temporaries: hand them back at once.
     loading = heap_returned_while() if dev.type == "cpu" else contextlib.nullcontext()
     with loading:

@@ -119,7 +119,7 @@ def save_checkpoint(
     tmp = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{_TMP_TAG}", dir=output_dir))
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
         save_file(tensors, str(tmp / OPTIMIZER_TENSORS))
         write_json(tmp / OPTIMIZER_META, meta)
         write_json(tmp / SCHEDULER_FILE, jsonable(scheduler.state_dict()))

@@ -27,6 +27,7 @@ def preflight_summary(
     total_steps: int,
     device: Any,
     dtype: Any,
+    new_tokens: Any = None,
 ) -> str:
     """Return the multi-line preflight summary of a run whose model and data are ready.
 
@@ -39,6 +40,7 @@ def preflight_summary(
         total_steps: Optimizer steps the run will take.
         device: The torch device trained on.
         dtype: The resolved compute dtype (a ``torch.dtype``).
+        new_tokens: The :class:`~alpaca_lora.model.new_tokens.NewTokens` of the run, or None.
 
     """
     trainable, total = trainable_parameters(model)
@@ -71,4 +73,6 @@ def preflight_summary(
         f"({cfg.gradient_accumulation_steps} micro-batches of {cfg.micro_batch_size})",
         f"  memory        {memory}",
     ]
+    if new_tokens is not None and (new_tokens.ids or new_tokens.skipped):
+        lines.insert(4, f"  new tokens    {new_tokens.summary()}")
     return "\n".join(lines)

@@ -308,7 +308,7 @@ def save(run: Run) -> FinetuneResult:
         with run.strategy.guard("save"):
             if run.strategy.is_main:
                 write_adapter(out)
-                _check_adapter(out, len(run.lora_names))
+                _check_adapter(out, len(run.lora_names) + _token_tensors(run.model))
                 if run.initial_lora is not None:  # PiSSA / OLoRA: a plain LoRA on the original base
                     to_plain_lora(out, run.initial_lora)
                 run.tokenizer.save_pretrained(out)  # with run.chat_template as its chat template
@@ -327,6 +327,15 @@ def save(run: Run) -> FinetuneResult:
             f"the last checkpoint is {latest_checkpoint(out)}. Free space or choose another output_dir (copy the "
             "checkpoint-N folders there), then resume with resume_from_checkpoint=True") from None
     return result
+
+
+def _token_tensors(model: Any) -> int:
+    """How many new-token row tensors the adapter file holds (one per embedding or untied output layer)."""
+    from peft import get_peft_model_state_dict
+
+    if not any("trainable_tokens_delta" in n for n, _ in model.named_parameters()):
+        return 0
+    return sum("trainable_tokens_delta" in k for k in get_peft_model_state_dict(model, save_embedding_layers=False))
 
 
 def _check_adapter(folder: Path, expected: int) -> None:

@@ -33,6 +33,7 @@ from alpaca_lora.kernels.packed_attention import use_packed_attention
 from alpaca_lora.model.load import load_base, load_tokenizer, resolve_compute_dtype, trainable_parameters
 from alpaca_lora.model.lora import attach_lora
 from alpaca_lora.model.lora_init import initial_factors, is_residual
+from alpaca_lora.model.new_tokens import add_to_tokenizer, init_new_rows, trainable_token_indices
 from alpaca_lora.train.checkpoint import remove_incomplete, resume
 from alpaca_lora.train.distributed import Dist, check_world_size, init_distributed
 from alpaca_lora.train.loss_scale import LossScaler
@@ -87,18 +88,21 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
     records, data_format = load_data(data, format=cfg.data_format, column_map=cfg.column_map,
                                      skip_bad_records=cfg.skip_bad_records, cache_dir=records_cache_dir(cfg))
     tokenizer = load_tokenizer(base_model)
+    new_tokens = add_to_tokenizer(tokenizer, cfg.add_tokens, cfg.special_tokens)  # before the data is tokenized
     run_data = prepare_run_data(cfg, records, data_format, tokenizer, dist, source=data)
     train_set, val_set, report = run_data.train_set, run_data.val_set, run_data.report
     tokenizer.chat_template = run_data.chat_template  # what the output folder ships (checked at save)
     logger.info("data: %s", report.summary())
 
     model, _ = load_base(base_model, cfg.quantization, cfg.compute_dtype, device=str(device),
-                         quant_storage="compute" if strategy.name == "fsdp" else None, tokenizer=tokenizer)
+                         quant_storage="compute" if strategy.name == "fsdp" else None, tokenizer=tokenizer,
+                         new_tokens=len(new_tokens.ids))
     if cfg.release_cpu_memory and device.type == "cpu":  # after loading, which sets its own threshold
         release_freed_memory_to_os()  # until finetune() ends (restore_memory_settings)
     # from_pretrained returns the model in eval mode; training needs train mode (dropout on), and the
     # 4-bit layers must never run an inference forward before training (see model.modes.dropout_disabled).
-    model = attach_lora(model, cfg).train()
+    init_new_rows(model, tokenizer, new_tokens)
+    model = attach_lora(model, cfg, trainable_tokens=trainable_token_indices(model, new_tokens)).train()
     initial_lora = initial_factors(model) if is_residual(cfg.init_lora_weights) else None
     seed_everything(cfg.seed)  # the training randomness (dropout) starts from the seed, whatever loading drew
     matmul = resolve_backend(cfg.cpu_matmul, device, dtype) if strategy.name != "fsdp" else "blas"
@@ -115,7 +119,7 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * per_epoch))
     if dist.is_main:
         logger.info(preflight_summary(base_model, cfg, model, report, val_records=len(val_set or []),
-                                      total_steps=total_steps, device=device, dtype=dtype))
+                                      total_steps=total_steps, device=device, dtype=dtype, new_tokens=new_tokens))
     collator = _collator(cfg, strategy, tokenizer, model, dtype)
     lora_b = {id(p) for n, p in model.named_parameters() if p.requires_grad and ".lora_B." in n}  # LoRA+'s group
     model, optimizer, scheduler = strategy.prepare(model,

@@ -102,7 +102,9 @@ class Strategy:
 
     def gather_adapter(self, model: Any, lora_names: Sequence[str]) -> Callable[[Path], None]:
         """Collect the adapter (a collective for FSDP: every process calls it); return its writer for rank 0."""
-        return lambda folder: model.save_pretrained(folder, safe_serialization=True)
+        # save_embedding_layers=False: new tokens are saved as their rows (trainable_tokens_delta), never as
+        # whole embedding matrices, which peft's "auto" would add once the vocabulary grew
+        return lambda folder: model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
 
 
 class FullyShardedStrategy(Strategy):
