@@ -166,3 +166,15 @@ def test_gguf_carries_the_new_tokens_and_llama_cpp_reads_them(trained, tmp_path)
         llm.close()
     with pytest.raises(ModelError, match="trains new tokens; llama.cpp's LoRA GGUF cannot grow"):
         export_gguf(result.adapter_dir, tmp_path / "adapter.gguf", quantization="f32", adapter_only=True)
+
+
+def test_memory_estimate_counts_the_new_rows():
+    from alpaca_lora.train.memory import estimate_memory
+
+    sizes = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "vocab_size": 1000}
+    plain = estimate_memory(sizes, lora_r=4).assumptions["lora_parameters"]
+    assert estimate_memory(sizes, lora_r=4, add_tokens=["<a>"], special_tokens=["<b>"]).assumptions[
+        "lora_parameters"] == plain + 2 * 64 * 2  # two rows each in the embedding and the untied lm_head
+    tied = estimate_memory({**sizes, "tie_word_embeddings": True}, lora_r=4, add_tokens=["<a>"])
+    assert tied.assumptions["lora_parameters"] == plain + 64

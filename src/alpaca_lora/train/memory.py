@@ -132,6 +132,8 @@ def estimate_memory(base_model: str | Path | dict[str, Any], **overrides: Any) -
     adapted_out = sum(shapes[t][1] for t in targets if t in shapes)  # output rows of one layer's adapted weights
     if cfg.use_dora:
         lora_params += n_layers * adapted_out  # one trained magnitude per output row
+    new_tokens = len(cfg.add_tokens or []) + len(cfg.special_tokens or [])  # at most: known ones are skipped
+    lora_params += new_tokens * h * (1 if tied else 2)  # their embedding (and untied lm_head) rows train
     tokens = cfg.micro_batch_size * cfg.cutoff_len
     # Tensors kept for backward per token per layer: the inputs of the two norms, sdpa's query, key,
     # value and output, the MLP's gate, up and activation (frozen 4-bit layers keep only their
