@@ -147,7 +147,7 @@ def test_import_graph_has_no_cycle():
 LAYERS = [
     {"errors", "files", "config_checks", "config_file"},
     {"data"},
-    {"config"},
+    {"config", "config_lora"},
     {"kernels"},
     {"model"},
     {"export"},
@@ -202,7 +202,7 @@ SIGNATURES = {
                  ("compute_dtype", KW, "auto"), ("base_model", KW, None), ("batch_size", KW, 8),
                  ("tokenizer", KW, None), ("chat_template", KW, None), ("gen_kwargs", VAR_KW, EMPTY)],
     "merge": [("adapter_dir", POS, EMPTY), ("output_dir", POS, EMPTY), ("base_model", KW, None),
-              ("dtype", KW, "float16"), ("max_shard_size", KW, "2GB"), ("merge_into", KW, "original"),
+              ("dtype", KW, "float16"), ("max_shard_size", KW, "2GB"), ("merge_into", KW, "auto"),
               ("allow_base_mismatch", KW, False), ("verify", KW, True)],
     "load_model": [("base_model", POS, EMPTY), ("quantization", POS, "nf4"), ("compute_dtype", POS, "auto"),
                    ("device", KW, "auto"), ("quant_storage", KW, None)],

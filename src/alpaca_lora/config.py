@@ -35,6 +35,7 @@ from alpaca_lora.config_checks import (
     number_problem,
 )
 from alpaca_lora.config_file import read_config_file
+from alpaca_lora.config_lora import lora_variant_problems, new_token_problems
 from alpaca_lora.data.prompts import PromptTemplate, get_template
 from alpaca_lora.errors import ConfigError, shown
 
@@ -44,11 +45,6 @@ CPU_MATMULS = ("auto", "onednn", "blas")
 DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt")
 SCHEDULERS = ("linear", "cosine", "constant")
 REPORTERS = ("none", "tensorboard", "wandb")
-MAX_NEW_TOKENS = 10_000
-"""Most tokens ``add_tokens`` or ``special_tokens`` may list."""
-LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
-_PISSA_NITER = re.compile(r"pissa_niter_[1-9]\d{0,3}")
-"""``init_lora_weights`` values; "pissa_niter_N" (N >= 1) is accepted too."""
 
 
 @keyword_checked
@@ -255,62 +251,11 @@ class FinetuneConfig:
             if self.val_set_size == 0:
                 p.append(f"eval_generate_samples={self.eval_generate_samples} with val_set_size=0: there is no "
                          "validation split to answer; set val_set_size (e.g. 0.05) or eval_generate_samples=0")
-        p.extend(self._lora_variant_problems())
-        p.extend(self._new_token_problems())
+        p.extend(lora_variant_problems(self))
+        p.extend(new_token_problems(self))
         if self.fsdp is True and is_choice(self.quantization, ("int8",)):
             p.append("fsdp=True with quantization='int8': FSDP shards 4-bit bases ('nf4', 'fp4') or full-precision "
                      "ones (None); use quantization='nf4'")
-        return p
-
-    def _lora_variant_problems(self) -> list[str]:
-        """Problems of the LoRA variant fields, alone and with the base's quantization or FSDP."""
-        p: list[str] = []
-        ratio = self.loraplus_lr_ratio
-        if ratio is not None:
-            problem = number_problem("loraplus_lr_ratio", ratio, lambda v: 0 < v <= 1e6, "in (0, 1e6]")
-            p.append(problem and f"{problem}, or None (LoRA+ off); the LoRA+ paper uses 16")
-        init = self.init_lora_weights
-        if not (is_choice(init, LORA_INITS) or (isinstance(init, str) and _PISSA_NITER.fullmatch(init))):
-            return [x for x in p if x] + [choice_problem("init_lora_weights", init, LORA_INITS)
-                                          + " (or 'pissa_niter_N', e.g. 'pissa_niter_4')"]
-        if init == "loftq" and self.quantization != "nf4":
-            p.append(f"init_lora_weights='loftq' with quantization={shown(self.quantization)}: LoftQ fits the "
-                     "adapter to the NF4 base's quantization error; use quantization='nf4', or another "
-                     "init_lora_weights")
-        if init not in ("default", "gaussian", "loftq") and self.quantization == "int8":
-            p.append(f"init_lora_weights={init!r} with quantization='int8': the residual base cannot be stored "
-                     "in 8 bits here; use quantization='nf4' or None")
-        if self.fsdp is True:
-            used = [name for name, on in (("use_dora=True", self.use_dora is True),
-                                          ("loraplus_lr_ratio", ratio is not None),
-                                          (f"init_lora_weights={init!r}", init not in ("default", "gaussian")))
-                    if on]
-            if used:
-                p.append(f"fsdp=True with {', '.join(used)}: FSDP's flat parameters hold neither the per-matrix "
-                         "groups nor the changed base these need; run them with fsdp=False")
-        return [x for x in p if x]
-
-    def _new_token_problems(self) -> list[str]:
-        """Problems of ``add_tokens`` and ``special_tokens``."""
-        p: list[str] = []
-        seen: set[str] = set()
-        for name in ("add_tokens", "special_tokens"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if not (isinstance(value, list) and 0 < len(value) <= MAX_NEW_TOKENS
-                    and all(isinstance(t, str) and t.strip() and len(t) <= 200 for t in value)):
-                p.append(f"{name}={shown(value)}: must be None or a list of 1 to {MAX_NEW_TOKENS} non-blank "
-                         "strings of at most 200 characters, e.g. ['<|tool|>']")
-                continue
-            twice = sorted({t for t in value if t in seen or value.count(t) > 1})
-            if twice:
-                p.append(f"{name}: {shown(twice)} given more than once (across add_tokens and special_tokens); "
-                         "list each new token once")
-            seen.update(value)
-        if seen and self.fsdp is True:
-            p.append("fsdp=True with add_tokens / special_tokens: the new rows train as peft trainable tokens, which "
-                     "FSDP's flat parameters cannot hold; run with fsdp=False")
         return p
 
     def _structured_problems(self) -> list[str]:
@@ -440,20 +385,6 @@ def _template_problem(t: Any) -> str:
             return f"template={shown(t)}: {exc}"
         return ""
     return f"template={shown(t)}: must be {names} (got {type(t).__name__})"
-
-
-def lora_variants(fields: dict[str, Any]) -> list[str]:
-    """The LoRA variants a run's settings turn on, as short names (``["DoRA", "LoRA+ x16", "init pissa"]``).
-
-    Args:
-        fields: ``FinetuneConfig.to_dict()``, or a saved ``finetune_config.json`` (missing keys are off).
-
-    """
-    ratio, init = fields.get("loraplus_lr_ratio"), fields.get("init_lora_weights", "default")
-    named = (("DoRA", fields.get("use_dora") is True), ("rsLoRA", fields.get("use_rslora") is True),
-             (f"LoRA+ x{ratio:g}" if isinstance(ratio, (int, float)) else "LoRA+", ratio is not None),
-             (f"init {init}", init not in ("default", None, True)))
-    return [name for name, on in named if on]
 
 
 def field_names() -> list[str]:

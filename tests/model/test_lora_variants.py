@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from alpaca_lora import ConfigError, FinetuneConfig, ModelError, finetune, merge
-from alpaca_lora.config import lora_variants
+from alpaca_lora.config_lora import lora_variants
 from alpaca_lora.model.load import load_model
 from alpaca_lora.model.lora import attach_lora
 from alpaca_lora.model.lora_init import initial_factors, to_plain_lora
@@ -174,7 +174,8 @@ def test_residual_adapters_are_saved_as_plain_lora_on_the_original_base(tiny_mod
     with torch.no_grad():
         trained = model(input_ids=ids).logits
     model.save_pretrained(tmp_path / "adapter")
-    to_plain_lora(tmp_path / "adapter", initial)
+    to_plain_lora(tmp_path / "adapter" / "adapter_model.safetensors", tmp_path / "adapter" / "adapter_config.json",
+                  initial)
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["r"] == 8 and saved["init_lora_weights"] is True
     assert saved["lora_alpha"] == pytest.approx(8 * math.sqrt(2) if rslora else 16)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from alpaca_lora.config import lora_variants
+from alpaca_lora.config_lora import lora_variants
 from alpaca_lora.data.prompts import PromptTemplate
 from alpaca_lora.errors import ConfigError, ModelError, shown
 from alpaca_lora.export import layout as art

@@ -20,6 +20,7 @@ Checkpoints keep the raw form, which resuming needs (the residual is recomputed 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 
+from alpaca_lora import files
 from alpaca_lora.errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -72,8 +74,6 @@ def apply_init(model: Any, init: str, base_dir: Path, adapter: str = "default") 
     """
     if not computed_here(init, True):
         return 0
-    from alpaca_lora.export.plan import tensor_files
-    from alpaca_lora.export.safetensors_stream import read_tensor
     from alpaca_lora.kernels.bnb_import import import_bitsandbytes
 
     bnb = import_bitsandbytes()
@@ -81,14 +81,14 @@ def apply_init(model: Any, init: str, base_dir: Path, adapter: str = "default") 
               if hasattr(m, "lora_A") and adapter in m.lora_A and isinstance(m.get_base_layer(), bnb.nn.Linear4bit)]
     if not layers:
         return 0
-    files = tensor_files(base_dir)
+    where = {name: file for file in files.check_weight_files(base_dir) for name in files.tensor_shapes(file)}
     for name, layer in layers:
         tensor_name = name.removeprefix(_PEFT_PREFIX) + ".weight"
         weight = layer.get_base_layer().weight
-        if tensor_name not in files:
+        if tensor_name not in where:
             raise ModelError(f"init_lora_weights={init!r} reads each adapted weight in full precision, but "
                              f"{base_dir} has no tensor {tensor_name}; pass the base model's own folder")
-        w = read_tensor(files, tensor_name).float()
+        w = _read(where[tensor_name], tensor_name)
         quantized = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
         if w.shape != quantized.shape:
             raise ModelError(f"{base_dir}: {tensor_name} is {tuple(w.shape)} but the loaded layer is "
@@ -105,6 +105,14 @@ def apply_init(model: Any, init: str, base_dir: Path, adapter: str = "default") 
         layer.lora_B[adapter].weight.data = b.to(layer.lora_B[adapter].weight.dtype).contiguous()
     logger.info("init_lora_weights=%r: %d 4-bit layers initialised from %s", init, len(layers), base_dir)
     return len(layers)
+
+
+def _read(file: Path, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file, as fp32."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as fh:
+        return fh.get_tensor(name).float()
 
 
 def _top_factors(w: torch.Tensor, rank: int, scale: float, niter: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,10 +148,11 @@ def initial_factors(model: Any, adapter: str = "default") -> dict[str, tuple[tor
             for name, m in model.named_modules() if hasattr(m, "lora_A") and adapter in m.lora_A}
 
 
-def to_plain_lora(folder: Path, initial: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Rewrite the adapter saved in ``folder`` (trained from a residual init) as a plain LoRA on the original base.
+def to_plain_lora(weights_file: Path, config_file: Path, initial: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Rewrite a saved adapter (trained from a residual init) as a plain LoRA on the original base.
 
-    See the module docs; ``initial`` is :func:`initial_factors` taken right after initialisation.
+    See the module docs. ``weights_file`` and ``config_file`` are the adapter's safetensors and
+    ``adapter_config.json``; ``initial`` is :func:`initial_factors` taken right after initialisation.
 
     Raises:
         ModelError: The saved adapter and ``initial`` do not pair up (a module is missing on one side).
@@ -151,11 +160,8 @@ def to_plain_lora(folder: Path, initial: dict[str, tuple[torch.Tensor, torch.Ten
     """
     from safetensors.torch import load_file, save_file
 
-    from alpaca_lora.export import layout as art
-
-    weights_file, config_file = folder / art.ADAPTER_WEIGHTS, folder / art.ADAPTER_CONFIG
     tensors = load_file(str(weights_file))
-    config = art.read_json(config_file)
+    config = files.read_json(config_file)
     converted: dict[str, torch.Tensor] = {}
     done = set()
     for key, value in tensors.items():
@@ -179,4 +185,4 @@ def to_plain_lora(folder: Path, initial: dict[str, tuple[torch.Tensor, torch.Ten
         if config.get(key):
             raise ModelError(f"{config_file}: per-module {key} cannot be converted here; please report this")
     save_file(converted, str(weights_file), metadata={"format": "pt"})
-    art.write_json(config_file, config)
+    config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from alpaca_lora.config import FinetuneConfig, lora_variants
+from alpaca_lora.config import FinetuneConfig
+from alpaca_lora.config_lora import lora_variants
 from alpaca_lora.data.prepare import PrepareReport
 from alpaca_lora.errors import AlpacaLoraError
 from alpaca_lora.model.load import trainable_parameters

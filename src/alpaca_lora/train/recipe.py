@@ -310,7 +310,7 @@ def save(run: Run) -> FinetuneResult:
                 write_adapter(out)
                 _check_adapter(out, len(run.lora_names) + _token_tensors(run.model))
                 if run.initial_lora is not None:  # PiSSA / OLoRA: a plain LoRA on the original base
-                    to_plain_lora(out, run.initial_lora)
+                    to_plain_lora(out / art.ADAPTER_WEIGHTS, out / art.ADAPTER_CONFIG, run.initial_lora)
                 run.tokenizer.save_pretrained(out)  # with run.chat_template as its chat template
                 if run.chat_sample is not None:
                     check_saved_chat_template(out, *run.chat_sample)
