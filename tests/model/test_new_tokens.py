@@ -178,3 +178,16 @@ def test_memory_estimate_counts_the_new_rows():
         "lora_parameters"] == plain + 2 * 64 * 2  # two rows each in the embedding and the untied lm_head
     tied = estimate_memory({**sizes, "tie_word_embeddings": True}, lora_r=4, add_tokens=["<a>"])
     assert tied.assumptions["lora_parameters"] == plain + 64
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_new_tokens_train_in_reduced_precision(tiny_model_dir, tmp_path, dtype):
+    """The precision matrix: the new rows train in bf16 and fp16 (autocast on the CPU), and stay fp32 and finite."""
+    result = finetune(tiny_model_dir, RECORDS, tmp_path / "run", max_steps=10,
+                      **{**RUN, "compute_dtype": dtype, "micro_batch_size": 4, "learning_rate": 2e-2})
+    losses = [json.loads(line)["loss"] for line in (result.adapter_dir / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert result.compute_dtype == dtype and losses[-1] < 0.9 * losses[0], losses
+    rows = {k: v for k, v in load_file(str(result.adapter_dir / "adapter_model.safetensors")).items()
+            if "trainable_tokens_delta" in k}
+    assert rows and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in rows.values())
