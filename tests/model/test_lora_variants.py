@@ -274,3 +274,17 @@ def test_a_dora_adapter_generates_as_its_merged_model_and_exports_merged_gguf(do
     with pytest.raises(ModelError, match="DoRA adapter; llama.cpp's LoRA GGUF holds A and B only"):
         export_gguf(dora_run, tmp_path / "adapter.gguf", quantization="f32", adapter_only=True)
     assert not (tmp_path / "adapter.gguf").exists()
+
+
+@pytest.mark.parametrize("init", ["loftq", "pissa", "olora"])
+def test_dora_starts_from_the_same_model_as_lora_with_each_init(tiny_model_dir, init):
+    """DoRA's magnitudes are taken after the initialisation: at step 0 the DoRA model is the LoRA model."""
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for dora in (False, True):
+        cfg = FinetuneConfig(quantization="nf4", lora_r=4, lora_dropout=0.0, lora_target_modules="all-linear",
+                             init_lora_weights=init, use_dora=dora)
+        model = attach_lora(load_model(tiny_model_dir, "nf4", "float32", device="cpu")[0], cfg).train()
+        with torch.no_grad():
+            logits.append(model(input_ids=ids).logits)
+    torch.testing.assert_close(logits[1], logits[0], atol=2e-4, rtol=1e-4)

@@ -103,6 +103,10 @@ def apply_init(model: Any, init: str, base_dir: Path, adapter: str = "default") 
             _requantize(weight, w - scale * (b @ a), bnb)
         layer.lora_A[adapter].weight.data = a.to(layer.lora_A[adapter].weight.dtype).contiguous()
         layer.lora_B[adapter].weight.data = b.to(layer.lora_B[adapter].weight.dtype).contiguous()
+        if adapter in getattr(layer, "lora_magnitude_vector", {}):  # DoRA: the magnitude of the new start
+            layer.lora_magnitude_vector[adapter].update_layer(
+                base_layer=layer.get_base_layer(), lora_A=layer.lora_A[adapter].weight,
+                lora_B=layer.lora_B[adapter].weight, scaling=scale)
     logger.info("init_lora_weights=%r: %d 4-bit layers initialised from %s", init, len(layers), base_dir)
     return len(layers)
 
