@@ -196,14 +196,13 @@ def test_each_variant_trains_merges_and_resumes_exactly(tiny_model_dir, tmp_path
     losses = _losses(tmp_path / "full")
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
     print(f"{variant}: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    # resume from checkpoint-3 of the same run: the adapter of 6 straight steps
-    split = tmp_path / "split"
-    finetune(tiny_model_dir, SHORT_RECORDS, split, max_steps=6, **settings)
-    resumed = finetune(tiny_model_dir, SHORT_RECORDS, split, max_steps=6, resume_from_checkpoint=True, **settings)
-    a, b = load_file(str(full.adapter_dir / "adapter_model.safetensors")), load_file(
-        str(resumed.adapter_dir / "adapter_model.safetensors"))
+    # resume the finished run from its checkpoint-3: steps 4 to 6 again give the same adapter and losses
+    a = load_file(str(full.adapter_dir / "adapter_model.safetensors"))
+    resumed = finetune(tiny_model_dir, SHORT_RECORDS, tmp_path / "full", max_steps=6, resume_from_checkpoint=True,
+                       **settings)
+    b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert _losses(tmp_path / "full") == _losses(split)
+    assert _losses(tmp_path / "full") == losses
     # merged == unmerged (merge's own check, against peft's forward of the saved adapter)
     merged = merge(full.adapter_dir, tmp_path / "merged", dtype="float32")
     report = json.loads((merged / "merge_report.json").read_text())
@@ -217,10 +216,10 @@ def test_each_variant_trains_merges_and_resumes_exactly(tiny_model_dir, tmp_path
     if variant == "dora":
         assert any(k.endswith("lora_magnitude_vector") for k in a)
     if residual:  # a checkpoint keeps the raw form, which merges only after the run converts it
-        raw = json.loads((split / "checkpoint-3" / "adapter_config.json").read_text())
+        raw = json.loads((tmp_path / "full" / "checkpoint-3" / "adapter_config.json").read_text())
         assert raw["init_lora_weights"] == settings["init_lora_weights"] and raw["r"] == 4
         with pytest.raises(ModelError, match="raw form of an init_lora_weights="):
-            merge(split / "checkpoint-3", tmp_path / "raw-merged")
+            merge(tmp_path / "full" / "checkpoint-3", tmp_path / "raw-merged")
 
 
 def test_loraplus_trains_b_at_the_ratio_of_the_learning_rate(tiny_model_dir, tmp_path):
