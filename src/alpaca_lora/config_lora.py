@@ -14,6 +14,7 @@ from alpaca_lora.errors import shown
 LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 """``init_lora_weights`` values; "pissa_niter_N" (N >= 1) is accepted too."""
 PISSA_NITER = re.compile(r"pissa_niter_[1-9]\d{0,3}")
+NEW_TOKEN_TRAINING = ("rows", "full")
 MAX_NEW_TOKENS = 10_000
 """Most tokens ``add_tokens`` or ``special_tokens`` may list."""
 
@@ -48,7 +49,7 @@ def lora_variant_problems(cfg: Any) -> list[str]:
 
 
 def new_token_problems(cfg: Any) -> list[str]:
-    """Problems of ``add_tokens`` and ``special_tokens``."""
+    """Problems of ``add_tokens``, ``special_tokens`` and ``new_token_training``."""
     p: list[str] = []
     seen: set[str] = set()
     for name in ("add_tokens", "special_tokens"):
@@ -65,9 +66,14 @@ def new_token_problems(cfg: Any) -> list[str]:
             p.append(f"{name}: {shown(twice)} given more than once (across add_tokens and special_tokens); "
                      "list each new token once")
         seen.update(value)
+    if cfg.new_token_training not in NEW_TOKEN_TRAINING:
+        p.append(choice_problem("new_token_training", cfg.new_token_training, NEW_TOKEN_TRAINING))
+    elif cfg.new_token_training != "rows" and cfg.add_tokens is None and cfg.special_tokens is None:
+        p.append(f"new_token_training={cfg.new_token_training!r} without add_tokens or special_tokens: there are "
+                 "no new tokens to train; add them, or leave new_token_training='rows'")
     if seen and cfg.fsdp is True:
-        p.append("fsdp=True with add_tokens / special_tokens: the new rows train as peft trainable tokens, which "
-                 "FSDP's flat parameters cannot hold; run with fsdp=False")
+        p.append("fsdp=True with add_tokens / special_tokens: the new rows train as peft trainable tokens or "
+                 "modules_to_save, which FSDP's flat parameters cannot hold; run with fsdp=False")
     return p
 
 

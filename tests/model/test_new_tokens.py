@@ -191,3 +191,52 @@ def test_new_tokens_train_in_reduced_precision(tiny_model_dir, tmp_path, dtype):
     rows = {k: v for k, v in load_file(str(result.adapter_dir / "adapter_model.safetensors")).items()
             if "trainable_tokens_delta" in k}
     assert rows and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in rows.values())
+
+
+@pytest.fixture(scope="module")
+def trained_full(base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("new-tokens-full") / "run"
+    return base, finetune(base, RECORDS, out, max_steps=4, **{**RUN, "new_token_training": "full"})
+
+
+def test_full_mode_trains_whole_layers_and_merges_to_the_unmerged_model(trained_full, tmp_path):
+    """new_token_training="full": the embedding (and an untied lm_head) train whole (peft modules_to_save)."""
+    base, result = trained_full
+    saved = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    whole = {k: v for k, v in saved.items() if "lora_" not in k}
+    assert "base_model.model.model.embed_tokens.weight" in whole
+    assert all(v.shape == (49155, 64) for v in whole.values())
+    base_embed = load_file(str(base / "model.safetensors"))["model.embed_tokens.weight"]
+    assert not torch.equal(whole["base_model.model.model.embed_tokens.weight"][:49152], base_embed)  # old rows too
+    merged = merge(result.adapter_dir, tmp_path / "merged", dtype="float32")
+    assert json.loads((merged / "merge_report.json").read_text())["verification"]["passed"]
+    weights = load_file(str(merged / "model.safetensors"))
+    assert torch.equal(weights["model.embed_tokens.weight"], whole["base_model.model.model.embed_tokens.weight"])
+    prompts, inputs = [r["instruction"] for r in RECORDS[:3]], [r["input"] for r in RECORDS[:3]]
+    assert generate(result.adapter_dir, prompts, inputs, max_new_tokens=6, compute_dtype="float32",
+                    quantization=None) == generate(merged, prompts, inputs, max_new_tokens=6, compute_dtype="float32")
+
+
+def test_full_mode_resumes_exactly(base, trained_full, tmp_path):
+    _, full = trained_full
+    settings = {**RUN, "new_token_training": "full"}
+    split = tmp_path / "split"
+    finetune(base, RECORDS, split, max_steps=4, **settings)
+    resumed = finetune(base, RECORDS, split, max_steps=4, resume_from_checkpoint=True, **settings)
+    a = load_file(str(full.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_full_mode_needs_new_tokens_and_counts_the_layers():
+    from alpaca_lora.train.memory import estimate_memory
+
+    with pytest.raises(ConfigError, match="new_token_training='full' without add_tokens"):
+        FinetuneConfig(new_token_training="full")
+    with pytest.raises(ConfigError, match="new_token_training='whole'"):
+        FinetuneConfig(new_token_training="whole", add_tokens=["<a>"])
+    sizes = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "vocab_size": 1000, "tie_word_embeddings": True}
+    plain = estimate_memory(sizes, lora_r=4).assumptions["lora_parameters"]
+    assert estimate_memory(sizes, lora_r=4, add_tokens=["<a>"], new_token_training="full").assumptions[
+        "lora_parameters"] == plain + 1001 * 64

@@ -31,7 +31,7 @@ def adapter_pairs(source: ModelSource, shape: LlamaShape) -> tuple[float, list[t
     """``(alpha, [(gguf weight name, A, B as stored)])``: B carries each module's scale relative to alpha / r."""
     plan = source.plan
     assert plan is not None  # export_gguf checked the folder is an adapter
-    if plan.token_rows:
+    if plan.token_rows or plan.replaced:
         raise ModelError(f"{plan.adapter_dir} trains new tokens; llama.cpp's LoRA GGUF cannot grow the base's "
                          "vocabulary. Export the merged model instead (adapter_only=False)")
     if plan.magnitudes:

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 # Adapter features whose merge is more than W + scale * B @ A (peft's merge_and_unload handles some), with
 # the value that leaves each off; peft switches most on with any other value, even 0 or [].
 _UNSUPPORTED = {**dict.fromkeys(("fan_in_fan_out", "lora_bias", "use_qalora"), False),
-                **dict.fromkeys(("modules_to_save", "layer_replication", "target_parameters",
+                **dict.fromkeys(("layer_replication", "target_parameters",
                                  "alora_invocation_tokens", "monteclora_config", "velora_config", "kasa_config",
                                  "arrow_config", "use_bdlora"), None)}
 _PROBE = ("Name three primary colors.", "Low-rank adapters add a small update to each frozen weight matrix.")
@@ -49,6 +49,7 @@ class MergePlan:
     updates: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)  # weight -> A, B, scale
     magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)  # DoRA: weight -> magnitude per output row
     token_rows: dict[str, tuple[list[int], torch.Tensor]] = field(default_factory=dict)  # embedding -> new-token rows
+    replaced: dict[str, torch.Tensor] = field(default_factory=dict)  # whole layers the adapter trained (new tokens)
     vocab_size: int | None = None  # the grown vocabulary (new tokens), or None: the base's
     fingerprint_diffs: list[str] = field(default_factory=list)
     quantize: set[str] = field(default_factory=set)  # weights rounded through 4-bit first ("dequantized")
@@ -93,16 +94,31 @@ def plan_merge(adapter_dir: Path, base_model: str | Path | None, allow_mismatch:
     tokenizer = load_tokenizer(adapter_dir if has_tokenizer else base_dir)
     probe = probe_ids(tokenizer, template)  # what the export ships
     token_rows = adapter.token_rows()
-    if token_rows:  # new tokens: the probe asks for them too, so the check reads their rows
-        new_ids = sorted({i for ids, _ in token_rows.values() for i in ids})
+    saved = adapter.saved_modules()
+    replaced = {n: t for n, t in saved.items() if n in files_by_tensor}  # a tied head is the embedding's copy
+    others = sorted(k for k in adapter.extra if "lora_magnitude_vector" not in k and "trainable_tokens" not in k
+                    and k.removeprefix(adapter_files.PEFT_PREFIX) not in saved)
+    stray = sorted(n for n in saved if n not in files_by_tensor and n != "lm_head.weight") + others
+    misfit = [n for n, t in replaced.items()
+              if t.dim() != 2 or list(t.shape[1:]) != _stored_shape(files_by_tensor, n)[1:]]
+    if stray or misfit:
+        raise ModelError(f"the adapter in {adapter_dir} saves whole layers merge() cannot place on {base_dir} "
+                         f"({shown(stray or misfit, 120)}); it folds trained embedding and output layers "
+                         "of this base only. Merge it with peft's merge_and_unload() instead")
+    new_ids = sorted({i for ids, _ in token_rows.values() for i in ids})
+    if replaced:  # whole layers trained: the new tokens are the rows past the base's
+        rows = {n: _stored_rows(files_by_tensor, n) for n in replaced}
+        new_ids = sorted({i for n, t in replaced.items() for i in range(rows[n], t.shape[0])})
+    if new_ids:  # new tokens: the probe asks for them too, so the check reads their rows
         if max(new_ids) >= len(tokenizer):
             raise ModelError(f"the adapter in {adapter_dir} trains token id {max(new_ids)}, but its tokenizer has "
                              f"{len(tokenizer)} tokens; the folder's tokenizer is not the one it was trained with")
         probe = torch.cat([probe, torch.tensor(new_ids).expand(probe.shape[0], -1)], dim=1)
     plan = MergePlan(adapter_dir, base_name, base_dir, lora, adapter, template, probe, files_by_tensor,
-                     fingerprint_diffs=diffs, token_rows=token_rows)
-    if token_rows:
-        plan.vocab_size = max(len(tokenizer), *(base_rows(plan, name) for name in token_rows))
+                     fingerprint_diffs=diffs, token_rows=token_rows, replaced=replaced)
+    if token_rows or replaced:
+        plan.vocab_size = max(len(tokenizer), *(_stored_rows(files_by_tensor, n) for n in [*token_rows, *replaced]),
+                              *(t.shape[0] for t in replaced.values()))
     plan.updates = {f"{m}.weight": (a.float(), b.float(), adapter.scale(m)) for m, (a, b) in adapter.pairs.items()}
     if adapter.config.use_dora:
         plan.magnitudes = {f"{m}.weight": adapter.extra[f"{adapter_files.PEFT_PREFIX}{m}.lora_magnitude_vector"].float()
@@ -182,16 +198,25 @@ def plan_dequantized(plan: MergePlan) -> None:
 
 
 
-def base_rows(plan: MergePlan, name: str) -> int:
-    """Rows of the base tensor ``name`` as stored (before any new-token rows)."""
+def _stored_shape(files_by_tensor: dict[str, Path], name: str) -> list[int]:
+    """The shape of the base tensor ``name`` as stored (before any new-token rows)."""
     from alpaca_lora.export.safetensors_stream import tensor_metas
 
-    return int(tensor_metas({name: plan.base_files[name]})[name][0][0])
+    return list(tensor_metas({name: files_by_tensor[name]})[name][0])
+
+
+def _stored_rows(files_by_tensor: dict[str, Path], name: str) -> int:
+    return _stored_shape(files_by_tensor, name)[0]
+
+
+def _grown(plan: MergePlan, name: str) -> bool:
+    """Whether new tokens grow ``name`` (the embedding, an untied output layer) to ``plan.vocab_size`` rows."""
+    return bool(plan.vocab_size) and (name in plan.token_rows or name in plan.replaced)
 
 
 def tensor_shape(plan: MergePlan, name: str, stored: list[int]) -> list[int]:
     """The merged shape of ``name``: as ``stored``, with the grown vocabulary for an embedding of new tokens."""
-    return [plan.vocab_size, *stored[1:]] if name in plan.token_rows and plan.vocab_size else list(stored)
+    return [plan.vocab_size, *stored[1:]] if _grown(plan, name) else list(stored)
 
 
 def base_tensor(plan: MergePlan, name: str) -> torch.Tensor:
@@ -204,13 +229,15 @@ def base_tensor(plan: MergePlan, name: str) -> torch.Tensor:
     if not w.is_floating_point():
         return w
     w = _roundtrip_4bit(w, plan) if name in plan.quantize else w.float()
-    if name in plan.token_rows and plan.vocab_size and plan.vocab_size > w.shape[0]:
+    if _grown(plan, name) and plan.vocab_size > w.shape[0]:
         w = torch.cat([w, w.new_zeros(plan.vocab_size - w.shape[0], *w.shape[1:])])
     return w
 
 
 def with_token_rows(plan: MergePlan, name: str, w: torch.Tensor) -> torch.Tensor:
-    """``w`` with the adapter's new-token rows written in (a no-op for every other tensor)."""
+    """``w`` with the adapter's new-token rows written in, or its whole trained layer (a no-op for the rest)."""
+    if name in plan.replaced:
+        return plan.replaced[name].float().clone()
     if name in plan.token_rows:
         ids, rows = plan.token_rows[name]
         w[torch.tensor(ids)] = rows.to(w.dtype)

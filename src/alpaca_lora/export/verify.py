@@ -60,7 +60,8 @@ def verify_merge(plan: MergePlan, out: Path, dtype: torch.dtype) -> dict[str, An
         # Exactly the modules the adapter holds weights for (a deeper base has layers it never saw).
         lora_config.target_modules = {n.removesuffix(".weight") for n in plan.updates}
         lora_config.init_lora_weights = False  # the weights come from the adapter; no initialiser runs on meta
-        lora_config.trainable_token_indices = None  # new-token rows: written into the base for the reference
+        lora_config.trainable_token_indices = None  # new-token rows and layers: written into the base for the
+        lora_config.modules_to_save = None  # reference
         reference = streamed_logits(model, ids, _with_lora(plan, lambda n: with_token_rows(plan, n, base(n))),
                                     lora_config)
     diff = float((merged_logits - reference).abs().max())

@@ -264,7 +264,7 @@ def _load_folder(folder: str, quantization: str | None, compute_dtype: str, base
                            "step 0), so generate() answers as the base model %s does", path, base)
         has_tokenizer = (path / "tokenizer_config.json").is_file()
         tokenizer = load_tokenizer(path if has_tokenizer else base)
-        if adapter.config.trainable_token_indices:  # new tokens: their rows come from the adapter
+        if adapter.config.trainable_token_indices or adapter.config.modules_to_save:  # new tokens' rows
             from alpaca_lora.model.new_tokens import grow_to_tokenizer
 
             grow_to_tokenizer(model, tokenizer)

@@ -137,6 +137,15 @@ class LoraAdapter:
             out[f"{module}.weight"] = (list(ids), rows)
         return out
 
+    def saved_modules(self) -> dict[str, torch.Tensor]:
+        """Whole layers the adapter trained (``modules_to_save``), by weight name (``model.embed_tokens.weight``)."""
+        saved = list(self.config.modules_to_save or [])
+        if saved and getattr(self.config, "ensure_weight_tying", False):
+            saved.append("lm_head")  # the tied output layer, saved beside the embedding
+        return {key.removeprefix(PEFT_PREFIX): t for key, t in self.extra.items()
+                if key.endswith(".weight") and key.removeprefix(PEFT_PREFIX).removesuffix(".weight").rsplit(".", 1)[-1]
+                in saved}
+
     def scale(self, module: str) -> float:
         """LoRA scaling of ``module``: alpha / r (Hu et al. 2021), alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
         rank = self.pairs[module][0].shape[0]
@@ -295,6 +304,8 @@ def _declared(name: str, config: Any, halves: dict[str, Any]) -> bool:
         return True
     if config.trainable_token_indices and path.endswith(TOKEN_ROWS_SUFFIX):
         return True
+    if config.modules_to_save and getattr(config, "ensure_weight_tying", False) and path == "lm_head.weight":
+        return True  # the tied output layer, saved beside the embedding it shares
     saved = config.modules_to_save or []
     return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", path) for m in saved)
 

@@ -86,14 +86,14 @@ def resolve_target_modules(model: torch.nn.Module, targets: str | list[str]) -> 
     return names
 
 
-def attach_lora(model: Any, config: Any, trainable_tokens: dict[str, list[int]] | None = None) -> Any:
+def attach_lora(model: Any, config: Any, token_settings: dict[str, Any] | None = None) -> Any:
     """Freeze the base, enable gradient checkpointing if asked, and wrap it with LoRA adapters.
 
     Args:
         model: A model from :func:`~alpaca_lora.model.load.load_model`.
         config: A :class:`~alpaca_lora.config.FinetuneConfig` (lora_* fields, gradient_checkpointing).
-        trainable_tokens: Embedding rows that train beside LoRA, by module name (peft's
-            ``trainable_token_indices``; see :mod:`alpaca_lora.model.new_tokens`).
+        token_settings: ``LoraConfig`` fields that train new tokens' embedding rows beside LoRA
+            (:func:`alpaca_lora.model.new_tokens.peft_settings`).
 
     Returns:
         A ``peft.PeftModel`` whose only trainable parameters are the LoRA weights (kept in fp32; with DoRA
@@ -139,7 +139,7 @@ def attach_lora(model: Any, config: Any, trainable_tokens: dict[str, list[int]] 
         use_rslora=getattr(config, "use_rslora", False),
         use_dora=getattr(config, "use_dora", False),
         init_lora_weights=lora_init.peft_init(init, quantized_4bit),
-        trainable_token_indices=trainable_tokens,
+        **(token_settings or {}),
     )
     if getattr(config, "fused_lora", False):
         from alpaca_lora.kernels.lora_layer import register_fused_layers

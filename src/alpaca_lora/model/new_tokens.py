@@ -7,9 +7,10 @@ markers, kept whole and skipped by ``skip_special_tokens``) grow the vocabulary:
 2. :func:`init_new_rows` grows the input embedding (and an untied ``lm_head``) to the tokenizer and
    sets each new row to the mean of the existing rows, as Stanford Alpaca's
    ``smart_tokenizer_and_embedding_resize`` does: a new token starts as an average token, not as noise.
-3. :func:`trainable_token_indices` tells peft to train those rows alone beside LoRA
-   (``LoraConfig.trainable_token_indices``; a tied ``lm_head`` follows the embedding). The adapter then
-   holds only the new rows (``trainable_tokens_delta``), not whole embedding matrices.
+3. :func:`peft_settings` tells peft to train those rows alone beside LoRA
+   (``LoraConfig.trainable_token_indices``; a tied ``lm_head`` follows the embedding), so the adapter
+   holds only the new rows (``trainable_tokens_delta``); or, with ``new_token_training="full"``, the
+   whole embedding and output layer (``modules_to_save``).
 
 Loading such an adapter unmerged needs the base grown to the adapter's tokenizer first
 (:func:`grow_to_tokenizer`); ``merge()`` writes the grown matrices and ``vocab_size``.
@@ -93,11 +94,19 @@ def grow_to_tokenizer(model: Any, tokenizer: Any) -> bool:
     return True
 
 
-def trainable_token_indices(model: Any, new: NewTokens) -> dict[str, list[int]] | None:
-    """Peft's ``trainable_token_indices`` for ``new``: the embedding, and an untied output layer too."""
+def peft_settings(model: Any, new: NewTokens, mode: str = "rows") -> dict[str, Any]:
+    """The ``LoraConfig`` fields that train ``new``'s rows: {} when there are none.
+
+    ``mode="rows"``: ``trainable_token_indices`` for the embedding and an untied output layer (a tied one
+    follows the embedding). ``mode="full"``: ``modules_to_save`` with those layers whole, the tie kept
+    (``ensure_weight_tying``).
+    """
     if not new.ids:
-        return None
+        return {}
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    layers = [embedding] + ([head] if head is not None and head.weight is not embedding.weight else [])
+    tied = head is None or head.weight is embedding.weight
+    layers = [embedding] + ([] if tied else [head])
     names = {m: n.rsplit(".", 1)[-1] for n, m in model.named_modules() if any(m is layer for layer in layers)}
-    return {names[layer]: list(new.ids) for layer in layers}
+    if mode == "full":
+        return {"modules_to_save": [names[layer] for layer in layers], "ensure_weight_tying": tied}
+    return {"trainable_token_indices": {names[layer]: list(new.ids) for layer in layers}}

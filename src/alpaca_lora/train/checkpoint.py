@@ -260,7 +260,7 @@ def get_adapter_state(model: Any) -> dict[str, torch.Tensor]:
     """The adapter weights of a peft model, as ``set_peft_model_state_dict`` takes them back."""
     from peft import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(model)
+    return get_peft_model_state_dict(model, save_embedding_layers=False)  # new tokens: their rows, not the matrices
 
 
 # ---- a run's checkpoints: write one, resume from one -------------------------------------------

@@ -133,7 +133,9 @@ def estimate_memory(base_model: str | Path | dict[str, Any], **overrides: Any) -
     if cfg.use_dora:
         lora_params += n_layers * adapted_out  # one trained magnitude per output row
     new_tokens = len(cfg.add_tokens or []) + len(cfg.special_tokens or [])  # at most: known ones are skipped
-    lora_params += new_tokens * h * (1 if tied else 2)  # their embedding (and untied lm_head) rows train
+    if new_tokens:  # their embedding (and untied lm_head) rows train, or those whole layers ("full")
+        rows = vocab + new_tokens if cfg.new_token_training == "full" else new_tokens
+        lora_params += rows * h * (1 if tied else 2)
     tokens = cfg.micro_batch_size * cfg.cutoff_len
     # Tensors kept for backward per token per layer: the inputs of the two norms, sdpa's query, key,
     # value and output, the MLP's gate, up and activation (frozen 4-bit layers keep only their

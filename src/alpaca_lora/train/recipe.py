@@ -330,12 +330,12 @@ def save(run: Run) -> FinetuneResult:
 
 
 def _token_tensors(model: Any) -> int:
-    """How many new-token row tensors the adapter file holds (one per embedding or untied output layer)."""
+    """How many new-token tensors the adapter file holds: rows (trainable tokens) or whole layers (modules_to_save)."""
     from peft import get_peft_model_state_dict
 
-    if not any("trainable_tokens_delta" in n for n, _ in model.named_parameters()):
+    if not any("trainable_tokens_delta" in n or "modules_to_save" in n for n, _ in model.named_parameters()):
         return 0
-    return sum("trainable_tokens_delta" in k for k in get_peft_model_state_dict(model, save_embedding_layers=False))
+    return sum("lora_" not in k for k in get_peft_model_state_dict(model, save_embedding_layers=False))
 
 
 def _check_adapter(folder: Path, expected: int) -> None:

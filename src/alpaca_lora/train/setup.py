@@ -33,7 +33,7 @@ from alpaca_lora.kernels.packed_attention import use_packed_attention
 from alpaca_lora.model.load import load_base, load_tokenizer, resolve_compute_dtype, trainable_parameters
 from alpaca_lora.model.lora import attach_lora
 from alpaca_lora.model.lora_init import initial_factors, is_residual
-from alpaca_lora.model.new_tokens import add_to_tokenizer, init_new_rows, trainable_token_indices
+from alpaca_lora.model.new_tokens import add_to_tokenizer, init_new_rows, peft_settings
 from alpaca_lora.train.checkpoint import remove_incomplete, resume
 from alpaca_lora.train.distributed import Dist, check_world_size, init_distributed
 from alpaca_lora.train.loss_scale import LossScaler
@@ -102,7 +102,7 @@ def setup(base_model: str | Path, data: Any, output_dir: Path, cfg: FinetuneConf
     # from_pretrained returns the model in eval mode; training needs train mode (dropout on), and the
     # 4-bit layers must never run an inference forward before training (see model.modes.dropout_disabled).
     init_new_rows(model, tokenizer, new_tokens)
-    model = attach_lora(model, cfg, trainable_tokens=trainable_token_indices(model, new_tokens)).train()
+    model = attach_lora(model, cfg, peft_settings(model, new_tokens, cfg.new_token_training)).train()
     initial_lora = initial_factors(model) if is_residual(cfg.init_lora_weights) else None
     seed_everything(cfg.seed)  # the training randomness (dropout) starts from the seed, whatever loading drew
     matmul = resolve_backend(cfg.cpu_matmul, device, dtype) if strategy.name != "fsdp" else "blas"
