@@ -63,10 +63,18 @@ def run(name: str, settings: dict, steps: int, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--only", default=None,
+                        help="comma-separated variant names to run again; the others are kept from the saved JSON")
     args = parser.parse_args()
+    saved = RESULTS / "lora_variants.json"
+    keep = {r["variant"]: r for r in json.loads(saved.read_text())["rows"]} if args.only and saved.is_file() else {}
+    wanted = set(args.only.split(",")) if args.only else set(VARIANTS)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, settings) in enumerate(VARIANTS.items()):
+            if name not in wanted and name in keep:
+                rows.append(keep[name])
+                continue
             rows.append(run(name, settings, args.steps, Path(tmp) / str(i)))
             print(json.dumps(rows[-1]), flush=True)
     plain = rows[0]
