@@ -113,9 +113,8 @@ class FinetuneConfig:
     """New special tokens (a chat format's markers, e.g. "<|tool|>"): as ``add_tokens``, and marked special,
     so decoding with ``skip_special_tokens`` drops them."""
     new_token_training: str = "rows"
-    """How new tokens train: "rows" (only their embedding rows, the adapter holding just those) or "full" (the
-    whole embedding and lm_head train beside LoRA, peft's modules_to_save; the adapter then holds both
-    matrices, about 2 GB in bf16 for Llama 3 8B), for many new tokens or a vocabulary that should shift."""
+    """How new tokens train: "rows" (only their embedding rows, which the adapter holds) or "full" (the whole
+    embedding and lm_head beside LoRA, peft's modules_to_save: for many new tokens; the adapter holds both)."""
     train_on_inputs: bool = False
     """Also train on the prompt tokens (by default only the response and EOS carry loss)."""
     add_eos_token: bool = True
