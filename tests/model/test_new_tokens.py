@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 
 import pytest
 import torch
@@ -106,16 +107,6 @@ def test_preflight_names_the_new_tokens(tiny_model_dir, tmp_path, caplog):
     assert "new tokens    3 added (ids 49152..49154); 1 already in the vocabulary, skipped: 'echo'" in line
 
 
-def test_resume_equals_uninterrupted(base, trained, tmp_path):
-    _, full = trained
-    split = tmp_path / "split"
-    finetune(base, RECORDS, split, max_steps=6, **RUN)
-    resumed = finetune(base, RECORDS, split, max_steps=6, resume_from_checkpoint=True, **RUN)
-    a = load_file(str(full.adapter_dir / "adapter_model.safetensors"))
-    b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_merge_grows_the_matrices_and_equals_the_unmerged_adapter(trained, tmp_path):
     base, result = trained
     merged = merge(result.adapter_dir, tmp_path / "merged", dtype="float32")
@@ -217,12 +208,16 @@ def test_full_mode_trains_whole_layers_and_merges_to_the_unmerged_model(trained_
                     quantization=None) == generate(merged, prompts, inputs, max_new_tokens=6, compute_dtype="float32")
 
 
-def test_full_mode_resumes_exactly(base, trained_full, tmp_path):
-    _, full = trained_full
-    settings = {**RUN, "new_token_training": "full"}
-    split = tmp_path / "split"
-    finetune(base, RECORDS, split, max_steps=4, **settings)
-    resumed = finetune(base, RECORDS, split, max_steps=4, resume_from_checkpoint=True, **settings)
+@pytest.mark.parametrize(("run", "steps", "settings"), [("trained", 6, RUN),
+                                                         ("trained_full", 4, {**RUN, "new_token_training": "full"})])
+def test_resume_equals_uninterrupted(request, base, run, steps, settings, tmp_path):
+    """A copy of the finished run resumed from its checkpoint-3 ends with the very same adapter."""
+    _, full = request.getfixturevalue(run)
+    copy = tmp_path / "copy"
+    shutil.copytree(full.adapter_dir, copy)
+    assert (copy / "checkpoint-3").is_dir()
+    (copy / "adapter_model.safetensors").unlink()  # so the adapter compared is the resumed run's own
+    resumed = finetune(base, RECORDS, copy, max_steps=steps, resume_from_checkpoint=True, **settings)
     a = load_file(str(full.adapter_dir / "adapter_model.safetensors"))
     b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

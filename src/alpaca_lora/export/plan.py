@@ -96,9 +96,7 @@ def plan_merge(adapter_dir: Path, base_model: str | Path | None, allow_mismatch:
     token_rows = adapter.token_rows()
     saved = adapter.saved_modules()
     replaced = {n: t for n, t in saved.items() if n in files_by_tensor}  # a tied head is the embedding's copy
-    others = sorted(k for k in adapter.extra if "lora_magnitude_vector" not in k and "trainable_tokens" not in k
-                    and k.removeprefix(adapter_files.PEFT_PREFIX) not in saved)
-    stray = sorted(n for n in saved if n not in files_by_tensor and n != "lm_head.weight") + others
+    stray = sorted(n for n in saved if n not in files_by_tensor and n != "lm_head.weight") + adapter.other_tensors()
     misfit = [n for n, t in replaced.items()
               if t.dim() != 2 or list(t.shape[1:]) != _stored_shape(files_by_tensor, n)[1:]]
     if stray or misfit:
@@ -121,8 +119,8 @@ def plan_merge(adapter_dir: Path, base_model: str | Path | None, allow_mismatch:
                               *(t.shape[0] for t in replaced.values()))
     plan.updates = {f"{m}.weight": (a.float(), b.float(), adapter.scale(m)) for m, (a, b) in adapter.pairs.items()}
     if adapter.config.use_dora:
-        plan.magnitudes = {f"{m}.weight": adapter.extra[f"{adapter_files.PEFT_PREFIX}{m}.lora_magnitude_vector"].float()
-                           for m in adapter.pairs}
+        prefix, suffix = adapter_files.PEFT_PREFIX, adapter_files.MAGNITUDE_SUFFIX
+        plan.magnitudes = {f"{m}.weight": adapter.extra[f"{prefix}{m}{suffix}"].float() for m in adapter.pairs}
     return plan
 
 
@@ -222,7 +220,7 @@ def tensor_shape(plan: MergePlan, name: str, stored: list[int]) -> list[int]:
 def base_tensor(plan: MergePlan, name: str) -> torch.Tensor:
     """The base tensor ``name``: fp32 when floating, rounded through 4-bit first for "dequantized".
 
-    An embedding that new tokens grew gets zero rows up to the grown vocabulary (:func:`with_token_rows`
+    An embedding that new tokens grew gets zero rows up to the grown vocabulary (:func:`merged_tensor`
     fills the trained ones).
     """
     w = read_tensor(plan.base_files, name)
@@ -234,14 +232,12 @@ def base_tensor(plan: MergePlan, name: str) -> torch.Tensor:
     return w
 
 
-def with_token_rows(plan: MergePlan, name: str, w: torch.Tensor) -> torch.Tensor:
-    """``w`` with the adapter's new-token rows written in, or its whole trained layer (a no-op for the rest)."""
-    if name in plan.replaced:
-        return plan.replaced[name].float().clone()
-    if name in plan.token_rows:
-        ids, rows = plan.token_rows[name]
-        w[torch.tensor(ids)] = rows.to(w.dtype)
-    return w
+def unmerged_tensor(plan: MergePlan, name: str) -> torch.Tensor:
+    """The base tensor ``name`` with the adapter's new-token rows or its whole trained layer, no LoRA update.
+
+    What the unmerged (peft) model computes with outside its LoRA layers; the merge check's reference.
+    """
+    return _tensor(plan, name, with_update=False)
 
 
 def merged_tensor(plan: MergePlan, name: str) -> torch.Tensor:
@@ -250,14 +246,22 @@ def merged_tensor(plan: MergePlan, name: str) -> torch.Tensor:
     With DoRA each output row is then rescaled to its trained magnitude: ``m / ||W + s B A||_row``
     times ``W + s B A`` (peft's merge, Liu et al. 2024).
     """
+    return _tensor(plan, name, with_update=True)
+
+
+def _tensor(plan: MergePlan, name: str, with_update: bool) -> torch.Tensor:
+    if name in plan.replaced:  # a whole trained layer: the base's copy is never read
+        return plan.replaced[name].float().clone()
     w = base_tensor(plan, name)
-    if name in plan.updates:
+    if with_update and name in plan.updates:
         a, b, scale = plan.updates[name]
         w += scale * (b @ a)  # (out, r) @ (r, in)
         if name in plan.magnitudes:
             w *= (plan.magnitudes[name] / torch.linalg.vector_norm(w, dim=1)).unsqueeze(1)
-    return with_token_rows(plan, name, w)
-
+    if name in plan.token_rows:
+        ids, rows = plan.token_rows[name]
+        w[torch.tensor(ids)] = rows.to(w.dtype)
+    return w
 
 
 def _roundtrip_4bit(w: torch.Tensor, plan: MergePlan) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from alpaca_lora.errors import ModelError
-from alpaca_lora.export.plan import MergePlan, base_tensor, merged_tensor, tensor_files, with_token_rows
+from alpaca_lora.export.plan import MergePlan, base_tensor, merged_tensor, tensor_files, unmerged_tensor
 from alpaca_lora.export.safetensors_stream import read_tensor, skeleton, streamed_logits
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def verify_merge(plan: MergePlan, out: Path, dtype: torch.dtype) -> dict[str, An
         lora_config.init_lora_weights = False  # the weights come from the adapter; no initialiser runs on meta
         lora_config.trainable_token_indices = None  # new-token rows and layers: written into the base for the
         lora_config.modules_to_save = None  # reference
-        reference = streamed_logits(model, ids, _with_lora(plan, lambda n: with_token_rows(plan, n, base(n))),
+        reference = streamed_logits(model, ids, _with_lora(plan, lambda n: unmerged_tensor(plan, n)),
                                     lora_config)
     diff = float((merged_logits - reference).abs().max())
     effect = float((reference - plain).abs().max())

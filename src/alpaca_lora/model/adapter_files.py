@@ -22,6 +22,7 @@ LORA_DTYPES = ("F32", "F16", "BF16", "F64")
 """Safetensors dtypes a LoRA adapter's tensors may have (a merge computes in fp32 from any of them)."""
 PEFT_PREFIX = "base_model.model."
 TOKEN_ROWS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
 """Saved key ending of the new-token rows of an embedding (peft's trainable tokens)."""
 """Prefix of every tensor name in a peft adapter file; peft silently skips a tensor without it."""
 _FIX_CONFIG = "the file is damaged or was edited: restore it from the run that wrote the adapter (or re-run finetune)"
@@ -145,6 +146,11 @@ class LoraAdapter:
         return {key.removeprefix(PEFT_PREFIX): t for key, t in self.extra.items()
                 if key.endswith(".weight") and key.removeprefix(PEFT_PREFIX).removesuffix(".weight").rsplit(".", 1)[-1]
                 in saved}
+
+    def other_tensors(self) -> list[str]:
+        """Declared tensors that are no DoRA magnitude, new-token rows or whole saved layer (trained biases, say)."""
+        saved = {PEFT_PREFIX + n for n in self.saved_modules()}
+        return sorted(k for k in self.extra if not k.endswith((MAGNITUDE_SUFFIX, TOKEN_ROWS_SUFFIX)) and k not in saved)
 
     def scale(self, module: str) -> float:
         """LoRA scaling of ``module``: alpha / r (Hu et al. 2021), alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
@@ -298,8 +304,8 @@ def _declared(name: str, config: Any, halves: dict[str, Any]) -> bool:
     if not name.startswith(PEFT_PREFIX):
         return False
     path = name.removeprefix(PEFT_PREFIX)
-    if config.use_dora and path.endswith(".lora_magnitude_vector"):
-        return path.removesuffix(".lora_magnitude_vector") in halves
+    if config.use_dora and path.endswith(MAGNITUDE_SUFFIX):
+        return path.removesuffix(MAGNITUDE_SUFFIX) in halves
     if config.bias != "none" and path.endswith(".bias"):
         return True
     if config.trainable_token_indices and path.endswith(TOKEN_ROWS_SUFFIX):
