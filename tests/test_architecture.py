@@ -152,7 +152,7 @@ LAYERS = [
     {"model"},
     {"export"},
     {"inference", "train"},
-    {"cli", "demo", "__init__", "__main__"},
+    {"cli", "demo", "selfinstruct", "__init__", "__main__"},
 ]
 
 

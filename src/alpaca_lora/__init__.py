@@ -44,6 +44,7 @@ _EXPORTS: dict[str, str] = {
     "generate": "alpaca_lora.inference.generate",
     "evaluate": "alpaca_lora.inference.evaluate",
     "EvalReport": "alpaca_lora.inference.evaluate",
+    "self_instruct": "alpaca_lora.selfinstruct.pipeline",
 }
 
 __all__ = [
@@ -77,6 +78,7 @@ __all__ = [
     "load_model",
     "merge",
     "push_to_hub",
+    "self_instruct",
     "tokenize_conversation",
     "tokenize_instruction",
 ]
@@ -106,6 +108,7 @@ if TYPE_CHECKING:
     from alpaca_lora.inference.generate import generate
     from alpaca_lora.model.embedded import default_base_model
     from alpaca_lora.model.load import load_model
+    from alpaca_lora.selfinstruct.pipeline import self_instruct
     from alpaca_lora.train.inspection import InspectionReport, inspect_data
     from alpaca_lora.train.memory import MemoryEstimate, estimate_memory
     from alpaca_lora.train.recipe import FinetuneResult, finetune
