@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install llama-cpp-python (llama.cpp's Python binding), which the GGUF export tests load models with and
-# whose quantizer makes the k-quants (q4_k_m, q5_k_m, q6_k). The registry has no binary wheel, so it is
+# Install llama-cpp-python (llama.cpp's Python binding) with its OpenAI-compatible server: the GGUF export tests
+# load models with it and make the k-quants (q4_k_m, q5_k_m, q6_k) with its quantizer; the self-instruct tests
+# serve a teacher with its server. The registry has no binary wheel, so it is
 # built from its source distribution: about 10 CPU-minutes, once; the wheel is kept under
 # ~/.cache/alpaca_lora/wheels/portable and reused.
 #
@@ -9,7 +10,7 @@
 set -euo pipefail
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/alpaca_lora/wheels/portable"
-if python -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$VERSION')" 2>/dev/null; then
+if python -c "import llama_cpp, llama_cpp.server.app, sys; sys.exit(llama_cpp.__version__ != '$VERSION')" 2>/dev/null; then
   echo "llama-cpp-python $VERSION is installed"; exit 0
 fi
 wheel=$(ls "$CACHE"/llama_cpp_python-"$VERSION"-*.whl 2>/dev/null | head -n 1 || true)
@@ -32,4 +33,5 @@ if [ -z "$wheel" ]; then
   rm -rf "$build"
   wheel=$(ls "$CACHE"/llama_cpp_python-"$VERSION"-*.whl | head -n 1)
 fi
-python -m pip install -q "$wheel"
+# [server]: the OpenAI-compatible server the self-instruct tests use as a teacher
+python -m pip install -q "${wheel}[server]"

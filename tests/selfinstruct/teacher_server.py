@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -17,7 +16,6 @@ from pathlib import Path
 import pytest
 
 API_KEY = "test-key-not-secret"
-KEY_ENV = "ALPACA_LORA_TEST_TEACHER_KEY"
 
 
 def free_port() -> int:
@@ -26,19 +24,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def llama_server(smol_dir, tmp_path_factory):
-    """``{"url", "model"}`` of llama-cpp-python's server on 127.0.0.1, serving SmolLM2 (q8_0), key required."""
-    pytest.importorskip("llama_cpp.server", reason="bash .ci/install_llama_cpp.sh installs llama.cpp's server")
-    from alpaca_lora import export_gguf
+def start_llama_server(gguf: Path, log_file: Path) -> tuple[subprocess.Popen, str]:
+    """Start llama-cpp-python's server on 127.0.0.1 serving ``gguf`` as model ``smol`` (key :data:`API_KEY`).
 
-    folder = tmp_path_factory.mktemp("teacher")
-    gguf = export_gguf(smol_dir, folder / "smol-q8_0.gguf", quantization="q8_0", verify=False)
+    Returns the process and the base URL once ``/v1/models`` answers; fails the test with the server's log if it
+    does not start within two minutes.
+    """
     port = free_port()
-    log = (folder / "server.log").open("w")
+    log = log_file.open("w")
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "smol",
                              "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "2",
                              "--seed", "0", "--api_key", API_KEY], stdout=log, stderr=subprocess.STDOUT)
+    log.close()
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 120
     while True:
@@ -46,18 +43,12 @@ def llama_server(smol_dir, tmp_path_factory):
             request = urllib.request.Request(f"{url}/models", headers={"Authorization": f"Bearer {API_KEY}"})
             with urllib.request.urlopen(request, timeout=5) as r:
                 assert json.load(r)["data"][0]["id"] == "smol"
-            break
+            return proc, url
         except (urllib.error.URLError, ConnectionError, OSError):
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                pytest.fail("llama.cpp's server did not start:\n" + (folder / "server.log").read_text()[-3000:])
+                pytest.fail("llama.cpp's server did not start:\n" + log_file.read_text()[-3000:])
             time.sleep(0.5)
-    os.environ[KEY_ENV] = API_KEY
-    yield {"url": url, "model": "smol", "port": port}
-    os.environ.pop(KEY_ENV, None)
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
 
 
 class FaultProxy:
@@ -69,6 +60,8 @@ class FaultProxy:
 
     def __init__(self, upstream: str, faults: list[int | str]) -> None:
         self.upstream, self.faults, self.seen = upstream.rstrip("/"), list(faults), 0
+        self.in_flight = self.peak = 0
+        lock = threading.Lock()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -76,7 +69,17 @@ class FaultProxy:
                 pass
 
             def _handle(self) -> None:
-                proxy.seen += 1
+                with lock:
+                    proxy.seen += 1
+                    proxy.in_flight += 1
+                    proxy.peak = max(proxy.peak, proxy.in_flight)
+                try:
+                    self._answer()
+                finally:
+                    with lock:
+                        proxy.in_flight -= 1
+
+            def _answer(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if proxy.faults:
                     fault = proxy.faults.pop(0)
@@ -114,20 +117,6 @@ class FaultProxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-@pytest.fixture
-def fault_proxy(llama_server):
-    """A factory of :class:`FaultProxy` in front of the llama.cpp server, closed after the test."""
-    made = []
-
-    def make(faults: list[int | str]) -> FaultProxy:
-        made.append(FaultProxy(llama_server["url"], faults))
-        return made[-1]
-
-    yield make
-    for p in made:
-        p.close()
 
 
 SEEDS = Path(__file__).resolve().parents[3] / "shared" / "data" / "self_instruct_seed_tasks.jsonl"
