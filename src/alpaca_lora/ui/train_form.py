@@ -43,13 +43,15 @@ def components_for(names: list[str]) -> list[Any]:
     for name in names:
         value = values[name]
         if name == "quantization":
-            out.append(gr.Dropdown(list(QUANTIZATIONS), value=value or "none", label=name, info=info[name]))
+            out.append(gr.Dropdown(list(QUANTIZATIONS), value=value or "none", label=name, info=info[name],
+                                   elem_id=f"train-{name}"))
         elif name == "compute_dtype":
-            out.append(gr.Dropdown(list(COMPUTE_DTYPES), value=value, label=name, info=info[name]))
+            out.append(gr.Dropdown(list(COMPUTE_DTYPES), value=value, label=name, info=info[name],
+                                   elem_id=f"train-{name}"))
         elif isinstance(value, bool):
-            out.append(gr.Checkbox(value, label=name, info=info[name]))
+            out.append(gr.Checkbox(value, label=name, info=info[name], elem_id=f"train-{name}"))
         elif name in _OPTIONAL_INTS or isinstance(value, (int, float)):
-            out.append(gr.Number(value, label=name, info=info[name] + (" Empty: None." if value is None else ""),
+            out.append(gr.Number(value, label=name, info=info[name] + (" Empty or 0: None." if value is None else ""),
                                  precision=0 if name in _OPTIONAL_INTS or isinstance(value, int) else None,
                                  elem_id=f"train-{name}"))
         else:
@@ -70,7 +72,7 @@ def settings(values: list[Any]) -> dict[str, Any]:
         default = base[name]
         if name == "quantization":
             out[name] = None if value in (None, "", "none") else value
-        elif value is None or value == "":
+        elif value is None or value == "" or (name in _OPTIONAL_INTS and value == 0):  # a cleared number reads 0
             out[name] = None if name in _OPTIONAL_INTS else default
         elif name in _OPTIONAL_INTS or (isinstance(default, int) and not isinstance(default, bool)):
             number = float(value)
