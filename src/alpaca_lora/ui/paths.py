@@ -100,8 +100,15 @@ class Folders:
             if _is_model_folder(folder) or any(p.name.startswith("checkpoint-") for p in folder.parents):
                 continue
             found.extend(p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix in DATA_SUFFIXES
-                         and not p.name.startswith(".") and p.name not in _RUN_JSON)
+                         and not p.name.startswith(".") and p.name not in _RUN_JSON and self._allowed(p))
         return found
+
+    def _allowed(self, path: Path) -> bool:
+        try:
+            self.check(path)
+        except ConfigError:
+            return False
+        return True
 
 
 _RUN_JSON = {"finetune_config.json", "train_results.json", "metrics.jsonl", "ui_config.json", "demo_report.json",
