@@ -152,7 +152,7 @@ LAYERS = [
     {"model"},
     {"export"},
     {"inference", "train"},
-    {"cli", "demo", "selfinstruct", "__init__", "__main__"},
+    {"cli", "demo", "selfinstruct", "ui", "__init__", "__main__"},
 ]
 
 
@@ -162,7 +162,7 @@ def _layer(name: str) -> int:
 
 
 def test_imports_go_down_the_layers_only():
-    """data -> config -> kernels -> model -> export -> inference/train -> cli/demo, never back up."""
+    """data -> config -> kernels -> model -> export -> inference/train -> cli/demo/ui, never back up."""
     modules = [module_name(p) for p in sorted(PACKAGE.rglob("*.py"))]
     upward = [f"{m} -> {t}" for m in modules for t in imports_of(m) if _layer(t) > _layer(m)]
     assert not upward, "imports up the layers:\n" + "\n".join(upward)

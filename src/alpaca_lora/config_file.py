@@ -7,6 +7,8 @@ the file's bytes (it may be ``/dev/zero``), its nesting, and the values its YAML
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import re
 from pathlib import Path
@@ -171,3 +173,18 @@ def _check_expansion(root: yaml.Node, source: str) -> None:
         return total
 
     size(root, 0)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Return the docstring written under each field of dataclass ``cls``, by field name."""
+    docs: dict[str, str] = {}
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return docs
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr):
+            if isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs

@@ -13,7 +13,6 @@ true (``--train_on_inputs``); ``--train_on_inputs false`` turns one off.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import difflib
 import inspect
@@ -25,24 +24,10 @@ import typing
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from alpaca_lora.config_file import field_docs
 from alpaca_lora.errors import shown
 
 _ARGS_HEADERS = ("Args:", "Arguments:", "Parameters:")
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Return the docstring written under each field of dataclass ``cls``, by field name."""
-    docs: dict[str, str] = {}
-    try:
-        tree = ast.parse(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return docs
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, nxt in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr):
-            if isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
 
 
 def docstring_args(func: Callable[..., Any]) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """The ``alpaca-lora`` command. The only module that reads ``sys.argv``; nothing imports it.
 
 Subcommands: ``finetune``, ``merge``, ``export-gguf``, ``eval``, ``generate``, ``push``, ``inspect``, ``estimate``,
-``cache``, ``self-instruct`` and ``demo``.
+``cache``, ``self-instruct``, ``demo`` and ``ui``.
 Their flags are generated (see :mod:`alpaca_lora.cli.flags`) from :class:`FinetuneConfig` and from
 the signatures and docstrings of the functions they call, so the command line and the Python API
 cannot drift apart. ``--config run.yaml`` (or .json) supplies ``FinetuneConfig`` fields; flags
@@ -38,6 +38,7 @@ from alpaca_lora.cli.flags import (
 )
 from alpaca_lora.cli.gguf_cmd import add_gguf_parser, cmd_export_gguf
 from alpaca_lora.cli.selfinstruct_cmd import add_self_instruct_parser, cmd_self_instruct
+from alpaca_lora.cli.ui_cmd import add_ui_parser, cmd_ui
 from alpaca_lora.config import FinetuneConfig
 from alpaca_lora.errors import AlpacaLoraError, ConfigError, DataError, TrainingInterrupted
 
@@ -119,6 +120,7 @@ def build_parser() -> ArgumentParser:
 
     add_cache_parser(sub)
     add_self_instruct_parser(sub)
+    add_ui_parser(sub)
 
     demo = sub.add_parser("demo", help="fine-tune the embedded SmolLM2-135M on built-in tasks, end to end")
     add_dataclass_flags(demo, DemoConfig)
@@ -301,8 +303,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 _COMMANDS = {"finetune": _cmd_finetune, "merge": _cmd_merge, "export-gguf": cmd_export_gguf, "eval": cmd_eval,
              "generate": _cmd_generate, "push": _cmd_push, "inspect": _cmd_inspect, "estimate": _cmd_estimate,
-             "self-instruct": cmd_self_instruct,
-             "cache": cmd_cache}
+             "self-instruct": cmd_self_instruct, "cache": cmd_cache, "ui": cmd_ui}
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
