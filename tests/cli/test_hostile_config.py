@@ -352,6 +352,7 @@ def places(tmp_path_factory):
     (root / "file.txt").write_text("not a folder\n")
     (root / "exists.gguf").write_text("an earlier export\n")
     (root / "data.json").write_text(json.dumps([{"instruction": "Add 2 and 3.", "output": "5"}]))
+    (root / "notes.jsonl").write_text(json.dumps({"text": "my notes"}) + "\n")
     (root / "bad.json").write_text('[{"instruction": "x", "output": "y"},')
     (root / "list.yaml").write_text("- 1\n")
     (root / "unknown.yaml").write_text("lora_rank: 8\n")
@@ -464,6 +465,30 @@ def _sweep() -> list[tuple[str, tuple[str, ...], int]]:
         ("cache: unknown flag", ("cache", "--cleer"), 2),
         ("cache: dir a file", ("cache", "--dir", "{r}/file.txt"), 0),  # nothing cached there: 0 entries
         ("cache: clear a missing dir", ("cache", "--dir", "{r}/missing", "--clear"), 0),
+        ("self-instruct: no args", ("self-instruct",), 2),
+        ("self-instruct: seeds missing", ("self-instruct", "{r}/missing.jsonl", "{r}/empty", "{r}/o.jsonl"), 1),
+        ("self-instruct: seeds broken", ("self-instruct", "{r}/bad.json", "{r}/empty", "{r}/o.jsonl"), 1),
+        ("self-instruct: teacher missing", ("self-instruct", "{r}/data.json", "{r}/missing", "{r}/o.jsonl"), 2),
+        ("self-instruct: teacher a file", ("self-instruct", "{r}/data.json", "{r}/file.txt", "{r}/o.jsonl"), 2),
+        ("self-instruct: teacher unreachable", ("self-instruct", "{r}/data.json", "http://127.0.0.1:9/v1",
+                                                "{r}/o.jsonl"), 1),
+        ("self-instruct: output not jsonl", ("self-instruct", "{r}/data.json", "{r}/empty", "{r}/o.txt"), 2),
+        ("self-instruct: output a folder", ("self-instruct", "{r}/data.json", "{r}/empty", "{r}/empty"), 2),
+        ("self-instruct: output not records", ("self-instruct", "{r}/data.json", "{r}/empty", "{r}/notes.jsonl"), 1),
+        ("self-instruct: zero wanted", ("self-instruct", "{r}/data.json", "{r}/empty", "{r}/o.jsonl",
+                                        "--num_instructions", "0"), 2),
+        ("self-instruct: hot temperature", ("self-instruct", "{r}/data.json", "{r}/empty", "{r}/o.jsonl",
+                                            "--temperature", "hot"), 2),
+        ("self-instruct: method magic", ("self-instruct", "{r}/data.json", "{r}/empty", "{r}/o.jsonl",
+                                         "--method", "magic"), 2),
+        ("self-instruct: blacklist text", ("self-instruct", "{r}/data.json", "{r}/empty", "{r}/o.jsonl",
+                                           "--blacklist", "image"), 2),
+        ("self-instruct: threshold 2", ("self-instruct", "{r}/data.json", "{r}/empty", "{r}/o.jsonl",
+                                        "--similarity_threshold", "2"), 2),
+        ("ui: folder missing", ("ui", "{r}/missing"), 2),
+        ("ui: port text", ("ui", "{r}/empty", "--port", "http"), 2),
+        ("ui: port 0", ("ui", "{r}/empty", "--port", "0"), 2),
+        ("ui: unknown flag", ("ui", "{r}/empty", "--shared"), 2),
         ("demo: budget huge", ("demo", "--budget", "huge", "--output_dir", "{r}/demo"), 2),
         ("demo: n_train -1", ("demo", "--n_train", "-1", "--output_dir", "{r}/demo"), 2),
         ("demo: max_steps 0", ("demo", "--max_steps", "0", "--output_dir", "{r}/demo"), 2),
