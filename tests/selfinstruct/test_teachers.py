@@ -69,20 +69,20 @@ def test_cli_two_step_run_against_the_server_is_resumable(llama_server, tmp_path
     from alpaca_lora.cli.main import main
 
     out = tmp_path / "generated.jsonl"
-    common = [str(SEEDS), llama_server["url"], str(out), "--method", "two_step", "--max_new_tokens", "128",
+    common = [str(SEEDS), llama_server["url"], str(out), "--method", "two_step", "--max_new_tokens", "96",
               "--request_batch_size", "2", "--max_concurrency", "2", "--temperature", "0.7",
               "--api_key_env", KEY_ENV]
     with caplog.at_level(logging.DEBUG):
-        assert main(["self-instruct", *common, "--num_instructions", "3"]) == 0
+        assert main(["self-instruct", *common, "--num_instructions", "2"]) == 0
         first = out.read_text()
-        assert main(["--quiet", "self-instruct", *common, "--num_instructions", "5"]) == 0  # resumed
+        assert main(["--quiet", "self-instruct", *common, "--num_instructions", "4"]) == 0  # resumed
     printed = capsys.readouterr().out
-    assert "generated.jsonl: 3 tasks kept (done)" in printed and "5 tasks kept (done)" in printed
+    assert "generated.jsonl: 2 tasks kept (done)" in printed and "4 tasks kept (done)" in printed
     records = _check_file(out)
-    assert len(records) == 5 and out.read_text().startswith(first)
-    assert len({r["instruction"] for r in records}) == 5 and all(r["output"] for r in records)
+    assert len(records) == 4 and out.read_text().startswith(first)
+    assert len({r["instruction"] for r in records}) == 4 and all(r["output"] for r in records)
     report = json.loads((tmp_path / "generated.report.json").read_text())
-    assert report["kept"] == 5 and report["status"] == "done" and report["requests"] >= 4
+    assert report["kept"] == 4 and report["status"] == "done" and report["requests"] >= 4
     assert report["teacher"] == f"{llama_server['url']} model smol" and report["answer_tokens"] > 0
     every = printed + caplog.text + (tmp_path / "generated.report.json").read_text() + out.read_text()
     assert API_KEY not in every  # the key is read from the environment and never shown
@@ -90,7 +90,7 @@ def test_cli_two_step_run_against_the_server_is_resumable(llama_server, tmp_path
 
 def test_alpaca_method_against_the_server(llama_server, tmp_path):
     out = tmp_path / "generated.jsonl"
-    self_instruct(SEEDS, llama_server["url"], out, num_instructions=2, request_batch_size=2, max_new_tokens=160,
+    self_instruct(SEEDS, llama_server["url"], out, num_instructions=2, request_batch_size=2, max_new_tokens=96,
                   patience=2, api_key_env=KEY_ENV, progress=False)
     report = json.loads((tmp_path / "generated.report.json").read_text())
     # SmolLM2-135M rarely writes a whole task in the layout: the run may end for want of progress, but
@@ -149,7 +149,7 @@ def test_an_unreachable_server_is_named(tmp_path):
 def test_a_local_folder_teacher_writes_records(smol_dir, tmp_path):
     out = tmp_path / "generated.jsonl"
     self_instruct(SEEDS, smol_dir, out, method="two_step", num_instructions=2, request_batch_size=2,
-                  max_new_tokens=48, temperature=0.7, compute_dtype="float32", progress=False)
+                  max_new_tokens=32, temperature=0.7, compute_dtype="float32", progress=False)
     assert len(_check_file(out)) == 2
     report = json.loads((tmp_path / "generated.report.json").read_text())
     assert report["teacher"] == f"local folder {smol_dir.name}" and report["answer_tokens"] > 0
