@@ -250,3 +250,9 @@ def test_no_comment_or_docstring_cites_design_mistakes():
             for path in MODULES.values() for line, text in _comments_and_docstrings(path)
             for m in pattern.finditer(text)]
     assert not hits, f"comments or docstrings citing 'DESIGN mistake' (say the reason instead): {hits}"
+
+
+def test_test_files_have_unique_names():
+    """pytest imports test files by their base name (the tests have no packages): two alike fail collection."""
+    names = [p.name for p in Path(__file__).resolve().parent.rglob("*.py") if p.name != "__init__.py"]
+    assert not [n for n in set(names) if names.count(n) > 1], sorted(n for n in set(names) if names.count(n) > 1)

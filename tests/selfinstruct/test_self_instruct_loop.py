@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 from teacher_server import SEEDS
-from test_filters import BLOCKS
+from test_self_instruct_filters import BLOCKS
 
 from alpaca_lora import ConfigError, DataError, self_instruct
 from alpaca_lora.selfinstruct.filters import REASONS, Judge, Rules, rule_verdict
