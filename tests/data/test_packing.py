@@ -5,9 +5,9 @@ import tracemalloc
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile
-from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from alpaca_lora import ConfigError

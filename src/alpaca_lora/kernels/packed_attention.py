@@ -103,18 +103,25 @@ def packed_eager_attention(
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     records = _records(query, key, packed_records, cu_seq_lens_q)
     if records is None:
+        if attention_mask is None and query.shape[2] == key.shape[2] > 1:  # packed_eager_mask left causality to us
+            attention_mask = _causal_mask(query.shape[2], query.dtype, query.device)
         return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     pieces = []
     for a, b in records.spans:
         mask_key = ("eager_mask", b - a, query.dtype, str(query.device))
         if mask_key not in records.cache:
-            causal = torch.ones(b - a, b - a, dtype=torch.bool, device=query.device).tril_()  # (L, L)
-            blocked = torch.full((b - a, b - a), torch.finfo(query.dtype).min, dtype=query.dtype, device=query.device)
-            records.cache[mask_key] = blocked.masked_fill(causal, 0.0)[None, None]  # (1, 1, L, L)
+            records.cache[mask_key] = _causal_mask(b - a, query.dtype, query.device)
         out, _ = eager(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], records.cache[mask_key],
                        dropout=dropout, scaling=scaling, **kwargs)  # (1, L, H, D)
         pieces.append(out)
     return torch.cat(pieces, dim=1), None  # (1, N, H, D)
+
+
+def _causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(1, 1, L, L)`` additive causal mask: 0 where a token may attend, the dtype's minimum elsewhere."""
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril_()  # (L, L)
+    blocked = torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device)
+    return blocked.masked_fill(causal, 0.0)[None, None]
 
 
 def model_eager_attention(module: torch.nn.Module) -> Callable[..., Any]:
