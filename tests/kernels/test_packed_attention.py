@@ -47,11 +47,15 @@ def test_the_kernel_choice_on_each_kind_of_machine():
     assert choose_kernel("auto", CUDA, flex=True, flash=False) == "flex"
     assert choose_kernel("auto", CUDA, flex=True, flash=False, dropout=0.1) == "sdpa"  # FlexAttention has no dropout
     assert choose_kernel("auto", CUDA, flex=False, flash=False) == "sdpa"
+    assert choose_kernel("auto", CUDA, dtype=torch.float32, flex=True, flash=True) == "flex"  # flash: half only
+    assert choose_kernel("auto", CUDA, dtype=torch.float16, flex=True, flash=True) == "flash"
     assert choose_kernel("flex", CPU, flex=True) == "flex"
     assert choose_kernel("sdpa", CUDA, flex=True, flash=True) == "sdpa"
     assert choose_kernel("flash", CUDA, flash=True) == "flash"
     with pytest.raises(ConfigError, match="pip install flash-attn"):
         choose_kernel("flash", CUDA, flash=False)
+    with pytest.raises(ConfigError, match="fp16 or bf16 only"):
+        choose_kernel("flash", CUDA, dtype=torch.float32, flash=True)
     with pytest.raises(ConfigError, match="upgrade torch or choose 'sdpa'"):
         choose_kernel("flex", CUDA, flex=False)
     with pytest.raises(ConfigError, match="no attention dropout"):
@@ -66,7 +70,8 @@ def test_what_is_installed_here_is_detected():
     assert flex_available()  # torch >= 2.5
     assert flash_available() == (importlib.util.find_spec("flash_attn") is not None)
     expected = "flash" if flash_available() else "flex"
-    assert choose_kernel("auto", CUDA) == expected
+    assert choose_kernel("auto", CUDA) == expected  # bf16
+    assert choose_kernel("auto", CPU) == "sdpa"
 
 
 def test_the_document_mask_is_block_diagonal_and_causal():

@@ -33,7 +33,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from alpaca_lora.data.packing import PACKED_ATTENTION, PACKED_EAGER_ATTENTION, PackedRecords
-from alpaca_lora.kernels.packed_kernels import choose_kernel, flash_records, flex_records, sdpa_records
+from alpaca_lora.kernels.packed_kernels import (
+    choose_kernel,
+    compute_dtype,
+    flash_records,
+    flex_records,
+    sdpa_records,
+)
 
 
 def packed_sdpa_attention(
@@ -72,7 +78,7 @@ def packed_sdpa_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     p = dropout if module.training else 0.0
-    kernel = choose_kernel(records.kernel, query.device, dropout=p)
+    kernel = choose_kernel(records.kernel, query.device, dropout=p, dtype=compute_dtype(query))
     if kernel == "flex":
         out = flex_records(query, key, value, records, scaling)
     elif kernel == "flash":

@@ -11,8 +11,9 @@ Three ways to attend within each record of a packed row (:class:`~alpaca_lora.da
 - ``"flash"``: flash-attention's ``flash_attn_varlen_func``, which takes the boundaries directly;
   only when the ``flash_attn`` package is installed.
 
-:func:`choose_kernel` picks one: ``"auto"`` is ``"flash"`` on CUDA when flash-attn is installed,
-else ``"flex"`` on CUDA, else ``"sdpa"``. What the choice depends on (device, dropout, what is
+:func:`choose_kernel` picks one: ``"auto"`` is ``"flash"`` on CUDA when flash-attn is installed
+and the attention computes in fp16 or bf16, else ``"flex"`` on CUDA (without attention dropout),
+else ``"sdpa"``. What the choice depends on (device, dropout, what is
 installed) is passed in, so tests force each branch without the hardware.
 """
 
@@ -43,14 +44,15 @@ def flash_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def choose_kernel(requested: str, device: torch.device, *, dropout: float = 0.0, flex: bool | None = None,
-                  flash: bool | None = None) -> str:
+def choose_kernel(requested: str, device: torch.device, *, dropout: float = 0.0,
+                  dtype: torch.dtype = torch.bfloat16, flex: bool | None = None, flash: bool | None = None) -> str:
     """Resolve ``requested`` (one of :data:`KERNELS`) to the kernel that runs: ``"sdpa"``, ``"flex"`` or ``"flash"``.
 
     Args:
         requested: ``"auto"`` or a kernel name.
         device: Where the attention runs.
         dropout: The attention dropout of this call (FlexAttention has none).
+        dtype: The dtype the attention computes in (flash-attention takes fp16 and bf16 only).
         flex: Whether FlexAttention is available (None: ask :func:`flex_available`).
         flash: Whether flash-attn is installed (None: ask :func:`flash_available`).
 
@@ -62,15 +64,19 @@ def choose_kernel(requested: str, device: torch.device, *, dropout: float = 0.0,
         raise ConfigError(f"packed attention kernel {requested!r} is unknown; choose one of {KERNELS}")
     flex = flex_available() if flex is None else flex
     flash = flash_available() if flash is None else flash
+    half = dtype in (torch.float16, torch.bfloat16)
     if requested == "auto":
         if device.type != "cuda":
             return "sdpa"
-        if flash:
+        if flash and half:
             return "flash"
         return "flex" if flex and dropout == 0.0 else "sdpa"
     if requested == "flash" and not flash:
         raise ConfigError("packed attention kernel 'flash' needs flash-attention: pip install flash-attn "
                           "(CUDA only), or choose 'flex' or 'sdpa'")
+    if requested == "flash" and not half:
+        raise ConfigError(f"packed attention kernel 'flash' computes in fp16 or bf16 only, not {dtype}; "
+                          "train with compute_dtype='bfloat16' or choose 'flex' or 'sdpa'")
     if requested == "flex" and not flex:
         raise ConfigError(f"packed attention kernel 'flex' needs FlexAttention (torch >= 2.5, this is "
                           f"{torch.__version__}); upgrade torch or choose 'sdpa'")
@@ -177,15 +183,17 @@ def flash_records(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, r
     return out.transpose(0, 1)[None]  # (1, H, N, D)
 
 
+def compute_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype attention on ``query`` computes in: autocast's when autocast is on, else the query's."""
+    device = query.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+
+
 def _common_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The tensors in one dtype, as sdpa would see them: autocast's dtype when autocast is on.
 
     FlexAttention and flash-attention are not autocast ops, and rotary embeddings can leave the query
     and key in fp32 next to a bf16 value.
     """
-    device = tensors[0].device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-    else:
-        dtype = tensors[0].dtype
+    dtype = compute_dtype(tensors[0])
     return tuple(t.to(dtype) for t in tensors)
