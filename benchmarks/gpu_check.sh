@@ -17,7 +17,9 @@
 #      tokenizer-only stand-in for the embedded base (see gpu_prepare.sh); nvidia-smi, versions, and
 #      whether each package the library uses imports (bitsandbytes' CUDA kernels run once)
 #   2. tests/test_cuda.py -m cuda: NF4 quantization and 4-bit matmul/gemv kernels, bf16 and fp16
-#      fine-tuning of the tiny Llama with the defaults, packed == padded in bf16, merge, generate
+#      fine-tuning of the tiny Llama with the defaults, packed == padded in bf16, the packed-attention
+#      kernels (compiled FlexAttention; flash-attn varlen when installed) against per-record sdpa, forward
+#      and backward, with their times, merge, generate
 #   3. benchmarks/bench_train.py --gpu: baseline recipe vs alpaca_lora on a random-init 1B-class
 #      Llama in bf16 at cutoff_len 2048: tokens/s, MFU, peak VRAM, longest context under a 24 GB cap
 #   4. with the time left: existing suites on CUDA (device "auto" is the GPU there and compute

@@ -215,11 +215,11 @@ def test_packed_rows_give_the_padded_logits_and_loss(dtype):
     assert use_packed_attention(model)
     features = _records(config.vocab_size)
     padded = {k: v.to(DEVICE) for k, v in InstructionCollator(_Tok(), pad_to_multiple_of=8)(features).items()}
-    packed = {k: v.to(DEVICE) for k, v in PackedCollator(attention_kind(model), dtype)(features).items()}
+    attention_kind(model)
+    packed = {k: v.to(DEVICE) for k, v in PackedCollator()(features).items()}  # boundaries, no N x N mask
     with torch.no_grad():
         pad_logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits.float()
-        pack_logits = model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
-                            **body_kwargs(packed)).logits.float()
+        pack_logits = model(input_ids=packed["input_ids"], **body_kwargs(packed)).logits.float()
         # Without the record boundaries and mask, records attend to the ones packed before them.
         leak_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits.float()
     bounds = packed["cu_seq_lens"].tolist()
@@ -234,11 +234,52 @@ def test_packed_rows_give_the_padded_logits_and_loss(dtype):
     assert leak > 10 * tol  # the comparison can tell a leak from rounding
     with torch.no_grad():
         s_pad, n_pad = token_losses_sum(model, padded["input_ids"], padded["attention_mask"], padded["labels"])
-        s_pack, n_pack = token_losses_sum(model, packed["input_ids"], packed["attention_mask"], packed["labels"],
-                                          **body_kwargs(packed))
+        s_pack, n_pack = token_losses_sum(model, packed["input_ids"], None, packed["labels"], **body_kwargs(packed))
     assert n_pad == n_pack == sum(len(f["input_ids"]) - len(f["input_ids"]) // 3 for f in features)
     rel = 1e-5 if dtype == torch.float32 else 1e-2
     assert abs(float(s_pack) - float(s_pad)) <= rel * abs(float(s_pad))
+
+
+@pytest.mark.parametrize("kernel", ["flex", "flash"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_packed_kernels_equal_per_record_sdpa_forward_and_backward(kernel, dtype):
+    """FlexAttention (compiled) and flash-attn varlen on a packed row: the per-record sdpa output and gradients."""
+    import time
+
+    from alpaca_lora.data.packing import PackedRecords
+    from alpaca_lora.kernels.packed_kernels import flash_available, flash_records, flex_records, sdpa_records
+
+    if kernel == "flash" and not flash_available():
+        pytest.skip("flash-attn is not installed")
+    lengths = [37, 128, 5, 90, 300, 1]
+    bounds = tuple(int(x) for x in torch.tensor([0, *lengths]).cumsum(0))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, bounds[-1], 64, generator=g).to(DEVICE, dtype).requires_grad_()
+               for h in (8, 2, 2))
+    outs, grads, times = {}, {}, {}
+    for name in ("sdpa", kernel):
+        records = PackedRecords(bounds)
+        for _ in range(2):  # the second call is timed (the first compiles FlexAttention)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            if name == "sdpa":
+                out = sdpa_records(q, k, v, records, None, 0.0)
+            elif name == "flex":
+                out = flex_records(q, k, v, records, None)
+            else:
+                out = flash_records(q, k, v, records, None, 0.0)
+            grad = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+            torch.cuda.synchronize()
+            times[name] = time.perf_counter() - start
+        outs[name], grads[name] = out.float(), [x.float() for x in grad]
+    scale = float(outs["sdpa"].abs().max())
+    diff = float((outs[kernel] - outs["sdpa"]).abs().max())
+    gdiff = max(float((a - b).abs().max()) / float(b.abs().max()) for a, b in zip(grads[kernel], grads["sdpa"],
+                                                                                  strict=True))
+    print(f"{kernel} vs per-record sdpa [{dtype}]: out {diff:.3g} (scale {scale:.3g}), grads rel {gdiff:.3g}, "
+          f"forward+backward {times[kernel] * 1e3:.2f} ms vs {times['sdpa'] * 1e3:.2f} ms")
+    assert diff <= 2 * _scale_tolerance(dtype) * scale
+    assert gdiff <= 4 * _scale_tolerance(dtype)
 
 
 # ---- merge ------------------------------------------------------------------------------------------

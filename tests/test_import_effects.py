@@ -37,10 +37,11 @@ def test_importing_every_module_registers_no_attention_with_transformers():
     code = IMPORT_EVERY_MODULE + """
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
-from alpaca_lora.data.packing import PACKED_ATTENTION
-assert PACKED_ATTENTION not in AttentionInterface._global_mapping, "registered at import"
-assert PACKED_ATTENTION not in AttentionInterface(), "registered at import"
-assert PACKED_ATTENTION not in AttentionMaskInterface._global_mapping, "mask registered at import"
+from alpaca_lora.data.packing import PACKED_ATTENTION, PACKED_EAGER_ATTENTION
+for name in (PACKED_ATTENTION, PACKED_EAGER_ATTENTION):
+    assert name not in AttentionInterface._global_mapping, "registered at import"
+    assert name not in AttentionInterface(), "registered at import"
+    assert name not in AttentionMaskInterface._global_mapping, "mask registered at import"
 """
     proc = run_fresh(code)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -61,7 +62,8 @@ class Model:
     def set_attn_implementation(self, name):
         self.config._attn_implementation = name
 
-assert not use_packed_attention(Model("eager"))  # not sdpa: left alone, nothing registered
+assert not use_packed_attention(Model("flash_attention_2"))  # neither sdpa nor eager: left alone
+assert not use_packed_attention(Model("eager"))  # eager, but its module defines no eager_attention_forward
 assert PACKED_ATTENTION not in AttentionInterface()
 assert use_packed_attention(Model("sdpa")) and use_packed_attention(Model("sdpa"))  # twice is harmless
 assert AttentionInterface()[PACKED_ATTENTION] is packed_sdpa_attention

@@ -200,7 +200,7 @@ def linear_cross_entropy_sum(
 def token_losses_sum(
     model: Any,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     labels: torch.Tensor,
     chunk_size: int = 1024,
     onednn: bool = False,
@@ -211,7 +211,8 @@ def token_losses_sum(
     Args:
         model: A causal LM, optionally wrapped by peft.
         input_ids: ``(B, T)`` token ids.
-        attention_mask: ``(B, T)`` 1 on real tokens, 0 on padding (or a 4D mask for packing).
+        attention_mask: ``(B, T)`` 1 on real tokens, 0 on padding; None for a packed row (its
+            boundaries come in ``body_kwargs``).
         labels: ``(B, T)`` target ids, -100 where no loss is taken (same layout as ``input_ids``;
             the shift by one happens here).
         chunk_size: Label positions per lm_head + cross-entropy chunk.

@@ -166,11 +166,12 @@ def seed_everything(seed: int) -> None:
 def _collator(cfg: FinetuneConfig, strategy: Strategy, tokenizer: Any, model: Any, dtype: torch.dtype) -> Any:
     if cfg.packing and strategy.supports_packing:
         use_packed_attention(model)
-        return PackedCollator(attention_kind(model), dtype)
+        attention_kind(model)  # refuses an attention that cannot keep records apart
+        return PackedCollator()  # boundaries only: no N x N mask
     return InstructionCollator(tokenizer)
 
 
 def _fused_loss_sum(model: Any, batch: dict[str, torch.Tensor], *, chunk_size: int,
                     onednn: bool) -> tuple[torch.Tensor, int]:
-    return token_losses_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+    return token_losses_sum(model, batch["input_ids"], batch.get("attention_mask"), batch["labels"],
                             chunk_size=chunk_size, onednn=onednn, **body_kwargs(batch))
