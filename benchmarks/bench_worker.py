@@ -216,6 +216,7 @@ def run_baseline(args: argparse.Namespace, out: dict) -> None:
 
 def run_ours(args: argparse.Namespace, out: dict) -> None:
     from alpaca_lora import FinetuneConfig
+    from alpaca_lora.data.packing import body_kwargs
     from alpaca_lora.kernels.cross_entropy import causal_lm, token_losses_sum
     from alpaca_lora.train.recipe import fit, micro_batch_loss, save
     from alpaca_lora.train.setup import setup
@@ -253,13 +254,13 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
         flops_stats(out, args, tokenized, batches)
         out["final_loss"] = rows[-1]["loss"]
         b = {k: v.to(run.device) for k, v in probe_batch.items()}
-        extra = {"position_ids": b["position_ids"]} if "position_ids" in b else {}
+        extra = body_kwargs(b)  # positions and record boundaries of a packed batch (it has no attention mask)
         body = causal_lm(run.model).get_decoder()
         if args.split:
             out["split"] = time_split(
-                lambda: token_losses_sum(run.model, b["input_ids"], b["attention_mask"], b["labels"],
+                lambda: token_losses_sum(run.model, b["input_ids"], b.get("attention_mask"), b["labels"],
                                          chunk_size=cfg.loss_chunk_size, **extra)[0],
-                lambda: body(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                lambda: body(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"),
                              **extra).last_hidden_state.float().mean())
         save(run)
         run.metrics.close()
