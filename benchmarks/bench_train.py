@@ -51,6 +51,13 @@ DATA = HERE.parent.parent / "shared" / "data"
 # The worker's data arguments; main() points them at --data FILE when given.
 DATA_ARGS = ["--data-dir", str(DATA)]
 RUN_TIMEOUT_S: float | None = None  # a worker running longer fails (set by --gpu)
+REFERENCES = ("baseline", "trl", "trl_packed")  # Trainer + peft; TRL's SFTTrainer padded and packed (BFD)
+RECIPES = (*REFERENCES, "alpaca_lora")
+LABELS = {"baseline": "Trainer + peft", "trl": "TRL SFTTrainer (padded)", "trl_packed": "TRL SFTTrainer (packed, BFD)",
+          "alpaca_lora": "alpaca_lora"}
+# A bf16 run's probe loss against fp32 references (alpaca_lora's default on a CPU with AMX): bf16 keeps 8
+# bits of mantissa, so each product carries a relative error near 2^-9; 0.05 on a loss near 11 is 0.5%.
+BF16_PROBE_TOLERANCE = 0.05
 
 # name -> LlamaConfig overrides (vocabulary and tokenizer are SmolLM2's for both)
 SHAPES = {
@@ -248,15 +255,178 @@ def pooled(results: list[dict]) -> dict:
     """One recipe's repeated runs as one: the median tokens/s over all their timed steps, the highest peak."""
     rates = [n / t for r in results for t, n in zip(r["step_s"][r["warmup"]:], r["step_tokens"][r["warmup"]:],
                                                     strict=True)]
-    flops = [f / t for r in results for t, f in zip(r["step_s"][r["warmup"]:], r["step_flops"][r["warmup"]:],
-                                                    strict=True)]
+    # A run whose micro-batches are not the shared order (TRL's packed rows) has no FLOP counts.
+    flops = [f / t for r in results if r.get("step_flops")
+             for t, f in zip(r["step_s"][r["warmup"]:], r["step_flops"][r["warmup"]:], strict=True)]
     peak = results[0].get("peak_bf16_tflops")
     return {**results[0], "median_tokens_per_s": statistics.median(rates),
-            "model_tflops_per_s": statistics.median(flops) / 1e12,
-            "mfu": statistics.median(flops) / (peak * 1e12) if peak else None,
+            "model_tflops_per_s": statistics.median(flops) / 1e12 if flops else None,
+            "mfu": statistics.median(flops) / (peak * 1e12) if peak and flops else None,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
             "peak_vram_mb": max((r.get("peak_vram_mb") or 0.0) for r in results) or None,
             "rss_start_mb": statistics.median(r["rss_start_mb"] for r in results), "repeats": len(results)}
+
+
+def headline(shape: str, cutoff: int, mb: int, repeats: int, pools: dict[str, dict], runs_of: dict[str, list[dict]],
+             matmul_peak: dict | None) -> dict:
+    """The headline figures: every recipe's pooled runs, alpaca_lora's ratios to each reference, the targets.
+
+    ``pools`` maps recipe -> :func:`pooled` result (references that failed are absent); ``matmul_peak``
+    is :func:`matmul_peak_gflops`'s figures on a CPU (None on a GPU, where MFU is reported instead).
+    """
+    ours, base = pools["alpaca_lora"], pools["baseline"]
+    out = {"shape": shape, "cutoff": cutoff, "micro_batch": mb, "repeats": repeats,
+           "baseline_tokens_per_s": base["median_tokens_per_s"],
+           "alpaca_lora_tokens_per_s": ours["median_tokens_per_s"],
+           "baseline_peak_rss_mb": base["peak_rss_mb"], "alpaca_lora_peak_rss_mb": ours["peak_rss_mb"],
+           "baseline_model_tflops_per_s": base["model_tflops_per_s"],
+           "alpaca_lora_model_tflops_per_s": ours["model_tflops_per_s"],
+           "baseline_mfu": base["mfu"], "alpaca_lora_mfu": ours["mfu"],
+           "baseline_peak_vram_mb": base.get("peak_vram_mb"), "alpaca_lora_peak_vram_mb": ours.get("peak_vram_mb"),
+           "alpaca_lora_compute_dtype": ours.get("compute_dtype_resolved"),
+           "pair_tokens_per_s_ratios": [compare(b, o)["tokens_per_s_ratio"]
+                                        for b, o in zip(runs_of["baseline"], runs_of["alpaca_lora"], strict=False)],
+           **compare(base, ours)}
+    out["recipes"] = {recipe: {"tokens_per_s": p["median_tokens_per_s"], "peak_mb": peak_mb(p),
+                               "peak_rss_mb": p["peak_rss_mb"], "probe_loss": p["probe_loss"],
+                               "probe_label_tokens": p["probe_label_tokens"],
+                               "model_tflops_per_s": p.get("model_tflops_per_s"),
+                               "compute_dtype": p.get("compute_dtype_resolved"), "config": p.get("config"),
+                               "repeats": p["repeats"]}
+                      for recipe, p in pools.items()}
+    out["vs"] = {recipe: compare(p, ours) for recipe, p in pools.items() if recipe != "alpaca_lora"}
+    trl = [r for r in ("trl", "trl_packed") if r in pools]
+    targets: dict = {}
+    if trl:
+        best = max(trl, key=lambda r: pools[r]["median_tokens_per_s"])
+        out["trl_best"] = best
+        targets["tokens_per_s_vs_trl_best >= 2.5"] = out["vs"][best]["tokens_per_s_ratio"] >= 2.5
+        targets["peak_memory_vs_trl_best <= 0.4"] = out["vs"][best]["peak_ratio"] <= 0.4
+    targets["tokens_per_s_vs_baseline >= 2.5"] = out["tokens_per_s_ratio"] >= 2.5
+    dtype = ours.get("compute_dtype_resolved")
+    tolerance = 1e-4 if dtype == "float32" else BF16_PROBE_TOLERANCE
+    out["probe_loss_tolerance"] = tolerance
+    targets[f"probe losses within {tolerance:g}"] = all(v["probe_loss_abs_diff"] <= tolerance and v["same_label_tokens"]
+                                                         for v in out["vs"].values())
+    if matmul_peak and dtype in matmul_peak and ours.get("model_tflops_per_s"):
+        fraction = ours["model_tflops_per_s"] * 1e3 / matmul_peak[dtype]
+        out["alpaca_lora_fraction_of_matmul_peak"] = fraction
+        goal = 0.5 if dtype == "float32" else 0.25
+        targets[f"model FLOP/s >= {goal:.0%} of the {dtype} matmul peak"] = fraction >= goal
+    out["targets"] = targets
+    return out
+
+
+def matmul_peak_gflops(sizes: tuple[int, ...] = (1024, 2048, 3072), reps: int = 5) -> dict[str, float]:
+    """This CPU's matrix-product peak in GFLOP/s at torch's thread count, per dtype (fp32 and bf16).
+
+    The best size's median over ``reps`` products of square matrices, through ``torch.mm`` (MKL for
+    fp32 on x86 wheels) and through oneDNN's linear where the build has it (``cpu_matmul="auto"``
+    takes it when faster): the ceiling that the model FLOP/s of a training step is judged against.
+    """
+    import torch
+
+    from alpaca_lora.kernels.cpu_matmul import onednn_available
+
+    products = [torch.mm]
+    if onednn_available():
+        products.append(lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        best = 0.0
+        for n in sizes:
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            for product in products:
+                product(a, b)  # warm-up
+                times = []
+                for _ in range(reps):
+                    start = time.perf_counter()
+                    product(a, b)
+                    times.append(time.perf_counter() - start)
+                best = max(best, 2 * n**3 / statistics.median(times) / 1e9)
+        out[str(dtype).removeprefix("torch.")] = best
+    return out
+
+
+CONTEXT_PLAN = {"shapes": {"tiny": (4, 1), "smollm2-135m": (2, 1)},  # shape -> (steps, warm-up steps)
+                "lengths": [512, 1024, 2048, 4096, 8192], "recipes": ("baseline", "trl", "alpaca_lora")}
+
+
+def memory_growth(lengths: list[int], peaks: list[float]) -> float | None:
+    """How peak memory grows over the last doubling: ``(peak(L) - peak(L0)) / (peak(L/2) - peak(L0))``.
+
+    ``L0`` is the shortest length. Linear growth gives ``(L - L0) / (L/2 - L0)`` (2.14 for 512 .. 8192),
+    quadratic ``(L² - L0²) / ((L/2)² - L0²)`` (4.06): the figure tells the two apart whatever the fixed cost.
+    """
+    if len(lengths) < 3:
+        return None
+    below = peaks[-2] - peaks[0]
+    return (peaks[-1] - peaks[0]) / below if below > 0 else None
+
+
+def context_sweep(cache: Path, base: Path | None, scratch: Path, report: dict, save) -> None:
+    """``--context``: tokens/s and peak memory of each recipe on one record of 512 .. 8192 tokens (micro-batch 1).
+
+    Every length is a fresh process per recipe, training records of exactly that many tokens
+    (``--context-probe``). A run that fails (out of memory, say) is recorded in ``errors`` and the
+    recipe's longer lengths are skipped.
+    """
+    lengths = CONTEXT_PLAN["lengths"]
+    report["context"] = {}
+    for shape, (steps, warmup) in CONTEXT_PLAN["shapes"].items():
+        model_dir = build_model(shape, cache, base)
+        rows: dict[str, list[dict]] = {r: [] for r in CONTEXT_PLAN["recipes"]}
+        report["context"][shape] = {"lengths": lengths, "steps": steps, "warmup": warmup, "recipes": rows}
+        print(f"context sweep on {shape}: lengths {lengths}, micro-batch 1, {steps} steps ({warmup} warm-up)")
+        failed: set[str] = set()
+        for n in lengths:
+            for recipe in CONTEXT_PLAN["recipes"]:
+                if recipe in failed:
+                    continue
+                try:
+                    r = run_one(recipe, model_dir, n, 1, steps, warmup, [], f"context/{shape}/{recipe} {n}", scratch,
+                                extra=("--context-probe",), records=steps + 1)
+                except SystemExit as exc:
+                    print(exc, flush=True)
+                    report["errors"].append(str(exc))
+                    failed.add(recipe)
+                    continue
+                report["runs"].append(r)
+                rows[recipe].append({"length": n, "tokens_per_s": r["median_tokens_per_s"],
+                                     "peak_rss_mb": r["peak_rss_mb"], "rss_start_mb": r["rss_start_mb"],
+                                     "model_tflops_per_s": r.get("model_tflops_per_s"), "fits": r.get("fits")})
+                save()
+        for recipe, found in rows.items():
+            done = [row for row in found if row.get("fits")]
+            report["context"][shape].setdefault("memory_growth_last_doubling", {})[recipe] = memory_growth(
+                [row["length"] for row in done], [row["peak_rss_mb"] for row in done])
+        save()
+
+
+def plot_context(report: dict, path: Path) -> None:
+    """Tokens/s and peak RSS against the record length, one row of two panels per shape."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = report["context"]
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(12, 4 * len(shapes)), squeeze=False)
+    for row, (shape, found) in zip(axes, shapes.items(), strict=True):
+        for recipe, points in found["recipes"].items():
+            xs = [p["length"] for p in points]
+            row[0].plot(xs, [p["tokens_per_s"] for p in points], "o-", label=LABELS[recipe])
+            row[1].plot(xs, [p["peak_rss_mb"] for p in points], "o-", label=LABELS[recipe])
+        for ax, what in zip(row, ("tokens/s (median)", "peak RSS (MB)"), strict=True):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("record length (tokens), micro-batch 1")
+            ax.set_ylabel(what)
+            ax.set_title(f"{shape}: {what}")
+            ax.legend()
+    machine = report["machine"]
+    fig.suptitle(f"{machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def plan(mode: str) -> dict:
@@ -268,12 +438,12 @@ def plan(mode: str) -> dict:
                 "sweep_steps": 0, "context_ladder": [8192, 16384, 32768, 49152, 65536, 98304, 131072],
                 "context_workers": 4}
     if mode == "quick":
-        return {"steps": 5, "warmup": 2, "headline": ("smollm2-135m", 512, 4), "repeats": 2,
-                "ablations": [["cpu_matmul=blas"], ["fused_lora=false"], ["packing=false"],
+        return {"steps": 8, "warmup": 2, "headline": ("smollm2-135m", 512, 4), "repeats": 2,
+                "ablations": [["compute_dtype=float32"], ["cpu_matmul=blas"], ["fused_lora=false"], ["packing=false"],
                               ["packing=false", "group_by_length=true"]],
                 "sweep_shape": "tiny", "seq": [128, 512, 1024], "mb": [1, 4, 8], "sweep_steps": 6}
     return {"steps": 8, "warmup": 2, "headline": ("smollm2-135m", 512, 4), "repeats": 3,
-            "ablations": [["cpu_matmul=blas"], ["fused_lora=false"], ["packing=false"],
+            "ablations": [["compute_dtype=float32"], ["cpu_matmul=blas"], ["fused_lora=false"], ["packing=false"],
                           ["packing=false", "group_by_length=true"], ["release_cpu_memory=true"],
                           ["gradient_checkpointing=false"], ["loss_chunk_size=256"]],
             "sweep_shape": "smollm2-135m", "seq": [128, 256, 512, 1024], "mb": [1, 2, 4, 8], "sweep_steps": 5}
@@ -299,7 +469,7 @@ def print_plan(mode: str, cfg: dict, data: str, base: Path | None) -> None:
               f"{config.num_key_value_heads}, vocab {config.vocab_size}")
     records = max(64, mb * (cfg["steps"] + 2))
     print(f"  headline: {shape}, cutoff {cutoff}, micro-batch {mb}, {cfg['steps']} steps ({cfg['warmup']} warm-up), "
-          f"{records} records, {cfg['repeats']} x (baseline, alpaca_lora), compute dtype "
+          f"{records} records, {cfg['repeats']} x ({', '.join(RECIPES)}), compute dtype "
           f"{cfg.get('compute_dtype', 'auto')}")
     for sets in cfg["ablations"]:
         print(f"  ablation: alpaca_lora {' '.join(sets)}")
@@ -319,6 +489,9 @@ def main() -> None:
                    help="the headline pair twice, four ablations, sweeps on the tiny shape")
     p.add_argument("--gpu", action="store_true",
                    help="CUDA: the 1B-class headline pair in bf16 at cutoff 2048 and the longest context under 24 GB")
+    p.add_argument("--context", action="store_true",
+                   help="the long-context sweep: one record of 512 .. 8192 tokens, tiny and 135M shapes, "
+                        "Trainer + peft, TRL and alpaca_lora")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "alpaca_lora" / "bench-models")
     p.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/bench_<mode>.json)")
     p.add_argument("--data", type=Path, default=None,
@@ -329,10 +502,10 @@ def main() -> None:
                    help="--gpu: seconds from the start after which no longest-context probe starts (default: none)")
     p.add_argument("--plan", action="store_true", help="print what the mode would run, and exit")
     args = p.parse_args()
-    if args.quick and args.gpu:
-        p.error("--quick and --gpu are two plans: pass one")
-    mode = "gpu" if args.gpu else "quick" if args.quick else "full"
-    cfg = plan(mode)
+    if args.quick + args.gpu + args.context > 1:
+        p.error("--quick, --gpu and --context are three plans: pass one")
+    mode = "gpu" if args.gpu else "quick" if args.quick else "context" if args.context else "full"
+    cfg = plan("quick" if mode == "context" else mode)
     if args.data is not None:
         if not args.data.is_file():
             p.error(f"--data {args.data}: no such file")
@@ -343,7 +516,10 @@ def main() -> None:
         DATA_ARGS[:] = ["--data-dir", str(args.data.resolve().parent), "--data-files", args.data.name]
     data_source = str(args.data.resolve() if args.data else DATA)
     if args.plan:
-        print_plan(mode, cfg, data_source, args.base)
+        if mode == "context":
+            print(f"mode context: {CONTEXT_PLAN}")
+        else:
+            print_plan(mode, cfg, data_source, args.base)
         return
     if mode == "gpu":
         import torch
@@ -355,7 +531,12 @@ def main() -> None:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     scratch = out_path.parent / f".scratch_{mode}"
     scratch.mkdir(exist_ok=True)
-    report: dict = {"mode": mode, "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    info = machine()
+    if not info.get("gpu"):
+        info["matmul_peak_gflops"] = matmul_peak_gflops()
+        peaks = info["matmul_peak_gflops"]
+        print("matrix-product peak (GFLOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
+    report: dict = {"mode": mode, "machine": info, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "data": data_source, "lora": "r16 alpha32 dropout0.05 q,k,v,o",
                     "compute_dtype": cfg.get("compute_dtype", "auto"), "runs": [], "errors": []}
     start = time.perf_counter()
@@ -377,41 +558,41 @@ def main() -> None:
             report["errors"].append(str(exc))
             return None
 
+    if mode == "context":
+        context_sweep(args.cache, args.base, scratch, report, save)
+        plot_context(report, out_path.with_suffix(".png"))
+        for shape, found in report["context"].items():
+            for recipe, points in found["recipes"].items():
+                growth = found["memory_growth_last_doubling"][recipe] or 0.0
+                print(f"{shape} {LABELS[recipe]:<28} " + "  ".join(
+                    f"{p['length']}: {p['tokens_per_s']:.0f} tok/s {p['peak_rss_mb']:.0f} MB" for p in points)
+                      + f"  memory growth over the last doubling x{growth:.2f}")
+        print(f"wrote {out_path} and {out_path.with_suffix('.png')} in {report['wall_s'] / 60:.1f} min")
+        return
     shape, cutoff, mb = cfg["headline"]
     model_dir = build_model(shape, args.cache, args.base)
     print(f"headline: {shape}, cutoff {cutoff}, micro-batch {mb}, {cfg['steps']} steps ({cfg['warmup']} warm-up)"
           + (f", compute dtype {cfg['compute_dtype']}" if extra else ""))
     common = dict(model_dir=model_dir, cutoff=cutoff, mb=mb, steps=cfg["steps"], warmup=cfg["warmup"],
                   scratch=scratch, extra=extra)
-    # The pair runs several times, alternating, so a slow spell of a shared machine hits both recipes.
-    bases: list[dict] = []
-    ourses: list[dict] = []
+    # The recipes run several times, alternating, so a slow spell of a shared machine hits all of them.
+    runs_of: dict[str, list[dict]] = {recipe: [] for recipe in RECIPES}
     for k in range(cfg["repeats"]):
         suffix = f" #{k + 1}" if k else ""
-        for recipe, runs in (("baseline", bases), ("alpaca_lora", ourses)):
+        for recipe in RECIPES:
             r = attempt(run_one, recipe, sets=[], tag=f"{shape}/{recipe}{suffix}", split=k == 0, **common)
             if r is not None:
-                runs.append(r)
+                runs_of[recipe].append(r)
                 report["runs"].append(r)
-        save()
+            save()
     report["headline"] = None
     report["ablations"] = []
-    if bases and ourses:
-        base, ours = pooled(bases), pooled(ourses)
-        report["headline"] = {"shape": shape, "cutoff": cutoff, "micro_batch": mb, "repeats": cfg["repeats"],
-                              "baseline_tokens_per_s": base["median_tokens_per_s"],
-                              "alpaca_lora_tokens_per_s": ours["median_tokens_per_s"],
-                              "baseline_peak_rss_mb": base["peak_rss_mb"],
-                              "alpaca_lora_peak_rss_mb": ours["peak_rss_mb"],
-                              "baseline_model_tflops_per_s": base["model_tflops_per_s"],
-                              "alpaca_lora_model_tflops_per_s": ours["model_tflops_per_s"],
-                              "baseline_mfu": base["mfu"], "alpaca_lora_mfu": ours["mfu"],
-                              "baseline_peak_vram_mb": base.get("peak_vram_mb"),
-                              "alpaca_lora_peak_vram_mb": ours.get("peak_vram_mb"),
-                              "pair_tokens_per_s_ratios": [compare(b, o)["tokens_per_s_ratio"]
-                                                           for b, o in zip(bases, ourses, strict=True)],
-                              **compare(base, ours)}
-        ablations = [{"change": "none (defaults)", **compare(base, ours)}]
+    if runs_of["baseline"] and runs_of["alpaca_lora"]:
+        pools = {recipe: pooled(runs) for recipe, runs in runs_of.items() if runs}
+        report["headline"] = headline(shape, cutoff, mb, cfg["repeats"], pools, runs_of,
+                                      report["machine"].get("matmul_peak_gflops"))
+        base = pools["baseline"]
+        ablations = [{"change": "none (defaults)", **compare(base, pools["alpaca_lora"])}]
         for sets in cfg["ablations"]:
             r = run_one("alpaca_lora", sets=sets, tag=f"{shape}/alpaca_lora {' '.join(sets)}", **common)
             report["runs"].append(r)
@@ -421,7 +602,7 @@ def main() -> None:
     if report["machine"].get("gpu"):
         print(f"longest context under 24 GB: {shape}, micro-batch 1")
         if cfg.get("context_ladder"):
-            report["longest_context"] = context_ladder(("baseline", "alpaca_lora"), model_dir, scratch,
+            report["longest_context"] = context_ladder(("baseline", "trl", "alpaca_lora"), model_dir, scratch,
                                                        cfg["context_ladder"], cfg["context_workers"], extra=extra,
                                                        deadline=deadline)
         else:
@@ -482,6 +663,16 @@ def print_summary(report: dict) -> None:
         if h.get("baseline_peak_vram_mb"):
             print(f"peak VRAM: baseline {h['baseline_peak_vram_mb']:,.0f} MB, "
                   f"alpaca_lora {h['alpaca_lora_peak_vram_mb']:,.0f} MB")
+        print(f"{'recipe':<30} {'tokens/s':>9} {'peak MB':>8} {'probe loss':>11} {'x tokens/s':>10} {'x peak':>7}")
+        for recipe, r in h.get("recipes", {}).items():
+            vs = h["vs"].get(recipe)
+            print(f"{LABELS[recipe]:<30} {r['tokens_per_s']:9.1f} {r['peak_mb']:8.0f} {r['probe_loss']:11.6f} "
+                  + (f"{vs['tokens_per_s_ratio']:10.2f} {vs['peak_ratio']:7.2f}" if vs else f"{'':>10} {'':>7}"))
+        if h.get("alpaca_lora_fraction_of_matmul_peak") is not None:
+            print(f"alpaca_lora's model FLOP/s: {h['alpaca_lora_fraction_of_matmul_peak']:.0%} of this CPU's "
+                  f"{h['alpaca_lora_compute_dtype']} matrix-product peak")
+        for target, met in h.get("targets", {}).items():
+            print(f"target {target}: {'met' if met else 'NOT met'}")
     for recipe, found in report.get("longest_context", {}).items():
         print(f"longest context under {found['cap_gb']:g} GB, {recipe}: {found['longest']} tokens"
               + (" (the longest tried)" if found["capped"] else "")
@@ -536,24 +727,39 @@ def plot(report: dict, path: Path) -> None:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         return
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, (axis, key, label) in zip(axes[:2], (("seq", "cutoff", "cutoff_len (micro-batch 4)"),
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.6))
+    recipes = h.get("recipes") or {"baseline": {"tokens_per_s": h["baseline_tokens_per_s"],
+                                                "peak_mb": h["baseline_peak_rss_mb"]},
+                                   "alpaca_lora": {"tokens_per_s": h["alpaca_lora_tokens_per_s"],
+                                                   "peak_mb": h["alpaca_lora_peak_rss_mb"]}}
+    names = [LABELS[r] for r in recipes]
+    rates = [r["tokens_per_s"] for r in recipes.values()]
+    base_rate = h["baseline_tokens_per_s"]
+    changes = [a for a in report["ablations"] if a["change"] != "none (defaults)"]
+    names += [f"alpaca_lora {a['change']}" for a in changes]
+    rates += [a["tokens_per_s_ratio"] * base_rate for a in changes]
+    axes[0].bar_label(axes[0].barh(names, rates), [f"{r:,.0f}" for r in rates])
+    axes[0].invert_yaxis()
+    axes[0].set_xlabel("non-padding tokens/s (median)")
+    axes[0].set_title(f"{h['shape']}, cutoff {h['cutoff']}, micro-batch {h['micro_batch']}: throughput")
+    peaks = [r["peak_mb"] for r in recipes.values()]
+    axes[1].bar_label(axes[1].barh([LABELS[r] for r in recipes], peaks), [f"{p:,.0f} MB" for p in peaks])
+    axes[1].invert_yaxis()
+    axes[1].set_xlabel("peak VRAM (MB)" if h.get("baseline_peak_vram_mb") else "peak RSS (MB)")
+    axes[1].set_title(f"{h['shape']}: peak memory")
+    for ax in axes[:2]:
+        ax.margins(x=0.25)
+    for ax, (axis, key, label) in zip(axes[2:], (("seq", "cutoff", "cutoff_len (micro-batch 4)"),
                                                  ("mb", "micro_batch", "micro-batch (cutoff_len 512)")), strict=True):
         rows = report["sweeps"][axis]
         xs = [r[key] for r in rows]
-        ax.plot(xs, [r["baseline_tokens_per_s"] for r in rows], "o-", label="baseline (Trainer + peft)")
+        ax.plot(xs, [r["baseline_tokens_per_s"] for r in rows], "o-", label=LABELS["baseline"])
         ax.plot(xs, [r["alpaca_lora_tokens_per_s"] for r in rows], "o-", label="alpaca_lora")
         ax.set_xscale("log", base=2)
         ax.set_xlabel(label)
         ax.set_ylabel("non-padding tokens/s (median)")
         ax.set_title(f"{rows[0]['shape']}: throughput")
         ax.legend()
-    names = [a["change"] for a in report["ablations"]]
-    base_peak = h["baseline_peak_vram_mb"] or h["baseline_peak_rss_mb"]
-    mem = [base_peak] + [a["peak_ratio"] * base_peak for a in report["ablations"]]
-    axes[2].barh(["baseline"] + [f"alpaca_lora {n}" for n in names], mem)
-    axes[2].set_xlabel("peak VRAM (MB)" if h.get("baseline_peak_vram_mb") else "peak RSS (MB)")
-    axes[2].set_title(f"{h['shape']}: peak memory")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,4 +1,4 @@
-"""One benchmark configuration in one fresh process: the baseline recipe or alpaca_lora.
+"""One benchmark configuration in one fresh process: the baseline recipe, TRL's SFTTrainer or alpaca_lora.
 
 Run by ``bench_train.py``; prints nothing but progress and writes one JSON result. Both recipes
 train the same random-init weights on the same tokenized records, in the same micro-batches and
@@ -7,6 +7,11 @@ order, with the same LoRA settings; what differs is the training code.
 - ``baseline``: transformers ``Trainer`` + peft + bitsandbytes NF4 (double quant),
   ``prepare_model_for_kbit_training`` (gradient checkpointing on, its default),
   ``DataCollatorForSeq2Seq(pad_to_multiple_of=8)``: the recipe of tloen/alpaca-lora and the peft docs.
+- ``trl``: TRL's ``SFTTrainer`` with its defaults (gradient checkpointing, NF4 base, ``peft_config``), padded,
+  completion-only loss (the ``labels`` column masks the prompt), the same micro-batches in the same order.
+- ``trl_packed``: the same with ``packing=True`` and its default best-fit-decreasing strategy (padding-free
+  rows, document-aware positions): TRL's fastest configuration. Its micro-batches are TRL's packed rows of
+  ``--cutoff`` tokens, so tokens per step differ from the other recipes; tokens/s counts real tokens.
 - ``alpaca_lora``: ``alpaca_lora.train.recipe.setup / fit / save``, i.e. ``finetune()`` with its defaults,
   plus any ``--set field=value`` overrides (the ablations).
 """
@@ -181,6 +186,7 @@ def run_baseline(args: argparse.Namespace, out: dict) -> None:
     dropout_train(model)
     out["probe_label_tokens"] = int((probe["labels"][:, 1:] != -100).sum())
     out["rss_loaded_mb"] = rss_mb("VmRSS")
+    out["compute_dtype_resolved"] = str(dtype).removeprefix("torch.")
 
     times: list[float] = []
 
@@ -214,6 +220,77 @@ def run_baseline(args: argparse.Namespace, out: dict) -> None:
                                                attention_mask=probe["attention_mask"]).last_hidden_state.float().mean())
 
 
+def run_trl(args: argparse.Namespace, out: dict) -> None:
+    """TRL ``SFTTrainer`` (``--recipe trl`` padded, ``trl_packed`` with BFD packing) on the same tokenized records.
+
+    The records go in tokenized (``input_ids`` and ``labels``, prompt masked with -100, truncated at
+    ``--cutoff``): TRL keeps a given ``labels`` column, so its loss covers the same tokens as ours.
+    """
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    packed = args.recipe == "trl_packed"
+    _, tokenized, tokenizer, batches = load_data(args)
+    order = [i for b in batches for i in b]
+    train = tokenized.select(order).select_columns(["input_ids", "labels"])
+    dtype = compute_dtype(args)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, quantization_config=quant, dtype=dtype,
+                                                 device_map={"": args.device})
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS, bias="none",
+                      task_type="CAUSAL_LM")
+    times: list[float] = []
+    counts: list[int] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t0)
+
+    class CountingSFTTrainer(SFTTrainer):
+        """Records the real tokens of each micro-batch it trains (padding-free rows have no padding)."""
+
+        def training_step(self, model, inputs, *rest, **kw):
+            mask = inputs.get("attention_mask")
+            counts.append(int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel()))
+            return super().training_step(model, inputs, *rest, **kw)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = SFTConfig(output_dir=tmp, per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=1,
+                          max_steps=args.steps, learning_rate=3e-4, logging_steps=1, save_strategy="no", report_to=[],
+                          use_cpu=args.device == "cpu", bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+                          train_sampling_strategy="sequential", dataloader_num_workers=0, disable_tqdm=True,
+                          max_length=args.cutoff, packing=packed, completion_only_loss=True)
+        trainer = CountingSFTTrainer(model=model, args=targs, train_dataset=train, processing_class=tokenizer,
+                                     peft_config=lora, callbacks=[Timer()])
+        model = trainer.model
+        # The probe: the first micro-batch of the shared order, padded as the baseline pads it, before training.
+        collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
+        probe = {k: v.to(args.device) for k, v in collator([train[i] for i in range(args.micro_batch)]).items()}
+        model.train()
+        dropout_eval(model)
+        with torch.no_grad():
+            out["probe_loss"] = float(model(**probe).loss)
+        dropout_train(model)
+        out["probe_label_tokens"] = int((probe["labels"][:, 1:] != -100).sum())
+        out["rss_loaded_mb"] = rss_mb("VmRSS")
+        out["compute_dtype_resolved"] = str(dtype).removeprefix("torch.")
+        trainer.train()
+    out["peak_rss_mb"] = rss_mb("VmHWM")
+    out["config"] = {"packing": packed, "packing_strategy": targs.packing_strategy if packed else None,
+                     "gradient_checkpointing": targs.gradient_checkpointing, "loss_type": targs.loss_type,
+                     "trl": __import__("trl").__version__}
+    out.update(step_stats(times, counts[: len(times)], args.warmup))
+    flops_stats(out, args, tokenized, batches)
+    out["final_loss"] = next((r["loss"] for r in reversed(trainer.state.log_history) if "loss" in r), None)
+
+
 def run_ours(args: argparse.Namespace, out: dict) -> None:
     from alpaca_lora import FinetuneConfig
     from alpaca_lora.data.packing import body_kwargs
@@ -222,8 +299,8 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
     from alpaca_lora.train.setup import setup
 
     records, tokenized, _, batches = load_data(args)
-    # The baseline's dtype: fp32 on a CPU (DESIGN: compare the same math), whatever "auto" picks there.
-    overrides = {"compute_dtype": str(compute_dtype(args)).removeprefix("torch.")}
+    # finetune()'s default ("auto": bf16 on a CPU with native bf16 products, else fp32), or --compute-dtype.
+    overrides = {"compute_dtype": args.compute_dtype}
     for item in args.set:
         key, value = item.split("=", 1)
         try:
@@ -236,6 +313,7 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
     out["config"] = {k: v for k, v in cfg.to_dict().items() if k in overrides}
     with tempfile.TemporaryDirectory() as tmp:
         run = setup(args.model_dir, records, Path(tmp), cfg)
+        out["compute_dtype_resolved"] = str(run.dtype).removeprefix("torch.")
         probe_batch = run.collator([run.train_set[i] for i in batches[0]])
         dropout_eval(run.model)
         with torch.no_grad():
@@ -268,7 +346,7 @@ def run_ours(args: argparse.Namespace, out: dict) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--recipe", choices=["baseline", "alpaca_lora"], required=True)
+    p.add_argument("--recipe", choices=["baseline", "trl", "trl_packed", "alpaca_lora"], required=True)
     p.add_argument("--model-dir", required=True)
     p.add_argument("--data-dir", required=True)
     p.add_argument("--data-files", default="gsm8k_train_alpaca.json,gpteacher_roleplay_alpaca.json,"
@@ -280,7 +358,8 @@ def main() -> None:
     p.add_argument("--records", type=int, default=200)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compute-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="both recipes' compute dtype (auto: bf16 on CUDA and fp32 on the CPU, for both)")
+                   help="the compute dtype (auto: the references bf16 on CUDA and fp32 on a CPU; alpaca_lora "
+                        "finetune()'s default)")
     p.add_argument("--set", action="append", default=[], help="FinetuneConfig override field=value (alpaca_lora)")
     p.add_argument("--no-split", dest="split", action="store_false",
                    help="skip timing the body / lm_head + loss split (saves a few forward+backward passes)")
@@ -301,7 +380,8 @@ def main() -> None:
             out["vram_cap_gb"] = args.vram_cap_gb
     start = time.perf_counter()
     try:
-        (run_baseline if args.recipe == "baseline" else run_ours)(args, out)
+        recipes = {"baseline": run_baseline, "trl": run_trl, "trl_packed": run_trl, "alpaca_lora": run_ours}
+        recipes[args.recipe](args, out)
         out["fits"] = True
     except torch.OutOfMemoryError as exc:
         if not args.context_probe:

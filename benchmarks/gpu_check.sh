@@ -117,6 +117,8 @@ def bench():
            "model_tflops_per_s": pair("model_tflops_per_s"), "peak_vram_mb": pair("peak_vram_mb"),
            "peak_vram_ratio": h.get("peak_ratio"), "probe_loss_abs_diff": h.get("probe_loss_abs_diff"),
            "longest_context_under_24gb": b.get("longest_context"),
+           "recipes": h.get("recipes"), "alpaca_lora_vs": h.get("vs"), "trl_best": h.get("trl_best"),
+           "targets": h.get("targets"),
            "runs": [{k: r.get(k) for k in ("tag", "median_tokens_per_s", "mfu", "peak_vram_mb", "probe_loss",
                                            "final_loss", "wall_s")} for r in b.get("runs", [])],
            "errors": b.get("errors", []), "wall_s": b.get("wall_s"), "machine": b.get("machine")}

@@ -6,7 +6,8 @@
 #
 # It writes two git-ignored folders (listed in .git/info/exclude), which the GPU command must carry:
 #   .whl/       the wheels that machine lacks, from ../shared/tools/gpu-wheels.sh: bitsandbytes, datasets,
-#               dill, multiprocess, plus EXTRA_WHEEL_SPEC (downloaded without their dependencies)
+#               dill, multiprocess, trl (the benchmark's TRL SFTTrainer reference, this machine's version),
+#               plus EXTRA_WHEEL_SPEC (downloaded without their dependencies)
 #   .gpu-data/  alpaca_sample.json: 600 real Alpaca records (200 evenly spaced from each of GSM8K,
 #               GPTeacher roleplay and GPTeacher toolformer), the benchmark's --data;
 #               smollm2/: the embedded base's tokenizer, config.json and conversion stamp, without weights
@@ -26,7 +27,13 @@ for need in "$shared/tools/gpu-wheels.sh" "$shared/data/gsm8k_train_alpaca.json"
   [ -e "$need" ] || { echo "gpu_prepare: $need is missing (set ALPACA_LORA_SHARED to the shared folder)" >&2; exit 1; }
 done
 
-bash "$shared/tools/gpu-wheels.sh" "$@"
+trl_spec=()
+if trl_version=$(python3 -c 'import trl; print(trl.__version__)' 2>/dev/null); then
+  trl_spec=("trl==$trl_version")
+else
+  echo "gpu_prepare: trl is not installed here (pip install -e '.[bench]'): the GPU benchmark will record its TRL runs as failed" >&2
+fi
+bash "$shared/tools/gpu-wheels.sh" "${trl_spec[@]}" "$@"
 # Two versions of one package make the GPU-side install fail: keep one.
 dupes=$(find .whl -name '*.whl' -printf '%f\n' | cut -d- -f1 | tr 'A-Z-' 'a-z_' | sort | uniq -d)
 if [ -n "$dupes" ]; then

@@ -10,37 +10,117 @@ import pytest
 WORKER = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_worker.py"
 
 
-def _run_both(model_dir, data_dir, tmp_path, *args: str) -> dict[str, dict]:
-    """Run bench_worker.py for both recipes with ``args``; return each recipe's JSON result."""
+def _run_both(model_dir, data_dir, tmp_path, *args: str,
+              recipes: tuple[str, ...] = ("baseline", "alpaca_lora")) -> dict[str, dict]:
+    """Run bench_worker.py for each of ``recipes`` with ``args``; return each recipe's JSON result."""
     results = {}
-    for recipe in ("baseline", "alpaca_lora"):
+    for recipe in recipes:
         out = tmp_path / f"{recipe}.json"
-        subprocess.run([sys.executable, str(WORKER), "--recipe", recipe, "--model-dir", str(model_dir),
-                        "--data-dir", str(data_dir), *args, "--out", str(out)],
-                       check=True, capture_output=True, timeout=300)
+        proc = subprocess.run([sys.executable, str(WORKER), "--recipe", recipe, "--model-dir", str(model_dir),
+                               "--data-dir", str(data_dir), *args, "--out", str(out)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{recipe}: {proc.stderr[-3000:]}"
         results[recipe] = json.loads(out.read_text())
     return results
 
 
-@pytest.mark.slow
-def test_baseline_and_alpaca_lora_agree_on_the_probe_batch(tiny_model_dir, shared_data, tmp_path):
-    results = _run_both(tiny_model_dir, shared_data, tmp_path, "--cutoff", "256", "--micro-batch", "4",
-                        "--steps", "2", "--records", "24")
-    base, ours = results["baseline"], results["alpaca_lora"]
-    print({k: (base[k], ours[k]) for k in ("probe_loss", "probe_label_tokens", "median_tokens_per_s", "peak_rss_mb")})
-    assert base["probe_label_tokens"] == ours["probe_label_tokens"] > 0
-    assert abs(base["probe_loss"] - ours["probe_loss"]) < 1e-4
-    # the same micro-batches in the same order: the same real tokens per step
-    assert base["step_tokens"] == ours["step_tokens"]
-    assert all(r["median_tokens_per_s"] > 0 and r["peak_rss_mb"] > r["rss_start_mb"] for r in (base, ours))
-
-
-def test_repeated_runs_pool_their_timed_steps_and_keep_the_highest_peak():
+def _bench_train():
     sys.path.insert(0, str(WORKER.parent))
     try:
         import bench_train
     finally:
         sys.path.remove(str(WORKER.parent))
+    return bench_train
+
+
+@pytest.mark.slow
+def test_all_recipes_agree_on_the_probe_batch(tiny_model_dir, shared_data, tmp_path):
+    """Trainer + peft, TRL padded and packed, and alpaca_lora (fp32): one probe loss, the same label tokens."""
+    results = _run_both(tiny_model_dir, shared_data, tmp_path, "--cutoff", "256", "--micro-batch", "4",
+                        "--steps", "2", "--records", "24", "--compute-dtype", "float32", "--no-split",
+                        recipes=("baseline", "trl", "trl_packed", "alpaca_lora"))
+    base, ours = results["baseline"], results["alpaca_lora"]
+    print({r: (v["probe_loss"], v["step_tokens"], v["median_tokens_per_s"]) for r, v in results.items()})
+    for recipe, r in results.items():
+        assert r["probe_label_tokens"] == base["probe_label_tokens"] > 0, recipe
+        assert abs(r["probe_loss"] - base["probe_loss"]) < 1e-4, recipe
+        assert r["compute_dtype_resolved"] == "float32" and r["steps_timed"] == 1, recipe
+        assert r["median_tokens_per_s"] > 0 and r["peak_rss_mb"] > r["rss_start_mb"], recipe
+    # the same micro-batches in the same order: the same real tokens per step, the same FLOPs
+    assert base["step_tokens"] == ours["step_tokens"] == results["trl"]["step_tokens"]
+    assert base["step_flops"] == results["trl"]["step_flops"] == ours["step_flops"]
+    assert results["trl"]["config"]["gradient_checkpointing"] is True and not results["trl"]["config"]["packing"]
+    # TRL's packed rows: up to 4 x 256 real tokens a step, more than the padded micro-batches hold, no FLOP counts
+    packed = results["trl_packed"]
+    assert packed["config"]["packing_strategy"] == "bfd" and packed["step_flops"] is None
+    assert all(0 < n <= 4 * 256 for n in packed["step_tokens"]) and sum(packed["step_tokens"]) > sum(
+        base["step_tokens"])
+
+
+@pytest.mark.slow
+def test_alpaca_lora_auto_dtype_is_finetune_default(tiny_model_dir, shared_data, tmp_path):
+    import torch
+
+    from alpaca_lora.model.load import resolve_compute_dtype
+
+    ours = _run_both(tiny_model_dir, shared_data, tmp_path, "--cutoff", "128", "--micro-batch", "2",
+                     "--steps", "1", "--warmup", "0", "--records", "8", "--no-split", recipes=("alpaca_lora",))
+    expected = str(resolve_compute_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    assert ours["alpaca_lora"]["compute_dtype_resolved"] == expected
+
+
+def _pool(tokens_per_s: float, peak: float, probe: float, dtype: str = "float32", tflops: float | None = 0.1):
+    return {"median_tokens_per_s": tokens_per_s, "peak_rss_mb": peak, "rss_start_mb": 100.0, "probe_loss": probe,
+            "probe_label_tokens": 50, "model_tflops_per_s": tflops, "mfu": None, "compute_dtype_resolved": dtype,
+            "repeats": 2}
+
+
+def test_headline_judges_each_target_against_the_faster_trl_configuration():
+    bt = _bench_train()
+    pools = {"baseline": _pool(100, 4000, 2.0), "trl": _pool(90, 6000, 2.0), "trl_packed": _pool(120, 7000, 2.0),
+             "alpaca_lora": _pool(310, 2000, 2.00005, tflops=0.1)}
+    runs = {r: [p] for r, p in pools.items()}
+    h = bt.headline("smollm2-135m", 512, 4, 2, pools, runs, {"float32": 180.0, "bfloat16": 400.0})
+    assert h["trl_best"] == "trl_packed"
+    assert h["vs"]["trl_packed"]["tokens_per_s_ratio"] == pytest.approx(310 / 120)
+    assert h["vs"]["trl_packed"]["peak_ratio"] == pytest.approx(2000 / 7000)
+    assert h["alpaca_lora_fraction_of_matmul_peak"] == pytest.approx(100 / 180)
+    assert h["targets"] == {"tokens_per_s_vs_trl_best >= 2.5": True, "peak_memory_vs_trl_best <= 0.4": True,
+                            "tokens_per_s_vs_baseline >= 2.5": True, "probe losses within 0.0001": True,
+                            "model FLOP/s >= 50% of the float32 matmul peak": True}
+    # a slower run, memory over 0.4x, a probe loss off by more than fp32's tolerance: each target fails on its own
+    pools["alpaca_lora"] = _pool(280, 3000, 2.001, tflops=0.05)
+    h = bt.headline("smollm2-135m", 512, 4, 2, pools, runs, {"float32": 180.0, "bfloat16": 400.0})
+    assert h["targets"] == {"tokens_per_s_vs_trl_best >= 2.5": False, "peak_memory_vs_trl_best <= 0.4": False,
+                            "tokens_per_s_vs_baseline >= 2.5": True, "probe losses within 0.0001": False,
+                            "model FLOP/s >= 50% of the float32 matmul peak": False}
+    # bf16 (the default on a CPU with native bf16): the bf16 tolerance and the 25% goal against the bf16 peak
+    pools["alpaca_lora"] = _pool(310, 2000, 2.01, dtype="bfloat16", tflops=0.12)
+    h = bt.headline("smollm2-135m", 512, 4, 2, pools, runs, {"float32": 180.0, "bfloat16": 400.0})
+    assert h["targets"][f"probe losses within {bt.BF16_PROBE_TOLERANCE:g}"] is True
+    assert h["targets"]["model FLOP/s >= 25% of the bfloat16 matmul peak"] is True
+    # without TRL (not installed, or its runs failed): no TRL targets, no invented figures
+    del pools["trl"], pools["trl_packed"]
+    h = bt.headline("smollm2-135m", 512, 4, 2, pools, runs, None)
+    assert "trl_best" not in h and not any("trl" in t for t in h["targets"]) and set(h["vs"]) == {"baseline"}
+
+
+def test_memory_growth_tells_linear_from_quadratic():
+    bt = _bench_train()
+    lengths = [512, 1024, 2048, 4096, 8192]
+    linear = bt.memory_growth(lengths, [900 + 0.05 * n for n in lengths])
+    quadratic = bt.memory_growth(lengths, [900 + 1e-5 * n * n for n in lengths])
+    assert linear == pytest.approx(7680 / 3584) and quadratic == pytest.approx((8192**2 - 512**2) / (4096**2 - 512**2))
+    assert bt.memory_growth(lengths[:2], [1.0, 2.0]) is None and bt.memory_growth(lengths[:3], [5.0, 5.0, 6.0]) is None
+
+
+def test_matmul_peak_is_measured_for_both_cpu_dtypes():
+    peaks = _bench_train().matmul_peak_gflops(sizes=(128, 256), reps=2)
+    assert set(peaks) == {"float32", "bfloat16"} and all(v > 0.1 for v in peaks.values())
+
+
+def test_repeated_runs_pool_their_timed_steps_and_keep_the_highest_peak():
+    bench_train = _bench_train()
     first = {"step_s": [9.0, 1.0, 2.0], "step_tokens": [10, 10, 10], "step_flops": [1e14, 1e14, 1e14], "warmup": 1,
              "peak_rss_mb": 500.0, "rss_start_mb": 100.0, "probe_loss": 1.0, "probe_label_tokens": 3}
     second = {**first, "step_s": [9.0, 4.0, 5.0], "peak_rss_mb": 700.0, "rss_start_mb": 120.0}

@@ -18,6 +18,7 @@ from alpaca_lora.kernels.cross_entropy import token_losses_sum
 from alpaca_lora.kernels.packed_attention import use_packed_attention
 from alpaca_lora.kernels.packed_kernels import (
     choose_kernel,
+    cpu_sdpa_dtype,
     document_ids,
     document_mask_mod,
     flash_available,
@@ -62,6 +63,44 @@ def test_the_kernel_choice_on_each_kind_of_machine():
         choose_kernel("flex", CUDA, flex=True, dropout=0.1)
     with pytest.raises(ConfigError, match="choose one of"):
         choose_kernel("xformers", CPU)
+
+
+def test_cpu_half_attention_computes_in_fp32_unless_the_cpu_has_tiles_for_it():
+    amx = frozenset({"avx512f", "amx_bf16", "amx_tile"})
+    plain = frozenset({"avx512f", "avx512_bf16"})  # native bf16 dot products, no tiles
+    assert cpu_sdpa_dtype(CPU, torch.bfloat16, plain) == torch.float32
+    assert cpu_sdpa_dtype(CPU, torch.float16, plain) == torch.float32
+    assert cpu_sdpa_dtype(CPU, torch.bfloat16, amx) == torch.bfloat16
+    assert cpu_sdpa_dtype(CPU, torch.float16, amx) == torch.float32  # bf16 tiles are not fp16 tiles
+    assert cpu_sdpa_dtype(CPU, torch.float16, amx | {"amx_fp16"}) == torch.float16
+    assert cpu_sdpa_dtype(CPU, torch.float32, plain) == torch.float32
+    assert cpu_sdpa_dtype(CUDA, torch.bfloat16, plain) == torch.bfloat16  # GPUs keep their half kernels
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_half_attention_upcast_on_the_cpu_keeps_dtype_and_gradients(dtype, autocast):
+    """Both ways of the choice: half products or fp32 products, each close to an fp64 reference, gradients too."""
+    half = DTYPES[dtype]
+    records = PackedRecords(RECORDS.bounds)
+    exact = [t.double().requires_grad_() for t in _qkv(half)]
+    reference = sdpa_records(*exact, records, scaling=0.3, dropout=0.0)
+    grad = torch.randn(reference.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    reference.backward(grad)
+    for work in (half, torch.float32):
+        if autocast:
+            qkv = [t.detach().float().requires_grad_() for t in exact]  # autocast decides the dtype
+            with torch.autocast("cpu", dtype=half):
+                out = sdpa_records(*qkv, records, scaling=0.3, dropout=0.0, work_dtype=work)
+        else:
+            qkv = [t.detach().to(half).requires_grad_() for t in exact]
+            out = sdpa_records(*qkv, records, scaling=0.3, dropout=0.0, work_dtype=work)
+        assert out.dtype == half, work
+        torch.testing.assert_close(out.double(), reference, atol=TOL[dtype], rtol=0)
+        out.backward(grad.to(half))
+        for mine, ref in zip(qkv, exact, strict=True):
+            assert mine.grad.dtype == mine.dtype
+            torch.testing.assert_close(mine.grad.double(), ref.grad, atol=4 * TOL[dtype], rtol=0)
 
 
 def test_what_is_installed_here_is_detected():

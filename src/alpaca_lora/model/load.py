@@ -6,7 +6,6 @@ The folder checks live in :mod:`alpaca_lora.model.checks`, attaching LoRA in :mo
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import torch
 
 from alpaca_lora.errors import ConfigError, ModelError, shown
 from alpaca_lora.kernels.bnb_import import import_bitsandbytes
+from alpaca_lora.kernels.cpu_features import cpu_flags
 from alpaca_lora.kernels.cpu_memory import heap_returned_while
 from alpaca_lora.model import folder_checks
 from alpaca_lora.model.checks import check_base_folder, check_loading_info, check_special_tokens, check_vocabulary
@@ -34,19 +34,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} but no CUDA GPU is visible; use device='cpu' or 'auto'")
     return torch.device(device)
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The instruction-set flags of this CPU (Linux ``/proc/cpuinfo``; empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.partition(":")[2].split())
-    return frozenset()
 
 
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
