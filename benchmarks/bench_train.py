@@ -418,7 +418,10 @@ def plot_context(report: dict, path: Path) -> None:
             row[0].plot(xs, [p["tokens_per_s"] for p in points], "o-", label=LABELS[recipe])
             row[1].plot(xs, [p["peak_rss_mb"] for p in points], "o-", label=LABELS[recipe])
         for ax, what in zip(row, ("tokens/s (median)", "peak RSS (MB)"), strict=True):
-            ax.set_xscale("log", base=2)
+            if ax is row[0]:
+                ax.set_xscale("log", base=2)
+            else:  # a linear axis: linear growth in the length is a straight line
+                ax.set_xticks(found["lengths"][1:])
             ax.set_xlabel("record length (tokens), micro-batch 1")
             ax.set_ylabel(what)
             ax.set_title(f"{shape}: {what}")
