@@ -155,40 +155,19 @@ def compute_dtype(args: argparse.Namespace) -> torch.dtype:
     return getattr(torch, args.compute_dtype)
 
 
-def run_baseline(args: argparse.Namespace, out: dict) -> None:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (
-        AutoModelForCausalLM,
-        BitsAndBytesConfig,
-        DataCollatorForSeq2Seq,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
+def load_nf4(args: argparse.Namespace, dtype: torch.dtype):
+    """The references' base: ``--model-dir`` in bitsandbytes NF4 with double quantization, computing in ``dtype``."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    _, tokenized, tokenizer, batches = load_data(args)
-    order = [i for b in batches for i in b]
-    train = tokenized.select(order).remove_columns(["length"])
-    dtype = compute_dtype(args)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, quantization_config=quant, dtype=dtype,
-                                                 device_map={"": args.device})
-    model = prepare_model_for_kbit_training(model)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS,
-                                             bias="none", task_type="CAUSAL_LM"))
-    collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
-    probe = {k: v.to(args.device) for k, v in collator([train[i] for i in range(args.micro_batch)]).items()}
-    model.train()  # never a no-grad forward in eval mode: bitsandbytes would repack the weights for inference
-    dropout_eval(model)
-    with torch.no_grad():
-        out["probe_loss"] = float(model(**probe).loss)
-    dropout_train(model)
-    out["probe_label_tokens"] = int((probe["labels"][:, 1:] != -100).sum())
-    out["rss_loaded_mb"] = rss_mb("VmRSS")
-    out["compute_dtype_resolved"] = str(dtype).removeprefix("torch.")
+    return AutoModelForCausalLM.from_pretrained(args.model_dir, quantization_config=quant, dtype=dtype,
+                                                device_map={"": args.device})
 
-    times: list[float] = []
+
+def step_timer(args: argparse.Namespace, times: list[float]):
+    """A ``TrainerCallback`` appending each optimizer step's seconds to ``times`` (synchronized on CUDA)."""
+    from transformers import TrainerCallback
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
@@ -199,6 +178,48 @@ def run_baseline(args: argparse.Namespace, out: dict) -> None:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
 
+    return Timer()
+
+
+def reference_probe(model, collator, train, args: argparse.Namespace, dtype: torch.dtype, out: dict) -> dict:
+    """A reference recipe's loss on the probe batch (the first micro-batch, padded) before training, into ``out``.
+
+    Dropout is off for the probe; the model stays in train mode (bitsandbytes would repack the 4-bit
+    weights for inference in eval mode). Returns the probe batch on the device.
+    """
+    probe = {k: v.to(args.device) for k, v in collator([train[i] for i in range(args.micro_batch)]).items()}
+    model.train()
+    dropout_eval(model)
+    with torch.no_grad():
+        out["probe_loss"] = float(model(**probe).loss)
+    dropout_train(model)
+    out["probe_label_tokens"] = int((probe["labels"][:, 1:] != -100).sum())
+    out["rss_loaded_mb"] = rss_mb("VmRSS")
+    out["compute_dtype_resolved"] = str(dtype).removeprefix("torch.")
+    return probe
+
+
+def run_baseline(args: argparse.Namespace, out: dict) -> None:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+    )
+
+    _, tokenized, tokenizer, batches = load_data(args)
+    order = [i for b in batches for i in b]
+    train = tokenized.select(order).remove_columns(["length"])
+    dtype = compute_dtype(args)
+    model = load_nf4(args, dtype)
+    model = prepare_model_for_kbit_training(model)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS,
+                                             bias="none", task_type="CAUSAL_LM"))
+    collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
+    probe = reference_probe(model, collator, train, args, dtype, out)
+
+    times: list[float] = []
+
     with tempfile.TemporaryDirectory() as tmp:
         targs = TrainingArguments(output_dir=tmp, per_device_train_batch_size=args.micro_batch,
                                   gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=3e-4,
@@ -206,7 +227,8 @@ def run_baseline(args: argparse.Namespace, out: dict) -> None:
                                   bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
                                   train_sampling_strategy="sequential",
                                   dataloader_num_workers=0, disable_tqdm=True)
-        trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=collator, callbacks=[Timer()])
+        trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=collator,
+                          callbacks=[step_timer(args, times)])
         trainer.train()
     out["peak_rss_mb"] = rss_mb("VmHWM")
     tokens = tokens_of(tokenized, batches[: len(times)])
@@ -227,7 +249,7 @@ def run_trl(args: argparse.Namespace, out: dict) -> None:
     ``--cutoff``): TRL keeps a given ``labels`` column, so its loss covers the same tokens as ours.
     """
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq, TrainerCallback
+    from transformers import DataCollatorForSeq2Seq
     from trl import SFTConfig, SFTTrainer
 
     packed = args.recipe == "trl_packed"
@@ -235,23 +257,11 @@ def run_trl(args: argparse.Namespace, out: dict) -> None:
     order = [i for b in batches for i in b]
     train = tokenized.select(order).select_columns(["input_ids", "labels"])
     dtype = compute_dtype(args)
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, quantization_config=quant, dtype=dtype,
-                                                 device_map={"": args.device})
+    model = load_nf4(args, dtype)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS, bias="none",
                       task_type="CAUSAL_LM")
     times: list[float] = []
     counts: list[int] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t0)
 
     class CountingSFTTrainer(SFTTrainer):
         """Records the real tokens of each micro-batch it trains (padding-free rows have no padding)."""
@@ -268,19 +278,11 @@ def run_trl(args: argparse.Namespace, out: dict) -> None:
                           train_sampling_strategy="sequential", dataloader_num_workers=0, disable_tqdm=True,
                           max_length=args.cutoff, packing=packed, completion_only_loss=True)
         trainer = CountingSFTTrainer(model=model, args=targs, train_dataset=train, processing_class=tokenizer,
-                                     peft_config=lora, callbacks=[Timer()])
+                                     peft_config=lora, callbacks=[step_timer(args, times)])
         model = trainer.model
         # The probe: the first micro-batch of the shared order, padded as the baseline pads it, before training.
         collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
-        probe = {k: v.to(args.device) for k, v in collator([train[i] for i in range(args.micro_batch)]).items()}
-        model.train()
-        dropout_eval(model)
-        with torch.no_grad():
-            out["probe_loss"] = float(model(**probe).loss)
-        dropout_train(model)
-        out["probe_label_tokens"] = int((probe["labels"][:, 1:] != -100).sum())
-        out["rss_loaded_mb"] = rss_mb("VmRSS")
-        out["compute_dtype_resolved"] = str(dtype).removeprefix("torch.")
+        reference_probe(model, collator, train, args, dtype, out)
         trainer.train()
     out["peak_rss_mb"] = rss_mb("VmHWM")
     out["config"] = {"packing": packed, "packing_strategy": targs.packing_strategy if packed else None,

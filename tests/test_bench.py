@@ -24,13 +24,19 @@ def _run_both(model_dir, data_dir, tmp_path, *args: str,
     return results
 
 
-def _bench_train():
+def _benchmark_module(name: str):
+    """Import ``benchmarks/<name>.py`` (the folder is not a package)."""
+    import importlib
+
     sys.path.insert(0, str(WORKER.parent))
     try:
-        import bench_train
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(WORKER.parent))
-    return bench_train
+
+
+def _bench_train():
+    return _benchmark_module("bench_train")
 
 
 @pytest.mark.slow
@@ -138,12 +144,7 @@ def test_repeated_runs_pool_their_timed_steps_and_keep_the_highest_peak():
 
 
 def _gpu_metrics():
-    sys.path.insert(0, str(WORKER.parent))
-    try:
-        import gpu_metrics
-    finally:
-        sys.path.remove(str(WORKER.parent))
-    return gpu_metrics
+    return _benchmark_module("gpu_metrics")
 
 
 def test_model_flops_match_torch_flop_counter_on_a_forward_pass():
