@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -148,19 +149,28 @@ def test_inspect_reports_bad_records_lengths_and_mask(tiny_model_dir, records, t
     assert report.example in out and "### Response:" in report.example.split("]]")[0]
 
 
-def test_inspect_bad_file_and_config_fields(tiny_model_dir, data_file, tmp_path, capsys):
-    missing = tmp_path / "missing.json"
-    assert run_main("inspect", missing, "--base_model", tiny_model_dir) == 1
-    err = capsys.readouterr().err
-    assert str(missing) in err and len(err.strip().splitlines()) == 1
-    cfg = tmp_path / "run.json"
-    cfg.write_text(json.dumps({"cutoff_len": 32, "train_on_inputs": True}))
-    assert run_main("inspect", data_file, "--base_model", tiny_model_dir, "--config", cfg) == 0
-    out = capsys.readouterr().out
-    assert "cutoff_len: 32   train_on_inputs: True" in out and "[[" not in out  # nothing masked
-    cfg.write_text(json.dumps({"cutof_len": 32}))
-    assert run_main("inspect", data_file, "--base_model", tiny_model_dir, "--config", cfg) == 2
-    assert "did you mean cutoff_len" in capsys.readouterr().err
+
+def test_a_command_logs_to_stderr_and_leaves_no_handler_behind(monkeypatch, tmp_path, capsys):
+    """In-process ``main`` (a notebook, a test) shows INFO messages, then undoes its handler and level."""
+    import alpaca_lora.cli.main as cli_main
+
+    def cache_that_logs(args):
+        logging.getLogger("alpaca_lora.data").info("a message at INFO")
+        return 0
+
+    monkeypatch.setitem(cli_main._COMMANDS, "cache", cache_that_logs)
+    log = logging.getLogger("alpaca_lora")
+    before = (list(log.handlers), log.level)
+    assert main(["cache", "--dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().err == "a message at INFO\n" and (log.handlers, log.level) == before
+    assert main(["--quiet", "cache", "--dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().err == "" and (log.handlers, log.level) == before
+    own = logging.StreamHandler()  # a caller's own handler is left as it is, and used
+    log.addHandler(own)
+    try:
+        assert main(["cache", "--dir", str(tmp_path)]) == 0 and log.handlers == [*before[0], own]
+    finally:
+        log.removeHandler(own)
 
 
 def test_estimate_fits_or_says_what_to_change(tiny_model_dir, capsys):

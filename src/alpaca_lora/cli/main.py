@@ -18,11 +18,13 @@ seconds of imports ends the command with status 130 and one line, like any other
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -344,13 +346,34 @@ def _main(argv: list[str] | None) -> int:
     command_parser = subparsers.choices[args.command]
     if extras:
         command_parser.fail_unknown(extras)
-    if not args.quiet:
-        log = logging.getLogger("alpaca_lora")
-        if not log.handlers:
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            log.addHandler(handler)
-        log.setLevel(logging.INFO)
+    with _command_logging(quiet=args.quiet):
+        return _run_command(args, command_parser)
+
+
+@contextlib.contextmanager
+def _command_logging(quiet: bool) -> Iterator[None]:
+    """The library's INFO messages on stderr while one command runs, unless ``--quiet``.
+
+    The handler and the level are the command's only: both are undone when it returns, so calling
+    :func:`main` in-process (a notebook, a test) leaves no handler behind on a stream that may close.
+    """
+    log = logging.getLogger("alpaca_lora")
+    if quiet or log.handlers:  # the caller's own logging setup stays as it is
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+def _run_command(args: argparse.Namespace, command_parser: argparse.ArgumentParser) -> int:
     handler_fn = {**_COMMANDS, "demo": _cmd_demo}[args.command]
     try:
         return handler_fn(args)
