@@ -352,11 +352,7 @@ def _main(argv: list[str] | None) -> int:
 
 @contextlib.contextmanager
 def _command_logging(quiet: bool) -> Iterator[None]:
-    """The library's INFO messages on stderr while one command runs, unless ``--quiet``.
-
-    The handler and the level are the command's only: both are undone when it returns, so calling
-    :func:`main` in-process (a notebook, a test) leaves no handler behind on a stream that may close.
-    """
+    """The library's INFO messages on stderr while one command runs (undone after: no handler is left behind)."""
     log = logging.getLogger("alpaca_lora")
     if quiet or log.handlers:  # the caller's own logging setup stays as it is
         yield
