@@ -149,6 +149,20 @@ def test_inspect_reports_bad_records_lengths_and_mask(tiny_model_dir, records, t
     assert report.example in out and "### Response:" in report.example.split("]]")[0]
 
 
+def test_inspect_bad_file_and_config_fields(tiny_model_dir, data_file, tmp_path, capsys):
+    missing = tmp_path / "missing.json"
+    assert run_main("inspect", missing, "--base_model", tiny_model_dir) == 1
+    err = capsys.readouterr().err
+    assert str(missing) in err and len(err.strip().splitlines()) == 1
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"cutoff_len": 32, "train_on_inputs": True}))
+    assert run_main("inspect", data_file, "--base_model", tiny_model_dir, "--config", cfg) == 0
+    out = capsys.readouterr().out
+    assert "cutoff_len: 32   train_on_inputs: True" in out and "[[" not in out  # nothing masked
+    cfg.write_text(json.dumps({"cutof_len": 32}))
+    assert run_main("inspect", data_file, "--base_model", tiny_model_dir, "--config", cfg) == 2
+    assert "did you mean cutoff_len" in capsys.readouterr().err
+
 
 def test_a_command_logs_to_stderr_and_leaves_no_handler_behind(monkeypatch, tmp_path, capsys):
     """In-process ``main`` (a notebook, a test) shows INFO messages, then undoes its handler and level."""
